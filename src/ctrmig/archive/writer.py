@@ -1,0 +1,182 @@
+"""Write checkpoint archives: a tar (optionally gzip/zstd), every member hashed on the way.
+
+One streaming pass: members are hashed while they are written, and manifest.yaml, which
+lists every member's size and sha256, is appended last by :meth:`ArchiveWriter.finish`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Literal, cast
+
+import zstandard
+
+from ctrmig.archive.manifest import MANIFEST_NAME, FileEntry, Manifest
+from ctrmig.errors import ArchiveError, OptionError
+
+Compression = Literal["none", "gzip", "zstd"]
+COMPRESSIONS: tuple[Compression, ...] = ("none", "gzip", "zstd")
+Progress = Callable[[int], None]
+CHUNK = 1 << 20
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads from ``src`` while hashing, counting and reporting progress."""
+
+    def __init__(self, src: BinaryIO, progress: Progress | None):
+        self.src, self.progress = src, progress
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        self.sha.update(data)
+        self.count += len(data)
+        if self.progress and data:
+            self.progress(len(data))
+        return data
+
+
+def member_name(path: str) -> str:
+    """Normalise a member path: no leading '/' or './', no '.' components."""
+    return "/".join(p for p in path.split("/") if p not in ("", "."))
+
+
+def check_compression(value: str) -> Compression:
+    if value not in COMPRESSIONS:
+        raise OptionError(
+            f"unknown compression {value!r}", hint=f"choose one of {', '.join(COMPRESSIONS)}"
+        )
+    return cast(Compression, value)
+
+
+class ArchiveWriter:
+    """Builds one archive on ``out`` (a file or pipe opened for binary writing)."""
+
+    def __init__(
+        self, out: BinaryIO, compression: Compression = "none", progress: Progress | None = None
+    ):
+        self.compression = check_compression(compression)
+        self.progress = progress
+        self._stream: BinaryIO | None = None
+        self._files: dict[str, FileEntry] = {}
+        if compression == "zstd":
+            cctx = zstandard.ZstdCompressor(level=3, threads=-1)
+            self._stream = cast(BinaryIO, cctx.stream_writer(out, closefd=False))
+        elif compression == "gzip":
+            self._stream = cast(BinaryIO, gzip.GzipFile(fileobj=out, mode="wb", compresslevel=3))
+        self._tar = tarfile.open(
+            fileobj=self._stream or out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK
+        )
+
+    @property
+    def files(self) -> dict[str, FileEntry]:
+        return dict(self._files)
+
+    def _record(self, name: str) -> str:
+        name = member_name(name)
+        if name in self._files or name == MANIFEST_NAME:
+            raise ArchiveError(f"archive member {name!r} added twice")
+        return name
+
+    def add_stream(self, name: str, src: BinaryIO, size: int, mode: int = 0o644) -> None:
+        """Add a regular file of ``size`` bytes read from ``src``."""
+        name = self._record(name)
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = size, mode
+        reader = _HashingReader(src, self.progress)
+        self._tar.addfile(info, reader)  # type: ignore[arg-type]
+        if reader.count != size:
+            raise ArchiveError(f"{name}: read {reader.count} bytes, expected {size}")
+        self._files[name] = FileEntry(size=size, sha256=reader.sha.hexdigest())
+
+    def add_bytes(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self.add_stream(name, io.BytesIO(data), len(data), mode)
+
+    def add_file(self, name: str, path: Path) -> None:
+        st = path.stat()
+        with path.open("rb") as f:
+            self.add_stream(name, f, st.st_size, st.st_mode & 0o777)
+
+    def add_dir(self, name: str) -> None:
+        info = tarfile.TarInfo(member_name(name))
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        self._tar.addfile(info)
+
+    def add_tree(self, root: Path, prefix: str = "") -> None:
+        """Add the regular files and directories below ``root`` under ``prefix``.
+
+        Anything else (symlinks, sockets, devices) is refused: checkpoint images are plain
+        files, and the reader refuses such members anyway.
+        """
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            base = member_name(f"{prefix}/{Path(dirpath).relative_to(root).as_posix()}")
+            if base:
+                self.add_dir(base)
+            for fname in sorted(filenames):
+                path = Path(dirpath) / fname
+                if not path.is_file() or path.is_symlink():
+                    raise ArchiveError(f"{path}: not a regular file, cannot be archived")
+                self.add_file(f"{base}/{fname}" if base else fname, path)
+
+    def copy_tar(self, src: BinaryIO, prefix: str = "") -> None:
+        """Re-pack the members of an engine's own tar stream (e.g. podman's export)."""
+        with tarfile.open(fileobj=src, mode="r|*") as tar:
+            for member in tar:
+                name = member_name(f"{prefix}/{member.name}")
+                if member.isdir():
+                    if name:
+                        self.add_dir(name)
+                elif member.isfile():
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    self.add_stream(name, cast(BinaryIO, data), member.size, member.mode)
+                else:
+                    raise ArchiveError(
+                        f"engine archive member {member.name!r} is not a file or directory"
+                    )
+
+    def finish(self, manifest: Manifest) -> Manifest:
+        """Append manifest.yaml (with every member's size and sha256) and close."""
+        manifest.files = dict(self._files)
+        data = manifest.to_yaml().encode()
+        info = tarfile.TarInfo(MANIFEST_NAME)
+        info.size, info.mode = len(data), 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        self.close()
+        return manifest
+
+    def close(self) -> None:
+        self._tar.close()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for writing via a ``.partial`` sibling renamed into place on success.
+
+    On any error the partial file is removed: a failed checkpoint never leaves a
+    half-written archive that looks complete.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("wb") as f:
+            yield cast(BinaryIO, f)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

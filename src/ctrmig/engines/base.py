@@ -1,0 +1,270 @@
+"""The steps every adapter shares, written once.
+
+:class:`BaseMigrator` implements the public half of the :class:`~ctrmig.protocol.Migrator`
+protocol: option checking, the per-container lock, writing the archive atomically with
+its manifest, verifying or safely extracting an archive before any engine call, and
+refusing archives of another engine. An adapter fills in a few ``_``-prefixed hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from ctrmig.archive import (
+    Archive,
+    ArchiveWriter,
+    Compression,
+    ContainerRecord,
+    Manifest,
+    atomic_output,
+    extracted,
+    verify,
+)
+from ctrmig.archive.writer import CHUNK, Progress
+from ctrmig.errors import (
+    BusyError,
+    EngineMismatchError,
+    NameInUseError,
+    OptionError,
+)
+from ctrmig.host import criu
+from ctrmig.protocol import (
+    ArchivePath,
+    ArchiveSource,
+    CheckpointOptions,
+    ContainerInfo,
+    RestoreOptions,
+    as_path,
+    build_options,
+)
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR = Path(os.environ.get("CTRMIG_LOCK_DIR", "/run/ctrmig/locks"))
+
+
+@contextlib.contextmanager
+def container_lock(engine: str, container: str) -> Iterator[None]:
+    """Hold an exclusive lock on one container; BusyError if another ctrmig holds it."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", container)[:200]
+    try:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        lock_dir = LOCK_DIR
+    except OSError:
+        lock_dir = Path(tempfile.gettempdir()) / "ctrmig-locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{engine}-{safe}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(
+                f"{engine} container {container!r} is busy: another ctrmig operation holds it",
+                hint="wait for it to finish, then try again",
+            ) from None
+        yield
+
+
+class BaseMigrator(ABC):
+    """Shared implementation of the Migrator protocol; adapters fill in the hooks."""
+
+    engine: ClassVar[str]
+    #: True: restore gets a verified, extracted directory. False: the verified archive file.
+    needs_extracted: ClassVar[bool] = True
+    #: Boolean/list options (beyond leave_running) this engine honours.
+    checkpoint_options: ClassVar[frozenset[str]] = frozenset()
+    restore_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, *, workdir: str | os.PathLike[str] | None = None, timeout: float = 900.0):
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.timeout = timeout
+
+    # --- public API ----------------------------------------------------------------------
+
+    def checkpoint(
+        self,
+        container: str,
+        archive: ArchivePath | BinaryIO,
+        *,
+        leave_running: bool = False,
+        compression: Compression = "zstd",
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> Archive:
+        opts: CheckpointOptions = build_options(
+            CheckpointOptions,
+            {"leave_running": leave_running, "compression": compression, **options},
+        )
+        if opts.pre_checkpoint:
+            criu.require_memory_tracking()
+        self._refuse_unsupported(opts.set_options() - {"leave_running"},
+                                 self.checkpoint_options, "checkpoint")
+        with container_lock(self.engine, container):
+            record = self._describe(container)
+            if isinstance(archive, (str, os.PathLike)):
+                path = as_path(archive)
+                with atomic_output(path) as out:
+                    manifest = self._write(record, opts, out, progress)
+                return Archive(path, manifest)
+            return Archive(None, self._write(record, opts, archive, progress))
+
+    def restore(
+        self,
+        archive: ArchiveSource,
+        *,
+        name: str | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> str:
+        opts: RestoreOptions = build_options(RestoreOptions, {"name": name, **options})
+        if opts.lazy_pages:
+            criu.require_lazy_pages()
+        self._refuse_unsupported(opts.set_options(), self.restore_options, "restore")
+        if opts.name is not None:
+            self._check_name_free(opts.name)
+        with contextlib.ExitStack() as stack:
+            if self.needs_extracted:
+                root, manifest = stack.enter_context(
+                    extracted(self._source(archive), workdir=self.workdir, progress=progress)
+                )
+            else:
+                root = stack.enter_context(self._spooled(archive))
+                manifest = verify(root, progress=progress)
+            self._check_archive(manifest, root, opts)
+            target = opts.name or manifest.container.name
+            stack.enter_context(container_lock(self.engine, target))
+            return self._restore(root, manifest, opts)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def criu_version(self) -> str:
+        """The CRIU version the engine uses (the local one unless overridden)."""
+        return criu.version()
+
+    def close(self) -> None:
+        """Release connections (nothing by default)."""
+
+    def __enter__(self) -> BaseMigrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- hooks for adapters ----------------------------------------------------------------
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def list(self) -> list[ContainerInfo]: ...
+
+    @abstractmethod
+    def exists(self, container: str) -> bool: ...
+
+    @abstractmethod
+    def remove(self, container: str) -> None: ...
+
+    @abstractmethod
+    def logs(self, container: str) -> str: ...
+
+    @abstractmethod
+    def _describe(self, container: str) -> ContainerRecord:
+        """Look the container up; raise ContainerNotFoundError if there is none."""
+
+    @abstractmethod
+    def _dump(
+        self, record: ContainerRecord, opts: CheckpointOptions, writer: ArchiveWriter
+    ) -> dict[str, Any]:
+        """Checkpoint into ``writer`` (every member but the manifest).
+
+        Returns engine-specific facts for the manifest's ``extra``. If this fails after the
+        container was stopped, the adapter brings the container back before raising.
+        """
+
+    @abstractmethod
+    def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
+        """Restore from a verified archive; ``source`` is the extracted directory if
+        ``needs_extracted``, else the archive file. Return the running container's name.
+        On failure, leave nothing of the new container behind."""
+
+    def _rollback_checkpoint(self, record: ContainerRecord, opts: CheckpointOptions) -> None:
+        """Bring the source back after a failure past ``_dump`` (default: nothing to do)."""
+
+    def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
+        """Refuse an archive this engine must not restore (another engine's, by default)."""
+        if manifest.engine != self.engine:
+            raise EngineMismatchError(
+                f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
+                hint=f"restore it with --engine {manifest.engine}",
+            )
+
+    # --- shared steps ----------------------------------------------------------------------
+
+    def _write(
+        self,
+        record: ContainerRecord,
+        opts: CheckpointOptions,
+        out: BinaryIO,
+        progress: Progress | None,
+    ) -> Manifest:
+        writer = ArchiveWriter(out, opts.compression, progress)
+        extra = self._dump(record, opts, writer)
+        try:
+            manifest = Manifest(
+                engine=self.engine,
+                container=record,
+                engine_version=self.version(),
+                criu_version=self.criu_version(),
+                options=dataclasses.asdict(opts),
+                extra=extra,
+            )
+            return writer.finish(manifest)
+        except BaseException:
+            if not opts.leave_running:
+                self._rollback_checkpoint(record, opts)
+            raise
+
+    def _check_name_free(self, name: str) -> None:
+        if self.exists(name):
+            raise NameInUseError(
+                f"a {self.engine} container named {name!r} already exists",
+                hint="pick another --name or remove that container",
+            )
+
+    def _refuse_unsupported(self, wanted: set[str], supported: frozenset[str], verb: str) -> None:
+        unsupported = sorted(wanted - supported)
+        if unsupported:
+            raise OptionError(
+                f"the {self.engine} engine cannot {verb} with: {', '.join(unsupported)}",
+                hint=f"supported: {', '.join(sorted(supported)) or 'none'}",
+            )
+
+    @staticmethod
+    def _source(archive: ArchiveSource) -> Path | BinaryIO:
+        if isinstance(archive, (str, os.PathLike)):
+            return as_path(archive)
+        return archive
+
+    @contextlib.contextmanager
+    def _spooled(self, archive: ArchiveSource) -> Iterator[Path]:
+        """A path for the archive; a stream is first saved to a private temp file."""
+        if isinstance(archive, (str, os.PathLike)):
+            yield as_path(archive)
+            return
+        fd, name = tempfile.mkstemp(prefix="ctrmig-spool-", suffix=".tar", dir=self.workdir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(archive, out, CHUNK)
+            yield Path(name)
+        finally:
+            os.unlink(name)
+

@@ -1,0 +1,127 @@
+"""The one exception hierarchy of ctrmig: catch :class:`CtrmigError` to catch everything.
+
+Every error carries a one-line message and, where we know it, a ``hint`` that says what
+to do. Errors raised from a failed tool or API call also carry that tool's ``stderr``.
+This module imports nothing from ctrmig.
+"""
+
+from __future__ import annotations
+
+
+class CtrmigError(Exception):
+    """Root of every error ctrmig raises."""
+
+    def __init__(self, message: str, *, hint: str | None = None, stderr: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+# --- usage and configuration ---------------------------------------------------------
+
+
+class OptionError(CtrmigError):
+    """An option or argument is invalid, or not supported by this engine or host."""
+
+
+class UnknownEngineError(OptionError):
+    """No adapter is registered under that engine name."""
+
+
+class FeatureUnavailableError(OptionError):
+    """The host lacks a kernel or CRIU feature the requested option needs."""
+
+
+# --- tools, services and engines ---------------------------------------------------------
+
+
+class CommandError(CtrmigError):
+    """A subprocess failed; ``argv``, ``returncode`` and ``stderr`` say how."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str] | None = None,
+        returncode: int | None = None,
+        stderr: str | None = None,
+        hint: str | None = None,
+    ):
+        super().__init__(message, hint=hint, stderr=stderr)
+        self.argv = argv or []
+        self.returncode = returncode
+
+
+class CommandTimeoutError(CommandError):
+    """A subprocess ran past its timeout and was killed with its process group."""
+
+
+class ToolMissingError(CtrmigError):
+    """A required program (criu, runc, skopeo, umoci, ...) is not installed."""
+
+
+class EngineError(CtrmigError):
+    """An engine (podman, docker, runc, CRIU) refused or failed an operation."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine's daemon or API cannot be reached."""
+
+
+class ContainerNotFoundError(EngineError):
+    """No container (or process) by that name or id."""
+
+
+class NameInUseError(EngineError):
+    """The requested container name is already taken."""
+
+
+class ImageNotFoundError(EngineError):
+    """The image a container needs is not available on this host."""
+
+
+class CheckpointError(EngineError):
+    """Checkpointing failed; the container was left running (or restored)."""
+
+
+class RestoreError(EngineError):
+    """Restoring failed; nothing of the new container was left behind."""
+
+
+class BusyError(CtrmigError):
+    """Another ctrmig operation holds the lock on this container."""
+
+
+# --- archives ---------------------------------------------------------------------------
+
+
+class ArchiveError(CtrmigError):
+    """A checkpoint archive cannot be used."""
+
+
+class ArchiveCorruptError(ArchiveError):
+    """The archive is not a (complete) tar, or its compression stream is broken."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """The archive holds an entry that could escape or abuse the extraction directory."""
+
+
+class ManifestError(ArchiveError):
+    """manifest.yaml is missing, not valid YAML, or not of the expected schema."""
+
+
+class ChecksumError(ArchiveError):
+    """A file's size or sha256 differs from what manifest.yaml records."""
+
+
+class EngineMismatchError(ArchiveError):
+    """The archive was written by another engine than the one asked to restore it."""
+
+
+class PrivilegeError(ArchiveError):
+    """The archive asks for more privileges than allowed without an explicit flag."""

@@ -1,0 +1,66 @@
+"""What the host's CRIU and kernel can do."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from ctrmig.errors import CommandError, CtrmigError, FeatureUnavailableError
+from ctrmig.host import proc
+
+TIMEOUT = 30.0
+
+
+@functools.cache
+def version() -> str:
+    """CRIU's version, e.g. "4.1.1" ("" when criu is missing)."""
+    try:
+        text = proc.output(["criu", "--version"], timeout=TIMEOUT)
+    except CtrmigError:
+        return ""
+    m = re.search(r"Version:\s*(\S+)", text)
+    return m.group(1) if m else text.splitlines()[0] if text else ""
+
+
+def check() -> tuple[bool, str]:
+    """Run ``criu check``; return (passed, the last line it printed)."""
+    try:
+        res = proc.run(["criu", "check"], timeout=TIMEOUT, check=False)
+    except CtrmigError as e:
+        return False, str(e)
+    lines = (res.stdout + res.stderr).decode(errors="replace").strip().splitlines()
+    return res.returncode == 0, lines[-1] if lines else ""
+
+
+@functools.cache
+def has_feature(feature: str) -> bool:
+    """``criu check --feature NAME`` (e.g. "uffd-noncoop", "mem_dirty_track")."""
+    try:
+        proc.run(["criu", "check", "--feature", feature], timeout=TIMEOUT)
+    except (CommandError, CtrmigError):
+        return False
+    return True
+
+
+def lazy_pages_supported() -> bool:
+    return has_feature("uffd-noncoop")
+
+
+def memory_tracking_supported() -> bool:
+    return has_feature("mem_dirty_track")
+
+
+def require_memory_tracking() -> None:
+    if not memory_tracking_supported():
+        raise FeatureUnavailableError(
+            "pre-checkpoint needs memory tracking, which this kernel lacks",
+            hint="CONFIG_MEM_SOFT_DIRTY is not set; checkpoint without pre-checkpoint",
+        )
+
+
+def require_lazy_pages() -> None:
+    if not lazy_pages_supported():
+        raise FeatureUnavailableError(
+            "lazy pages need userfaultfd, which this kernel or CRIU lacks",
+            hint="restore without lazy pages",
+        )

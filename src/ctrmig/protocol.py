@@ -1,0 +1,149 @@
+"""The one protocol every engine adapter implements, and its option types."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+from ctrmig.archive import Archive, Compression
+from ctrmig.archive.writer import Progress, check_compression
+from ctrmig.errors import OptionError
+
+ArchivePath = str | os.PathLike[str]
+ArchiveSource = ArchivePath | BinaryIO
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """One container (or process) an engine can checkpoint."""
+
+    engine: str
+    name: str
+    id: str
+    image: str = ""
+    state: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """What to checkpoint and how; engines refuse options they cannot honour."""
+
+    leave_running: bool = False
+    tcp_established: bool = False
+    file_locks: bool = False
+    keep: bool = False
+    ignore_rootfs: bool = False
+    ignore_volumes: bool = False
+    pre_checkpoint: bool = False
+    print_stats: bool = False
+    compression: Compression = "zstd"
+
+    def __post_init__(self) -> None:
+        check_compression(self.compression)
+
+    def set_options(self) -> set[str]:
+        """Names of the boolean options switched on."""
+        return {f.name for f in fields(self) if getattr(self, f.name) is True}
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore; ``name`` None keeps the engine's choice (usually a fresh name)."""
+
+    name: str | None = None
+    tcp_established: bool = False
+    file_locks: bool = False
+    keep: bool = False
+    ignore_rootfs: bool = False
+    ignore_volumes: bool = False
+    print_stats: bool = False
+    lazy_pages: bool = False
+    allow_privileged: bool = False
+    publish_ports: tuple[str, ...] = field(default_factory=tuple)
+
+    def set_options(self) -> set[str]:
+        names = {f.name for f in fields(self) if getattr(self, f.name) is True}
+        if self.publish_ports:
+            names.add("publish_ports")
+        return names
+
+
+def build_options(cls: type[Any], kwargs: dict[str, Any]) -> Any:
+    """Build ``cls`` from keyword arguments, turning unknown names into OptionError."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise OptionError(
+            f"unknown option(s): {', '.join(unknown)}", hint=f"valid: {', '.join(sorted(known))}"
+        )
+    if "publish_ports" in kwargs:
+        kwargs = {**kwargs, "publish_ports": tuple(kwargs["publish_ports"] or ())}
+    return cls(**kwargs)
+
+
+@runtime_checkable
+class Migrator(Protocol):
+    """Checkpoint containers of one engine into ctrmig archives, and restore them."""
+
+    engine: str
+
+    def version(self) -> str:
+        """The engine's version (e.g. podman's server version)."""
+        ...
+
+    def list(self) -> list[ContainerInfo]:
+        """Containers this engine holds (running or not)."""
+        ...
+
+    def exists(self, container: str) -> bool:
+        """Whether a container by that name or id exists."""
+        ...
+
+    def remove(self, container: str) -> None:
+        """Remove a container (stopping it first); no error if it is already gone."""
+        ...
+
+    def logs(self, container: str) -> str:
+        """The container's output so far (stdout and stderr)."""
+        ...
+
+    def checkpoint(
+        self,
+        container: str,
+        archive: ArchivePath | BinaryIO,
+        *,
+        leave_running: bool = False,
+        compression: Compression = "zstd",
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> Archive:
+        """Checkpoint ``container`` into ``archive`` (a path, or a binary stream).
+
+        ``options`` are the other fields of :class:`CheckpointOptions`.
+        """
+        ...
+
+    def restore(
+        self,
+        archive: ArchiveSource,
+        *,
+        name: str | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> str:
+        """Restore the archive into a running container; return its name.
+
+        The archive's checksums are verified before the engine is touched. ``options``
+        are the other fields of :class:`RestoreOptions`.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def as_path(archive: ArchivePath) -> Path:
+    return Path(os.fspath(archive))
