@@ -47,7 +47,7 @@ def get_class(name: str) -> type[Any]:
                 f"engine {name!r} cannot be loaded: {e}", hint="pip install ctrmig again"
             ) from None
         _registry[name] = entry
-    return entry  # type: ignore[return-value]
+    return entry
 
 
 def migrator(name: str, **options: Any) -> Migrator:

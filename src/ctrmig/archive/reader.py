@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
@@ -65,15 +65,15 @@ def detect_compression(head: bytes) -> Compression:
 
 
 def _decompressed(raw: BinaryIO) -> tuple[BinaryIO, Compression]:
-    buffered = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type]
-    head = buffered.peek(4)[:4]  # type: ignore[attr-defined]
+    buffered: Any = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[type-var]
+    head = buffered.peek(4)[:4]
     kind = detect_compression(head)
     if kind == "zstd":
         dctx = zstandard.ZstdDecompressor()
         return cast(BinaryIO, dctx.stream_reader(buffered, read_across_frames=True)), kind
     if kind == "gzip":
         return cast(BinaryIO, gzip.GzipFile(fileobj=buffered, mode="rb")), kind
-    return cast(BinaryIO, buffered), kind
+    return buffered, kind
 
 
 def safe_name(name: str) -> str:
@@ -135,7 +135,7 @@ class _Scan:
                 data = tar.extractfile(info)
                 assert data is not None
                 if name == MANIFEST_NAME:
-                    self.manifest = self._read_manifest(info, data)
+                    self.manifest = self._read_manifest(info, cast(BinaryIO, data))
                     continue
                 yield name, info, cast(BinaryIO, data)
         except _READ_ERRORS as e:
@@ -156,7 +156,9 @@ class _Scan:
             try:
                 chunk = data.read(CHUNK)
             except _READ_ERRORS as e:
-                raise ArchiveCorruptError(f"archive is corrupt or truncated in {name!r}: {e}") from None
+                raise ArchiveCorruptError(
+                    f"archive is corrupt or truncated in {name!r}: {e}"
+                ) from None
             if not chunk:
                 break
             sha.update(chunk)
@@ -189,7 +191,9 @@ class _Scan:
                     f"{name}: size {got[name].size} differs from the manifest's {entry.size}"
                 )
             if got[name].sha256 != entry.sha256:
-                raise ChecksumError(f"{name}: sha256 differs from the manifest; archive tampered or corrupt")
+                raise ChecksumError(
+                    f"{name}: sha256 differs from the manifest; archive tampered or corrupt"
+                )
         return self.manifest
 
 
@@ -197,13 +201,13 @@ class _Scan:
 def _open(source: Path | BinaryIO) -> Iterator[BinaryIO]:
     if isinstance(source, (str, os.PathLike)):
         try:
-            f = open(source, "rb", buffering=CHUNK)  # noqa: SIM115
+            f = open(source, "rb", buffering=CHUNK)
         except FileNotFoundError:
             raise ArchiveError(f"archive not found: {source}") from None
         except OSError as e:
             raise ArchiveError(f"cannot open archive {source}: {e.strerror}") from None
         with f:
-            yield cast(BinaryIO, f)
+            yield f
     else:
         yield source
 

@@ -57,7 +57,7 @@ def check_compression(value: str) -> Compression:
         raise OptionError(
             f"unknown compression {value!r}", hint=f"choose one of {', '.join(COMPRESSIONS)}"
         )
-    return cast(Compression, value)
+    return value  # type: ignore[return-value]
 
 
 class ArchiveWriter:
@@ -95,7 +95,7 @@ class ArchiveWriter:
         info = tarfile.TarInfo(name)
         info.size, info.mode = size, mode
         reader = _HashingReader(src, self.progress)
-        self._tar.addfile(info, reader)  # type: ignore[arg-type]
+        self._tar.addfile(info, reader)
         if reader.count != size:
             raise ArchiveError(f"{name}: read {reader.count} bytes, expected {size}")
         self._files[name] = FileEntry(size=size, sha256=reader.sha.hexdigest())

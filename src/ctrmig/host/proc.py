@@ -8,6 +8,7 @@ code, the tail of stderr and, when given, the tail of a CRIU log file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -174,10 +175,8 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     """Kill a child we started and its process group (by PID, never by name)."""
     if proc.poll() is not None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -203,10 +202,8 @@ def stop_pid(pid: int, *, timeout: float = 10.0) -> None:
         if not _alive(pid):
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,188 @@
+"""Start and stop the engine services ctrmig talks to: podman's API service and dockerd.
+
+Used by the CLI (``ctrmig service start``), the README's commands and the test fixtures.
+A service is started in its own session, its PID written to a pidfile we own, its output
+to a log; it is stopped by that PID only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctrmig.errors import EngineUnavailableError
+from ctrmig.host import proc
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path(os.environ.get("CTRMIG_RUN_DIR", "/run/ctrmig"))
+DEFAULT_PODMAN_SOCKET = Path("/run/podman/podman.sock")
+DEFAULT_DOCKER_SOCKET = Path("/var/run/docker.sock")
+
+
+def _http_ping(sock: Path, path: str, timeout: float = 2.0) -> bool:
+    """GET ``path`` over a unix socket; True on an HTTP 200."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock))
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: d\r\n\r\n".encode())
+            return s.recv(64).split(b" ")[1:2] == [b"200"]
+    except (OSError, IndexError):
+        return False
+
+
+def podman_alive(sock: Path = DEFAULT_PODMAN_SOCKET) -> bool:
+    return _http_ping(sock, "/_ping")
+
+
+def docker_alive(sock: Path = DEFAULT_DOCKER_SOCKET) -> bool:
+    return _http_ping(sock, "/_ping")
+
+
+@dataclass
+class Service:
+    """A daemon we start and stop by PID."""
+
+    name: str
+    socket: Path
+    argv: list[str]
+    log_path: Path
+    pidfile: Path
+    env: dict[str, str] | None = None
+    netns: str | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def alive(self) -> bool:
+        return _http_ping(self.socket, "/_ping")
+
+    def pid(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.pid
+        try:
+            return int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the service unless it already answers; wait until it does."""
+        if self.alive():
+            log.info("%s already answers on %s", self.name, self.socket)
+            return
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        argv = self.argv
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        with self.log_path.open("ab") as logf:
+            self._proc = proc.spawn(argv, stdout=logf, stderr=logf, env=self.env)
+        self.pidfile.write_text(f"{self._proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while not self.alive():
+            if self._proc.poll() is not None:
+                raise EngineUnavailableError(
+                    f"{self.name} exited with code {self._proc.returncode} while starting",
+                    stderr=proc.tail(self.log_path.read_text(errors="replace")),
+                    hint=f"see {self.log_path}",
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EngineUnavailableError(
+                    f"{self.name} did not answer on {self.socket} within {timeout:g} s",
+                    stderr=proc.tail(self.log_path.read_text(errors="replace")),
+                    hint=f"see {self.log_path}",
+                )
+            time.sleep(0.2)
+        log.info("%s started (pid %s) on %s", self.name, self._proc.pid, self.socket)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the service we started (by PID), if it runs."""
+        if self._proc is not None:
+            proc.stop(self._proc, timeout=timeout)
+            self._proc = None
+        else:
+            pid = self.pid()
+            if pid is not None:
+                proc.stop_pid(pid, timeout=timeout)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def podman_service(
+    sock: Path = DEFAULT_PODMAN_SOCKET,
+    *,
+    root: Path | None = None,
+    runroot: Path | None = None,
+    state_dir: Path = RUN_DIR,
+    netns: str | None = None,
+) -> Service:
+    """``podman system service --time=0`` on ``sock``; own storage roots when given."""
+    argv = ["podman"]
+    if root is not None:
+        argv += ["--root", str(root)]
+    if runroot is not None:
+        argv += ["--runroot", str(runroot)]
+    argv += ["system", "service", "--time=0", f"unix://{sock}"]
+    tag = sock.stem if sock != DEFAULT_PODMAN_SOCKET else "podman"
+    return Service("podman API service", sock, argv, state_dir / f"{tag}.log",
+                   state_dir / f"{tag}.pid", netns=netns)
+
+
+def dockerd_service(
+    sock: Path = DEFAULT_DOCKER_SOCKET,
+    *,
+    data_root: Path | None = None,
+    exec_root: Path | None = None,
+    state_dir: Path = RUN_DIR,
+    bridge: str | None = None,
+    netns: str | None = None,
+) -> Service:
+    """dockerd with experimental features on (needed for checkpoints).
+
+    The system daemon reads /etc/docker/daemon.json (setup-host merges the settings in).
+    With ``data_root`` it is a private daemon beside any system one, with its own config
+    file; pass ``bridge="none"`` to keep it off the host's docker0 bridge and iptables.
+    """
+    tag = sock.stem if sock != DEFAULT_DOCKER_SOCKET else "dockerd"
+    argv = ["dockerd", "-H", f"unix://{sock}", "--pidfile", str(state_dir / f"{tag}.dockerd-pid")]
+    if data_root is not None:
+        config = state_dir / f"{tag}.daemon.json"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        nofile = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        config.write_text(json.dumps({
+            "experimental": True,
+            "default-ulimits": {"nofile": {"Name": "nofile", "Soft": nofile, "Hard": nofile}},
+        }))
+        argv += ["--config-file", str(config), "--data-root", str(data_root)]
+    if exec_root is not None:
+        argv += ["--exec-root", str(exec_root)]
+    if bridge is not None:
+        argv += ["--bridge", bridge]
+        if bridge == "none":
+            argv += ["--iptables=false", "--ip-masq=false"]
+    return Service("dockerd", sock, argv, state_dir / f"{tag}.log",
+                   state_dir / f"{tag}.pid", netns=netns)
+
+
+def docker_info(sock: Path = DEFAULT_DOCKER_SOCKET) -> dict[str, object]:
+    """``GET /info`` of a dockerd, raw (used by doctor before the SDK is involved)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(sock))
+            s.sendall(b"GET /info HTTP/1.0\r\nHost: d\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError as e:
+        raise EngineUnavailableError(f"dockerd does not answer on {sock}: {e.strerror}") from None
+    body = data.split(b"\r\n\r\n", 1)[-1]
+    info: dict[str, object] = json.loads(body)
+    return info

@@ -1,0 +1,132 @@
+"""Shared fixtures: real engine services started per test session, and test images.
+
+Fixtures never skip: if an engine or tool is missing, the test errors, so a green run
+proves the engines really ran (set CTRMIG_ALLOW_SKIP=1 to skip instead, locally).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from ctrmig.host import images, services
+
+RUN_DIR = Path("/run/ctrmig-test")
+
+# A workload that keeps state in memory (the shell's counter) and in its filesystem (a
+# file written after start): what every engine's checkpoint/restore test checks.
+COUNTER_CMD = [
+    "/bin/sh",
+    "-c",
+    "echo written-after-start > /state.txt; i=0; "
+    "while true; do i=$((i+1)); echo count=$i; sleep 0.1; done",
+]
+
+_FIXTURE_MARKERS = {
+    "podman_socket": "podman",
+    "dockerd_socket": "docker",
+    "runc_state": "runc",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by the engines its fixtures start (python-on-whales style)."""
+    for item in items:
+        for fixture, marker in _FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, marker))
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        msg = f"{tool} is not installed: run scripts/setup-host"
+        if os.environ.get("CTRMIG_ALLOW_SKIP") == "1":
+            pytest.skip(msg)
+        raise RuntimeError(msg)
+
+
+def unique(prefix: str = "ctrmig-t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def last_count(text: str) -> int:
+    """The last ``count=N`` the counter workload printed (0 if none)."""
+    counts = re.findall(r"count=(\d+)", text)
+    return int(counts[-1]) if counts else 0
+
+
+def first_count(text: str) -> int:
+    counts = re.findall(r"count=(\d+)", text)
+    return int(counts[0]) if counts else 0
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ctrmig-tests-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_image(session_dir: Path) -> str:
+    """The busybox test image, in podman's default storage (built offline once)."""
+    need("podman")
+    return images.ensure_test_image(session_dir)
+
+
+@pytest.fixture(scope="session")
+def podman_socket() -> Iterator[Path]:
+    """A podman API service of our own on a private socket (default storage)."""
+    need("podman")
+    sock = RUN_DIR / f"podman-{os.getpid()}.sock"
+    svc = services.podman_service(sock, state_dir=RUN_DIR)
+    svc.start()
+    yield sock
+    svc.stop()
+    sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def dockerd_socket(test_image: str, session_dir: Path) -> Iterator[Path]:
+    """A private dockerd (own data root, socket, no bridge) holding the test image."""
+    need("dockerd")
+    tag = f"dockerd-{os.getpid()}"
+    sock = RUN_DIR / f"{tag}.sock"
+    data_root = Path(f"/var/lib/ctrmig-test/{tag}")
+    svc = services.dockerd_service(
+        sock, data_root=data_root, exec_root=RUN_DIR / f"{tag}-exec", state_dir=RUN_DIR,
+        bridge="none",
+    )
+    svc.start()
+    try:
+        archive = images.podman_save(test_image, session_dir / "test-image.tar")
+        client = docker.DockerClient(base_url=f"unix://{sock}", timeout=300)
+        with archive.open("rb") as f:
+            client.images.load(f)
+        client.close()
+        yield sock
+    finally:
+        svc.stop()
+        shutil.rmtree(data_root, ignore_errors=True)
+        shutil.rmtree(RUN_DIR / f"{tag}-exec", ignore_errors=True)
+        sock.unlink(missing_ok=True)
