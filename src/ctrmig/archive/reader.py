@@ -65,7 +65,7 @@ def detect_compression(head: bytes) -> Compression:
 
 
 def _decompressed(raw: BinaryIO) -> tuple[BinaryIO, Compression]:
-    buffered: Any = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[type-var]
+    buffered: Any = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
     head = buffered.peek(4)[:4]
     kind = detect_compression(head)
     if kind == "zstd":

@@ -57,7 +57,7 @@ def check_compression(value: str) -> Compression:
         raise OptionError(
             f"unknown compression {value!r}", hint=f"choose one of {', '.join(COMPRESSIONS)}"
         )
-    return value  # type: ignore[return-value]
+    return value
 
 
 class ArchiveWriter:
