@@ -64,7 +64,7 @@ def detect_compression(head: bytes) -> Compression:
     return "none"
 
 
-def _decompressed(raw: BinaryIO) -> tuple[BinaryIO, Compression]:
+def decompressed(raw: BinaryIO) -> tuple[BinaryIO, Compression]:
     buffered: Any = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
     head = buffered.peek(4)[:4]
     kind = detect_compression(head)
@@ -93,7 +93,7 @@ class _Scan:
 
     def __init__(self, raw: BinaryIO, limits: Limits, progress: Progress | None):
         self.limits, self.progress = limits, progress
-        self.stream, self.compression = _decompressed(raw)
+        self.stream, self.compression = decompressed(raw)
         self.seen: dict[str, FileEntry] = {}
         self.dirs: set[str] = set()
         self.manifest: Manifest | None = None

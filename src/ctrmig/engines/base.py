@@ -130,8 +130,7 @@ class BaseMigrator(ABC):
         if opts.lazy_pages:
             criu.require_lazy_pages()
         self._refuse_unsupported(opts.set_options(), self.restore_options, "restore")
-        if opts.name is not None:
-            self._check_name_free(opts.name)
+        # Verify (or extract) first: a bad archive is refused before any engine call.
         with contextlib.ExitStack() as stack:
             if self.needs_extracted:
                 root, manifest = stack.enter_context(
@@ -143,6 +142,8 @@ class BaseMigrator(ABC):
             self._check_archive(manifest, root, opts)
             target = opts.name or manifest.container.name
             stack.enter_context(container_lock(self.engine, target))
+            if opts.name is not None:
+                self._check_name_free(opts.name)
             return self._restore(root, manifest, opts)
         raise AssertionError("unreachable")  # pragma: no cover
 
