@@ -20,8 +20,6 @@ import pytest
 
 from ctrmig.host import images, services
 
-RUN_DIR = Path("/run/ctrmig-test")
-
 # A workload that keeps state in memory (the shell's counter) and in its filesystem (a
 # file written after start): what every engine's checkpoint/restore test checks.
 COUNTER_CMD = [
@@ -95,27 +93,24 @@ def test_image(session_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def podman_socket() -> Iterator[Path]:
+def podman_socket(session_dir: Path) -> Iterator[Path]:
     """A podman API service of our own on a private socket (default storage)."""
     need("podman")
-    sock = RUN_DIR / f"podman-{os.getpid()}.sock"
-    svc = services.podman_service(sock, state_dir=RUN_DIR)
+    svc = services.podman_service(session_dir / "podman.sock", state_dir=session_dir)
     svc.start()
-    yield sock
+    yield svc.socket
     svc.stop()
-    sock.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
 def dockerd_socket(test_image: str, session_dir: Path) -> Iterator[Path]:
     """A private dockerd (own data root, socket, no bridge) holding the test image."""
     need("dockerd")
-    tag = f"dockerd-{os.getpid()}"
-    sock = RUN_DIR / f"{tag}.sock"
-    data_root = Path(f"/var/lib/ctrmig-test/{tag}")
+    sock = session_dir / "dockerd.sock"
+    data_root = session_dir / "docker-data"
     svc = services.dockerd_service(
-        sock, data_root=data_root, exec_root=RUN_DIR / f"{tag}-exec", state_dir=RUN_DIR,
-        bridge="none",
+        sock, data_root=data_root, exec_root=session_dir / "docker-exec",
+        state_dir=session_dir, bridge="none",
     )
     svc.start()
     try:
@@ -126,7 +121,4 @@ def dockerd_socket(test_image: str, session_dir: Path) -> Iterator[Path]:
         client.close()
         yield sock
     finally:
-        svc.stop()
-        shutil.rmtree(data_root, ignore_errors=True)
-        shutil.rmtree(RUN_DIR / f"{tag}-exec", ignore_errors=True)
-        sock.unlink(missing_ok=True)
+        svc.stop()  # the session dir, data root included, is removed after this
