@@ -1,0 +1,574 @@
+"""The docker adapter: checkpoint a container through dockerd, restore it as a new one.
+
+dockerd (with ``"experimental": true``) checkpoints a container into
+``<DockerRootDir>/containers/<id>/checkpoints/<name>/`` and starts a container from a
+checkpoint of that same directory; it offers no export and refuses a custom checkpoint
+directory on start. So ctrmig reads the checkpoint from the daemon's data root (ctrmig runs
+as root on the docker host) and, to restore, creates a new container with the recorded
+config, applies the recorded filesystem changes, places the CRIU images in the new
+container's checkpoint directory and starts it from there.
+
+docker-py has no checkpoint calls: the few raw Engine API calls live in the "raw Engine
+API" section below. Every call goes through :func:`ctrmig.host.http.api_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, ClassVar
+
+import docker
+import requests
+import tenacity
+from docker.errors import DockerException
+
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.engines.base import BaseMigrator
+from ctrmig.errors import (
+    ArchiveError,
+    CheckpointError,
+    ContainerNotFoundError,
+    EngineError,
+    ImageNotFoundError,
+    PrivilegeError,
+    RestoreError,
+    UnsafeArchiveError,
+)
+from ctrmig.host import http, proc
+from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "unix:///var/run/docker.sock"
+START_HINT = ("start dockerd (systemctl start docker, or scripts/setup-host), or point "
+              "base_url / DOCKER_HOST at its socket")
+EXPERIMENTAL_HINT = ('enable "experimental": true in /etc/docker/daemon.json '
+                     "(scripts/setup-host does) and restart dockerd")
+# moby#42900: starting from a checkpoint right after one was made fails once or twice with
+# "failed to upload checkpoint to containerd: commit failed: content sha256:...: already
+# exists"; the same call a moment later succeeds.
+START_RACE = re.compile(r"content sha256:[0-9a-f]+.*already exists")
+
+CHECKPOINT_DIR = "checkpoint"
+CONFIG_DUMP = "config.dump"
+SPEC_DUMP = "spec.dump"
+ROOTFS_DIFF = "rootfs-diff.tar"
+DELETED_FILES = "deleted.files"
+_ADDED, _MODIFIED, _DELETED = 1, 0, 2
+
+# Config keys copied from the recorded container into the new one.
+_CONFIG_KEYS = ("Hostname", "Domainname", "User", "Env", "Cmd", "Entrypoint", "Image",
+                "WorkingDir", "Labels", "ExposedPorts", "Volumes", "Tty", "OpenStdin",
+                "StdinOnce", "StopSignal", "StopTimeout", "Healthcheck",
+                "Shell")
+_HOST_CONFIG_KEYS = ("Binds", "Mounts", "PortBindings", "PublishAllPorts", "RestartPolicy",
+                     "NetworkMode", "Privileged", "CapAdd", "CapDrop", "Devices", "Ulimits",
+                     "Memory", "MemorySwap", "MemoryReservation", "NanoCpus", "CpuShares",
+                     "CpuPeriod", "CpuQuota", "CpusetCpus", "CpusetMems", "PidsLimit",
+                     "ShmSize", "Tmpfs", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts",
+                     "GroupAdd", "IpcMode", "PidMode", "UTSMode", "UsernsMode", "SecurityOpt",
+                     "ReadonlyRootfs", "Init", "LogConfig", "OomScoreAdj", "Sysctls",
+                     "Runtime", "CgroupParent", "AutoRemove", "MaskedPaths", "ReadonlyPaths")
+
+
+class DockerMigrator(BaseMigrator):
+    """Checkpoint and restore docker containers (dockerd with experimental features)."""
+
+    engine: ClassVar[str] = "docker"
+    needs_extracted: ClassVar[bool] = True
+    # keep: leave docker's own checkpoint (checkpoint) / the images in the new container
+    # (restore); ignore_rootfs: no filesystem changes recorded / applied.
+    checkpoint_options: ClassVar[frozenset[str]] = frozenset({"keep", "ignore_rootfs"})
+    restore_options: ClassVar[frozenset[str]] = frozenset(
+        {"keep", "ignore_rootfs", "allow_privileged"}
+    )
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_timeout: float = 60.0,
+        start_attempts: int = 6,
+        workdir: str | os.PathLike[str] | None = None,
+        timeout: float = 900.0,
+    ):
+        """``base_url``: dockerd's socket (default: $DOCKER_HOST, else the system socket).
+
+        ``api_timeout`` bounds quick calls (inspect, create); ``timeout`` the long ones
+        (checkpoint, start from a checkpoint, filesystem archives).
+        """
+        super().__init__(workdir=workdir, timeout=timeout)
+        self.base_url = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
+        self.api_timeout = api_timeout
+        self.start_attempts = start_attempts
+        self._client: docker.APIClient | None = None
+        self._info: dict[str, Any] | None = None
+        # Docker-side checkpoint names made by _dump, removed by _write once written.
+        self._made: dict[str, str] = {}
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _errors(
+        self,
+        what: str,
+        *,
+        not_found: type[EngineError] = ContainerNotFoundError,
+        error: type[EngineError] = EngineError,
+    ) -> contextlib.AbstractContextManager[None]:
+        return http.api_errors(
+            "docker", what, start_hint=START_HINT,
+            catch=(DockerException, requests.RequestException),
+            not_found=not_found, error=error,
+        )
+
+    @property
+    def api(self) -> docker.APIClient:
+        """docker-py's low-level client, made on first use (asks the daemon's version)."""
+        if self._client is None:
+            with self._errors(f"connect to {self.base_url}"):
+                self._client = docker.APIClient(
+                    base_url=self.base_url, timeout=self.api_timeout, version="auto"
+                )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            with self._errors("info"):
+                self._info = dict(self.api.info())
+        return self._info
+
+    def _data_root(self) -> Path:
+        root = Path(str(self.info().get("DockerRootDir") or "/var/lib/docker"))
+        if not (root / "containers").is_dir():
+            raise EngineError(
+                f"dockerd's data root {root} is not readable here",
+                hint="run ctrmig as root on the docker host: checkpoints live in the data root",
+            )
+        return root
+
+    def _require_checkpoints(self) -> None:
+        """Experimental features on, CRIU installed, the data root local: or say the fix."""
+        if not self.info().get("ExperimentalBuild"):
+            raise EngineError(
+                "dockerd has experimental features off: it cannot checkpoint",
+                hint=EXPERIMENTAL_HINT,
+            )
+        proc.which("criu")
+        self._data_root()
+
+    def _inspect(self, container: str) -> dict[str, Any]:
+        with self._errors(f"inspect {container}"):
+            return dict(self.api.inspect_container(container))
+
+    # --- raw Engine API: the calls docker-py lacks, with explicit timeouts -----------------
+
+    def _checkpoint_create(self, cid: str, name: str, *, exit: bool) -> None:
+        api = self.api
+        with self._errors(f"checkpoint {cid[:12]}", error=CheckpointError):
+            api._raise_for_status(api._post_json(
+                api._url("/containers/{0}/checkpoints", cid),
+                data={"CheckpointID": name, "Exit": exit}, timeout=self.timeout,
+            ))
+
+    def _checkpoint_delete(self, cid: str, name: str) -> None:
+        api = self.api
+        with self._errors(f"delete checkpoint {name} of {cid[:12]}"):
+            api._raise_for_status(api._delete(
+                api._url("/containers/{0}/checkpoints/{1}", cid, name),
+                timeout=self.api_timeout,
+            ))
+
+    def _start_from(self, cid: str, name: str) -> None:
+        api = self.api
+        with self._errors(f"start {cid[:12]} from checkpoint {name}", error=RestoreError):
+            api._raise_for_status(api._post(
+                api._url("/containers/{0}/start", cid), params={"checkpoint": name},
+                timeout=self.timeout,
+            ))
+
+    def _get_archive(self, cid: str, path: str) -> requests.Response:
+        api = self.api
+        with self._errors(f"read {path} of {cid[:12]}"):
+            res: requests.Response = api._get(
+                api._url("/containers/{0}/archive", cid), params={"path": path},
+                stream=True, timeout=self.timeout,
+            )
+            api._raise_for_status(res)
+        return res
+
+    def _put_archive(self, cid: str, path: str, data: BinaryIO) -> None:
+        api = self.api
+        with self._errors(f"write files into {cid[:12]}", error=RestoreError):
+            api._raise_for_status(api._put(
+                api._url("/containers/{0}/archive", cid), params={"path": path},
+                data=data, timeout=self.timeout,
+            ))
+
+    # --- plain container calls -------------------------------------------------------------
+
+    def version(self) -> str:
+        with self._errors("version"):
+            return str(self.api.version()["Version"])
+
+    def list(self) -> list[ContainerInfo]:
+        with self._errors("list containers"):
+            rows = self.api.containers(all=True)
+        return [
+            ContainerInfo(
+                engine=self.engine,
+                name=(row.get("Names") or [""])[0].lstrip("/"),
+                id=row["Id"],
+                image=row.get("Image", ""),
+                state=row.get("State", ""),
+            )
+            for row in rows
+        ]
+
+    def exists(self, container: str) -> bool:
+        try:
+            self._inspect(container)
+        except ContainerNotFoundError:
+            return False
+        return True
+
+    def remove(self, container: str) -> None:
+        with contextlib.suppress(ContainerNotFoundError), self._errors(f"remove {container}"):
+            self.api.remove_container(container, force=True)
+
+    def logs(self, container: str) -> str:
+        with self._errors(f"logs of {container}"):
+            data: bytes = self.api.logs(container, stdout=True, stderr=True)
+        return data.decode(errors="replace")
+
+    # --- checkpoint ------------------------------------------------------------------------
+
+    def _describe(self, container: str) -> ContainerRecord:
+        data = self._inspect(container)
+        config = data.get("Config") or {}
+        return ContainerRecord(
+            name=str(data.get("Name", "")).lstrip("/"),
+            id=data["Id"],
+            image=str(config.get("Image", "")),
+            image_id=str(data.get("Image", "")),
+            command=[*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])],
+        )
+
+    def _dump(
+        self, record: ContainerRecord, opts: CheckpointOptions, writer: ArchiveWriter
+    ) -> dict[str, Any]:
+        self._require_checkpoints()
+        data = self._inspect(record.id)
+        if not (data.get("State") or {}).get("Running"):
+            raise CheckpointError(f"docker container {record.name!r} is not running")
+        spec = _oci_spec(data)
+        name = f"ctrmig-{uuid.uuid4().hex[:12]}"
+        started = time.monotonic()
+        self._checkpoint_create(record.id, name, exit=not opts.leave_running)
+        self._made[record.id] = name
+        seconds = round(time.monotonic() - started, 3)
+        try:
+            writer.add_tree(self._checkpoint_dir(record.id, name), CHECKPOINT_DIR)
+            writer.add_bytes(CONFIG_DUMP, json.dumps(data, indent=2).encode())
+            if spec is not None:
+                writer.add_bytes(SPEC_DUMP, spec)
+            rootfs: dict[str, Any] = {}
+            if not opts.ignore_rootfs:
+                rootfs = self._dump_rootfs(record.id, data, writer)
+        except BaseException:
+            if not opts.leave_running:
+                self._rollback_checkpoint(record, opts)
+            self._forget(record.id)
+            raise
+        return {
+            "checkpoint_seconds": seconds,
+            "storage_driver": (data.get("GraphDriver") or {}).get("Name", ""),
+            "rootfs": rootfs,
+        }
+
+    def _write(self, record: ContainerRecord, opts: CheckpointOptions, out: BinaryIO,
+               progress: Any) -> Manifest:
+        # The docker-side checkpoint outlives _dump: a failure while the manifest is written
+        # still needs it to bring the container back.
+        try:
+            return super()._write(record, opts, out, progress)
+        finally:
+            if not opts.keep:
+                self._forget(record.id)
+
+    def _forget(self, cid: str) -> None:
+        name = self._made.pop(cid, None)
+        if name is None:
+            return
+        try:
+            self._checkpoint_delete(cid, name)
+        except EngineError as e:
+            log.warning("could not delete docker checkpoint %s of %s: %s", name, cid[:12], e)
+
+    def _rollback_checkpoint(self, record: ContainerRecord, opts: CheckpointOptions) -> None:
+        name = self._made.get(record.id)
+        if name is None:
+            return
+        log.warning("checkpoint of %s failed: restarting it from checkpoint %s",
+                    record.name, name)
+        try:
+            self._start_retrying(record.id, name)
+        except EngineError as e:
+            log.error("could not bring %s back from checkpoint %s: %s", record.name, name, e)
+
+    def _checkpoint_dir(self, cid: str, name: str) -> Path:
+        path = self._data_root() / "containers" / cid / "checkpoints" / name
+        if not path.is_dir():
+            raise CheckpointError(f"dockerd reported checkpoint {name} but {path} is missing")
+        return path
+
+    def _dump_rootfs(self, cid: str, data: dict[str, Any], writer: ArchiveWriter
+                     ) -> dict[str, Any]:
+        """rootfs-diff.tar (changed and added files) and deleted.files (podman's layout)."""
+        with self._errors(f"diff of {cid[:12]}"):
+            changes = self.api.diff(cid) or []
+        deleted = sorted(c["Path"] for c in changes if c["Kind"] == _DELETED)
+        changed = sorted(c["Path"] for c in changes if c["Kind"] != _DELETED)
+        upper = _upper_dir(data)
+        fetched = 0
+        with tempfile.TemporaryFile(dir=self.workdir) as tmp:
+            with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for path in changed:
+                    local = upper / path.lstrip("/") if upper else None
+                    if local is not None and os.path.lexists(local):
+                        tar.add(local, arcname=path.lstrip("/"), recursive=False)
+                    elif not _has_children(path, changes):
+                        fetched += 1
+                        self._copy_from_container(cid, path, tar)
+            size = tmp.tell()
+            tmp.seek(0)
+            writer.add_stream(ROOTFS_DIFF, tmp, size)
+        writer.add_bytes(DELETED_FILES, json.dumps(deleted).encode())
+        return {"changed": len(changed), "deleted": len(deleted),
+                "method": "overlay2-upperdir" if upper and not fetched else "archive-api"}
+
+    def _copy_from_container(self, cid: str, path: str, tar: tarfile.TarFile) -> None:
+        """Add ``path`` of the container (GET /archive) to ``tar`` under its full path."""
+        parent = PurePosixPath(path).parent.as_posix().lstrip("/")
+        res = self._get_archive(cid, path)
+        try:
+            with self._errors(f"read {path} of {cid[:12]}"), \
+                    tarfile.open(fileobj=res.raw, mode="r|") as src:
+                for member in src:
+                    member.name = f"{parent}/{member.name}" if parent else member.name
+                    body = src.extractfile(member) if member.isfile() else None
+                    tar.addfile(member, body)
+        finally:
+            res.close()
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
+        super()._check_archive(manifest, source, opts)
+        risky = _privileges(_load_config(source))
+        if risky and not opts.allow_privileged:
+            raise PrivilegeError(
+                f"the archive's container asks for: {', '.join(risky)}",
+                hint="restore with allow_privileged (--allow-privileged) if you trust it",
+            )
+
+    def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
+        self._require_checkpoints()
+        config = _load_config(source)
+        body = _create_body(config)
+        image = str(body.get("Image") or manifest.container.image)
+        with self._errors(f"inspect image {image}", not_found=ImageNotFoundError):
+            self.api.inspect_image(image)
+        name = self._pick_name(opts.name or manifest.container.name, explicit=bool(opts.name))
+        with self._errors(f"create container {name}", error=RestoreError):
+            cid = str(self.api.create_container_from_config(body, name)["Id"])
+        try:
+            if not opts.ignore_rootfs:
+                self._apply_rootfs(cid, source)
+            checkpoint = f"ctrmig-{uuid.uuid4().hex[:12]}"
+            target = self._data_root() / "containers" / cid / "checkpoints" / checkpoint
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # The extracted copy is ours and used once: move it (a rename on one filesystem).
+            shutil.move(source / CHECKPOINT_DIR, target)
+            self._start_retrying(cid, checkpoint)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.remove(cid)
+            raise
+        if not opts.keep:
+            self._made[cid] = checkpoint
+            self._forget(cid)
+        return name
+
+    def _pick_name(self, wanted: str, *, explicit: bool) -> str:
+        if explicit or not self.exists(wanted):
+            return wanted
+        return f"{wanted}-{uuid.uuid4().hex[:6]}"
+
+    def _start_retrying(self, cid: str, checkpoint: str) -> None:
+        """Start ``cid`` from ``checkpoint``, retrying only the moby#42900 race."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.start_attempts),
+            wait=tenacity.wait_exponential(multiplier=0.25, max=4),
+            retry=tenacity.retry_if_exception(_is_start_race),
+            before_sleep=tenacity.before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                self._start_from(cid, checkpoint)
+
+    def _apply_rootfs(self, cid: str, source: Path) -> None:
+        diff = source / ROOTFS_DIFF
+        if diff.is_file() and diff.stat().st_size > 0:
+            with diff.open("rb") as f:
+                self._put_archive(cid, "/", f)
+        deleted_file = source / DELETED_FILES
+        deleted: list[str] = []
+        if deleted_file.is_file():
+            try:
+                deleted = json.loads(deleted_file.read_text())
+            except ValueError:
+                raise ArchiveError(f"{DELETED_FILES} is not valid JSON") from None
+            if not isinstance(deleted, list) or not all(isinstance(p, str) for p in deleted):
+                raise ArchiveError(f"{DELETED_FILES} must be a list of paths")
+        if deleted:
+            upper = _upper_dir(self._inspect(cid))
+            if upper is None:
+                raise RestoreError(
+                    f"cannot delete {len(deleted)} recorded path(s) in the new container",
+                    hint="only the overlay2 storage driver is supported for deletions; "
+                         "or restore with ignore_rootfs",
+                )
+            for path in deleted:
+                _whiteout(upper, path)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _is_start_race(exc: BaseException) -> bool:
+    return isinstance(exc, EngineError) and bool(START_RACE.search(exc.stderr or str(exc)))
+
+
+def _load_config(source: Path) -> dict[str, Any]:
+    path = source / CONFIG_DUMP
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArchiveError(f"the archive has no {CONFIG_DUMP}") from None
+    except ValueError:
+        raise ArchiveError(f"{CONFIG_DUMP} is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("Config"), dict):
+        raise ArchiveError(f"{CONFIG_DUMP} is not a docker container inspect document")
+    return data
+
+
+def _create_body(config: dict[str, Any]) -> dict[str, Any]:
+    """The POST /containers/create body that recreates the recorded container."""
+    src = config.get("Config") or {}
+    host = config.get("HostConfig") or {}
+    body = {k: src[k] for k in _CONFIG_KEYS if src.get(k) is not None}
+    body["HostConfig"] = {k: host[k] for k in _HOST_CONFIG_KEYS if host.get(k) is not None}
+    return body
+
+
+def _privileges(config: dict[str, Any]) -> list[str]:
+    """What in the recorded container reaches beyond an ordinary container."""
+    host = config.get("HostConfig") or {}
+    risky = []
+    if host.get("Privileged"):
+        risky.append("privileged")
+    if host.get("CapAdd"):
+        risky.append(f"capabilities {','.join(map(str, host['CapAdd']))}")
+    if host.get("Devices"):
+        risky.append("host devices")
+    for key in ("NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"):
+        if host.get(key) == "host":
+            risky.append(f"{key}=host")
+    binds = [*(host.get("Binds") or []),
+             *(m.get("Source", "") for m in host.get("Mounts") or [] if m.get("Type") == "bind")]
+    if binds:
+        risky.append(f"host paths {', '.join(str(b).split(':')[0] for b in binds)}")
+    if any("unconfined" in str(o) or "disable" in str(o) for o in host.get("SecurityOpt") or []):
+        risky.append("security options " + ", ".join(map(str, host["SecurityOpt"])))
+    return risky
+
+
+def _has_children(path: str, changes: list[dict[str, Any]]) -> bool:
+    prefix = path.rstrip("/") + "/"
+    return any(c["Path"].startswith(prefix) for c in changes)
+
+
+def _upper_dir(data: dict[str, Any]) -> Path | None:
+    """The writable overlay2 layer of a container, when it is on this host."""
+    driver = data.get("GraphDriver") or {}
+    upper = (driver.get("Data") or {}).get("UpperDir")
+    if driver.get("Name") != "overlay2" or not upper or not Path(upper).is_dir():
+        return None
+    return Path(upper)
+
+
+def _whiteout(upper: Path, path: str) -> None:
+    """Delete ``path`` in an (unmounted) overlay2 layer: a 0/0 character device.
+
+    ``path`` comes from the archive: refuse '..' and never follow a symlink in the layer.
+    """
+    parts = [p for p in PurePosixPath("/" + path).parts[1:] if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise UnsafeArchiveError(f"{DELETED_FILES}: refusing path {path!r}")
+    current = upper
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeArchiveError(f"{DELETED_FILES}: {path!r} crosses a non-directory")
+    leaf = current / parts[-1]
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(leaf)
+        if stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            shutil.rmtree(leaf)
+        else:
+            os.unlink(leaf)
+    os.mknod(leaf, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def _oci_spec(data: dict[str, Any]) -> bytes | None:
+    """The OCI config.json containerd ran the container with, if it is readable here.
+
+    containerd's shim (the init process's parent) runs in the task's bundle directory.
+    """
+    pid = (data.get("State") or {}).get("Pid")
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+        if b"containerd-shim" not in os.path.basename(cmdline[0]) \
+                or data["Id"].encode() not in cmdline:
+            return None
+        bundle = Path(os.readlink(f"/proc/{ppid}/cwd"))
+        return (bundle / "config.json").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
