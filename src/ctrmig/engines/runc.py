@@ -149,7 +149,7 @@ class RuncMigrator(BaseMigrator):
         name = name or f"ctrmig-{uuid.uuid4().hex[:8]}"
         self._check_name(name)
         self._check_name_free(name)
-        img = self._ensure_image(image)
+        img = self._image_for(image)
         cfg = img.config
         entrypoint = list(cfg.get("Entrypoint") or [])
         args = entrypoint + (list(command) if command else list(cfg.get("Cmd") or []))
@@ -274,20 +274,42 @@ class RuncMigrator(BaseMigrator):
         self._rollback(record.name, None)
 
     def _rollback(self, name: str, cause: BaseException | None) -> None:
-        """Bring a container stopped by a checkpoint back from its local images."""
-        bundle = self.bundles_dir / name
-        images = bundle / "checkpoint"
-        log.warning("checkpoint of %s failed after the dump (%s); restoring it", name, cause)
+        """Bring a container stopped by a checkpoint back; never raise (the caller does)."""
+        log.warning("checkpoint of %s failed after the dump (%s); resuming it", name, cause)
         try:
-            with self._workdir("rollback") as work:
-                self._start(name, bundle,
-                            ["restore", "--detach", "--image-path", str(images),
-                             "--work-path", str(work), "--bundle", str(bundle), name],
-                            work=work, error=RestoreError, what=f"runc restore {name}")
+            self.resume(name)
         except CtrmigError as e:
-            log.error("could not bring %s back after a failed checkpoint: %s", name, e)
-            return
+            log.error("could not resume %s after a failed checkpoint: %s", name, e)
+
+    def resume(self, container: str) -> None:
+        """Run again a container that a checkpoint stopped, from the images it kept."""
+        bundle = self.bundles_dir / container
+        images = bundle / "checkpoint"
+        if self._meta(container) is None:
+            raise ContainerNotFoundError(f"no runc container named {container!r}")
+        if not (images / "inventory.img").is_file():
+            raise CheckpointError(f"runc container {container!r} has no kept checkpoint",
+                                  hint="restore it from its archive instead")
+        if self._runc_state(container) is not None:
+            raise CheckpointError(f"runc container {container!r} is already running")
+        with self._workdir("resume") as work:
+            self._start(container, bundle,
+                        ["restore", "--detach", "--image-path", str(images),
+                         "--work-path", str(work), "--bundle", str(bundle), container],
+                        work=work, error=RestoreError, what=f"runc restore {container}")
         shutil.rmtree(images, ignore_errors=True)
+
+    def _has_image(self, ref: str) -> bool:
+        """Whether ``ref`` was unpacked here before or skopeo finds it now."""
+        tref = transport_ref(ref)
+        for known in self.images_dir.glob("*/source-refs"):
+            if tref in known.read_text().splitlines():
+                return True
+        try:
+            self._inspect_digest(ref, tref)
+        except ImageNotFoundError:
+            return False
+        return True
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -302,7 +324,7 @@ class RuncMigrator(BaseMigrator):
         if opts.name is None and self.exists(name):
             name = f"{name}-{uuid.uuid4().hex[:6]}"
         self._check_name(name)
-        img = self._ensure_image(image_ref, config.get("transport_ref"), config.get("digest"))
+        img = self._image_for(image_ref, config.get("transport_ref"), config.get("digest"))
         meta = {"name": name, "image": image_ref, "transport_ref": img.transport_ref,
                 "digest": img.digest, "process": process,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -371,7 +393,7 @@ class RuncMigrator(BaseMigrator):
 
     # --- images and bundles ----------------------------------------------------------------
 
-    def _ensure_image(self, image: str, recorded_transport: str | None = None,
+    def _image_for(self, image: str, recorded_transport: str | None = None,
                       digest: str | None = None) -> _Image:
         """The unpacked image, from the cache or copied with skopeo and unpacked by umoci.
 
@@ -393,6 +415,9 @@ class RuncMigrator(BaseMigrator):
         with _flock(cache.with_suffix(".lock")):
             if not (cache / "rootfs").is_dir():
                 self._unpack(ref, cache)
+            refs = _read(cache / "source-refs").splitlines()
+            if ref not in refs:
+                (cache / "source-refs").write_text("\n".join([*refs, ref]) + "\n")
         return self._cached(image, ref, found)
 
     def _cache_dir(self, digest: str) -> Path:

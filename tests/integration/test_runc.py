@@ -1,0 +1,274 @@
+"""The runc engine against real runc, CRIU, skopeo and umoci."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ctrmig
+from ctrmig.archive import extracted
+from ctrmig.engines.runc import RuncMigrator, apply_rootfs_diff
+from ctrmig.errors import (
+    ContainerNotFoundError,
+    ImageNotFoundError,
+    NameInUseError,
+    OptionError,
+    UnsafeArchiveError,
+)
+from ctrmig.host import proc
+from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
+
+
+def _our_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (our state dir): leaked helpers."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _mounts_under(path: Path) -> list[str]:
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mountpoint = line.split()[4]
+        if mountpoint.startswith(str(path)):
+            mounts.append(mountpoint)
+    return mounts
+
+
+def _cleanup_state(m: RuncMigrator) -> list[str]:
+    """Remove everything ``m`` made; return what had leaked past remove()."""
+    for c in m.list():
+        m.remove(c.name)
+    leaks = []
+    for name in (e["id"] for e in m._runc_list()):
+        leaks.append(f"runc container {name}")
+        proc.run([*m._runc(), "delete", "--force", name], timeout=60, check=False)
+    for pid in _our_processes(str(m.state_dir)):
+        leaks.append(f"process {pid}")
+        os.kill(pid, signal.SIGKILL)
+    for mp in reversed(_mounts_under(m.state_dir)):
+        leaks.append(f"mount {mp}")
+        proc.run(["umount", "-l", mp], timeout=60, check=False)
+    shutil.rmtree(m.state_dir, ignore_errors=True)
+    return leaks
+
+
+@pytest.fixture
+def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
+    """A RuncMigrator on a private state dir; teardown removes all it made, checks leaks."""
+    for tool in ("runc", "criu", "skopeo", "umoci"):
+        need(tool)
+    m = RuncMigrator(state_dir=tmp_path / "state", workdir=tmp_path)
+    yield m
+    leaks = _cleanup_state(m)
+    assert not leaks, f"left behind after remove(): {leaks}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ctrmig-")], \
+        "temporary files left in the workdir"
+
+
+def _counting(m: RuncMigrator, name: str, above: int = 0) -> int:
+    wait_for(lambda: last_count(m.logs(name)) > above + 5, timeout=30,
+             what=f"{name} counting past {above + 5}")
+    return last_count(m.logs(name))
+
+
+def _state_file(m: RuncMigrator, name: str) -> str:
+    """/state.txt as the container sees it: through runc exec."""
+    res = proc.run([*m._runc(), "exec", name, "/bin/cat", "/state.txt"], timeout=60)
+    return res.stdout.decode()
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["full", "lazy_pages"])
+def test_checkpoint_remove_restore_continues(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path, lazy: bool
+) -> None:
+    m = runc_state
+    name = unique("ctrmig-runc")
+    assert m.run(test_image, name=name, command=COUNTER_CMD) == name
+    _counting(m, name)
+    assert _state_file(m, name) == "written-after-start\n"
+    assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
+
+    archive = m.checkpoint(name, tmp_path / "counter.ckpt.tar")
+    before = last_count(m.logs(name))
+    time.sleep(0.5)
+    assert last_count(m.logs(name)) == before, "still counting after checkpoint"
+    assert [(c.name, c.state) for c in m.list()] == [(name, "checkpointed")]
+
+    manifest = ctrmig.verify(archive.path)  # type: ignore[arg-type]
+    assert manifest.engine == "runc"
+    assert manifest.container.name == name
+    assert manifest.container.image == test_image
+    assert manifest.container.image_id.startswith("sha256:")
+    for member in ("checkpoint/descriptors.json", "checkpoint/inventory.img", "spec.dump",
+                   "config.dump", "rootfs-diff.tar"):
+        assert member in manifest.files
+    assert manifest.memory_bytes > 0
+    with extracted(tmp_path / "counter.ckpt.tar", workdir=tmp_path) as (root, _), \
+            tarfile.open(root / "rootfs-diff.tar") as diff:
+        assert "state.txt" in diff.getnames()
+
+    m.remove(name)
+    assert not m.exists(name)
+    assert not (m.bundles_dir / name).exists()
+    assert m.list() == []
+
+    started = time.monotonic()
+    restored = m.restore(archive.path, lazy_pages=lazy)  # type: ignore[arg-type]
+    took = time.monotonic() - started
+    assert restored == name
+    after = _counting(m, restored, above=before)
+    log = m.logs(restored)
+    assert before < first_count(log) <= before + 3, log[:200]
+    assert after > before
+    assert _state_file(m, restored) == "written-after-start\n"
+    assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
+    print(f"lazy={lazy}: checkpoint {archive.size} bytes, restore {took:.2f} s, "
+          f"count {before} -> {first_count(log)}")
+
+
+def test_restore_beside_running_source_gets_fresh_name(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    _counting(m, name)
+    archive = m.checkpoint(name, tmp_path / "a.tar", leave_running=True, compression="none")
+    assert not (m.bundles_dir / name / "checkpoint").exists()
+    at_dump = last_count(m.logs(name))
+    clone = m.restore(archive.path)  # type: ignore[arg-type]
+    assert clone != name and clone.startswith(name)
+    _counting(m, clone, above=at_dump)
+    _counting(m, name, above=at_dump)  # the source went on running
+    assert first_count(m.logs(clone)) > at_dump - 3
+    assert {c.name for c in m.list()} == {name, clone}
+
+    with pytest.raises(NameInUseError) as err:
+        m.restore(archive.path, name=clone)  # type: ignore[arg-type]
+    assert clone in str(err.value)
+    assert {c.name for c in m.list()} == {name, clone}
+
+
+def test_failed_archive_write_brings_container_back(
+    runc_state: RuncMigrator, test_image: str
+) -> None:
+    class Full(io.RawIOBase):
+        written = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            self.written += len(b)
+            if self.written > 4096:
+                raise OSError(28, "No space left on device")
+            return len(b)
+
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    before = _counting(m, name)
+    with pytest.raises(OSError, match="No space left"):
+        m.checkpoint(name, Full(), compression="none")  # type: ignore[arg-type]
+    assert _counting(m, name, above=before) > before
+    assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
+    assert _state_file(m, name) == "written-after-start\n"
+
+
+def test_deleted_files_stay_deleted(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    m = runc_state
+    cmd = ["/bin/sh", "-c", "rm /etc/group; mkdir -p /data/sub; echo kept > /data/sub/f; "
+           "i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.1; done"]
+    name = m.run(test_image, command=cmd)
+    _counting(m, name)
+    archive = m.checkpoint(name, tmp_path / "d.tar")
+    assert "/etc/group" in archive.manifest.extra["rootfs_deleted_paths"]
+    m.remove(name)
+    restored = m.restore(archive.path)  # type: ignore[arg-type]
+    rootfs = m.bundles_dir / restored / "rootfs"
+    assert not (rootfs / "etc/group").exists()
+    assert (rootfs / "etc/passwd").exists()
+    assert (rootfs / "data/sub/f").read_text() == "kept\n"
+
+
+def test_image_from_oci_layout_missing_on_restore(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    m = runc_state
+    layout = tmp_path / "layout"
+    proc.run(["skopeo", "copy", "--quiet", f"containers-storage:{test_image}",
+              f"oci:{layout}:v1"], timeout=300)
+    ref = f"oci:{layout}:v1"
+    name = m.run(ref, command=COUNTER_CMD)
+    _counting(m, name)
+    archive = m.checkpoint(name, tmp_path / "o.tar")
+    m.remove(name)
+    shutil.rmtree(layout)
+    # another host: an empty image cache, and the layout is gone
+    other = RuncMigrator(state_dir=tmp_path / "other", workdir=tmp_path)
+    try:
+        with pytest.raises(ImageNotFoundError) as err:
+            other.restore(archive.path)  # type: ignore[arg-type]
+        assert ref in str(err.value)
+        assert other.list() == []
+        assert not any((tmp_path / "other" / "bundles").iterdir())
+    finally:
+        assert not _cleanup_state(other)
+
+
+def test_errors_user_sees(runc_state: RuncMigrator, test_image: str, tmp_path: Path) -> None:
+    m = runc_state
+    with pytest.raises(ImageNotFoundError) as err:
+        m.run("localhost/ctrmig-no-such-image:latest", command=["/bin/true"])
+    assert "localhost/ctrmig-no-such-image:latest" in str(err.value)
+    assert err.value.stderr
+    assert m.list() == []
+
+    name = m.run(test_image, command=COUNTER_CMD)
+    with pytest.raises(NameInUseError) as err2:
+        m.run(test_image, name=name, command=COUNTER_CMD)
+    assert name in str(err2.value)
+    assert [c.name for c in m.list()] == [name]
+
+    with pytest.raises(ContainerNotFoundError):
+        m.checkpoint("ctrmig-no-such-container", tmp_path / "x.tar")
+    with pytest.raises(OptionError, match="print_stats"):
+        m.checkpoint(name, tmp_path / "x.tar", print_stats=True)
+    assert not (tmp_path / "x.tar").exists()
+    with pytest.raises(ContainerNotFoundError):
+        m.logs("ctrmig-no-such-container")
+
+
+def test_rootfs_diff_cannot_escape(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (rootfs / "link").symlink_to(outside)
+    (outside / "victim").write_text("x")
+    for name in ("../evil", "link/evil", "link/.wh.victim", "../.wh.outside"):
+        diff = tmp_path / "diff.tar"
+        with tarfile.open(diff, "w") as tar:
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+        with pytest.raises(UnsafeArchiveError):
+            apply_rootfs_diff(diff, rootfs)
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert not (tmp_path / "evil").exists()
