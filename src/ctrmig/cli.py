@@ -1,0 +1,433 @@
+"""The ``ctrmig`` command line: a thin shell over the public Python API.
+
+Exit codes: 0 success, 1 the operation failed (any :class:`~ctrmig.errors.CtrmigError`,
+reported as one ``ctrmig: error:`` line and a hint), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+import ctrmig
+from ctrmig.archive import COMPRESSIONS, Manifest
+from ctrmig.archive.writer import Progress as ProgressCallback
+from ctrmig.archive.writer import check_compression
+from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError
+
+log = logging.getLogger("ctrmig")
+
+ENGINE_HELP = "Engine: podman, docker, runc or process [env: CTRMIG_ENGINE; default: detected]."
+URL_HELP = "podman/docker API URL [env: CTRMIG_PODMAN_URL, DOCKER_HOST]."
+CONTAINER_ENGINES = ("podman", "docker", "runc")
+SERVICE_NAMES = ("podman", "docker")
+
+
+def _out() -> Console:
+    """stdout; tables keep their shape when piped (a terminal sets its own width)."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=160)
+    return console
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+# --- errors and exit codes ------------------------------------------------------------------
+
+
+class _Group(click.Group):
+    """Turns every CtrmigError into one clear line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CtrmigError as e:
+            _fail(e, verbose=bool((ctx.obj or {}).get("verbose")))
+
+
+def _fail(e: CtrmigError, *, verbose: bool) -> NoReturn:
+    click.echo(f"ctrmig: error: {e.message}", err=True)
+    if e.hint:
+        click.echo(f"hint: {e.hint}", err=True)
+    if verbose and e.stderr:
+        click.echo(e.stderr.rstrip(), err=True)
+    raise click.exceptions.Exit(1)
+
+
+# --- engine selection ------------------------------------------------------------------------
+
+
+def _connect(engine: str, url: str | None) -> ctrmig.Migrator:
+    """The adapter for ``engine``; ``url`` goes to podman's or docker's client."""
+    if url and engine == "podman":
+        return ctrmig.migrator("podman", url=url)
+    if url and engine == "docker":
+        return ctrmig.migrator("docker", base_url=url)
+    if url:
+        raise OptionError(f"--url does not apply to the {engine} engine",
+                          hint="--url is for podman and docker")
+    return ctrmig.migrator(engine)
+
+
+def _holders(container: str, url: str | None) -> list[str]:
+    """Engines that are reachable and hold ``container``."""
+    found = []
+    for engine in ctrmig.engines():
+        if url and engine not in ("podman", "docker"):
+            continue
+        try:
+            m = _connect(engine, url)
+            try:
+                if m.exists(container):
+                    found.append(engine)
+            finally:
+                m.close()
+        except CtrmigError as e:
+            log.debug("%s: not usable for %s: %s", engine, container, e)
+    return found
+
+
+def _pick(engine: str | None, container: str, url: str | None) -> str:
+    """``--engine``/CTRMIG_ENGINE if given, else the only reachable engine holding it."""
+    if engine:
+        return engine
+    found = _holders(container, url)
+    if not found:
+        raise ContainerNotFoundError(
+            f"no reachable engine holds a container {container!r}",
+            hint="check the name with `ctrmig ls`, or pick the engine with --engine",
+        )
+    if len(found) > 1:
+        raise OptionError(
+            f"{container!r} exists in several engines: {', '.join(found)}",
+            hint="pick one with --engine",
+        )
+    return found[0]
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int | None = None) -> Iterator[ProgressCallback | None]:
+    """A byte progress bar on stderr when both streams are terminals, else nothing."""
+    console = _err()
+    if not (console.is_terminal and sys.stdout.isatty()):
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+engine_option = click.option(
+    "--engine", "-e", type=click.Choice(ctrmig.engines()), envvar="CTRMIG_ENGINE",
+    help=ENGINE_HELP)
+url_option = click.option("--url", metavar="URL", help=URL_HELP)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(ctrmig.__version__, "--version", "-V", prog_name="ctrmig")
+@click.option("-v", "--verbose", count=True, help="Debug logging, and tools' stderr on errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Checkpoint running containers with CRIU into one portable archive, and restore
+    them: podman, docker, runc and plain processes.
+
+    \b
+      ctrmig checkpoint web -o web.ckpt.tar
+      ctrmig restore web.ckpt.tar --name web2
+      ctrmig inspect web.ckpt.tar
+    """
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=_err(), show_path=False)], force=True,
+    )
+
+
+@cli.command()
+@click.argument("container")
+@click.option("-o", "--output", "archive", required=True, type=click.Path(dir_okay=False),
+              help="Archive file to write.")
+@engine_option
+@url_option
+@click.option("--leave-running", is_flag=True, help="Keep the container running afterwards.")
+@click.option("--tcp-established", is_flag=True, help="Checkpoint established TCP connections.")
+@click.option("--file-locks", is_flag=True, help="Checkpoint file locks.")
+@click.option("--keep", is_flag=True, help="Keep the engine's temporary checkpoint files.")
+@click.option("--ignore-rootfs", is_flag=True, help="Leave out the container's rootfs changes.")
+@click.option("--ignore-volumes", is_flag=True, help="Leave out the content of volumes.")
+@click.option("--compress", "compression", type=click.Choice(COMPRESSIONS), default="zstd",
+              show_default=True, help="Archive compression.")
+@click.option("--print-stats", is_flag=True, help="Print the engine's checkpoint statistics.")
+def checkpoint(container: str, archive: str, engine: str | None, url: str | None,
+               leave_running: bool, tcp_established: bool, file_locks: bool, keep: bool,
+               ignore_rootfs: bool, ignore_volumes: bool, compression: str,
+               print_stats: bool) -> None:
+    """Checkpoint CONTAINER into one archive file (stops it unless --leave-running)."""
+    engine = _pick(engine, container, url)
+    with contextlib.closing(_connect(engine, url)) as m, \
+            _progress(f"checkpoint {container}") as progress:
+        result = m.checkpoint(
+            container, archive, leave_running=leave_running,
+            compression=check_compression(compression),
+            progress=progress, tcp_established=tcp_established, file_locks=file_locks,
+            keep=keep, ignore_rootfs=ignore_rootfs, ignore_volumes=ignore_volumes,
+            print_stats=print_stats,
+        )
+    mf = result.manifest
+    _out().print(f"checkpointed {engine} container {mf.container.name} -> {archive} "
+                 f"({_size(result.size)}; memory {_size(mf.memory_bytes)}, "
+                 f"rootfs diff {_size(mf.rootfs_diff_bytes)})")
+    if print_stats:
+        stats = {k: v for k, v in mf.extra.items() if "stat" in k.lower()}
+        _out().print_json(json.dumps(stats or mf.extra, default=str))
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@engine_option
+@url_option
+@click.option("--name", "-n", metavar="NEW", help="Name of the restored container.")
+@click.option("--tcp-established", is_flag=True, help="Restore established TCP connections.")
+@click.option("--publish", "-p", "publish", multiple=True, metavar="PORT",
+              help="Publish a port (podman syntax, e.g. 8080:80); repeatable.")
+@click.option("--allow-privileged", is_flag=True,
+              help="Allow an archive that asks for privileges (e.g. a privileged container).")
+@click.option("--lazy-pages", is_flag=True, help="Restore memory lazily (needs userfaultfd).")
+def restore(archive: str, engine: str | None, url: str | None, name: str | None,
+            tcp_established: bool, publish: tuple[str, ...], allow_privileged: bool,
+            lazy_pages: bool) -> None:
+    """Restore ARCHIVE into a running container (engine: the archive's, by default)."""
+    total = None
+    if engine is None:
+        manifest = ctrmig.inspect(archive)
+        engine, total = manifest.engine, manifest.total_bytes
+    with contextlib.closing(_connect(engine, url)) as m, \
+            _progress(f"restore {Path(archive).name}", total) as progress:
+        restored = m.restore(
+            archive, name=name, progress=progress, tcp_established=tcp_established,
+            publish_ports=publish, allow_privileged=allow_privileged, lazy_pages=lazy_pages,
+        )
+    _out().print(f"restored {engine} container {restored}")
+
+
+def _pids(manifest: Manifest) -> list[int]:
+    """PIDs (inside the container) of the dumped processes, from CRIU's core-PID.img names."""
+    pids = []
+    for path in manifest.files:
+        base = os.path.basename(path)
+        if base.startswith("core-") and base.endswith(".img") and base[5:-4].isdigit():
+            pids.append(int(base[5:-4]))
+    return sorted(pids)
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(archive: str, as_json: bool) -> None:
+    """Show what ARCHIVE holds, where it came from, and whether its checksums hold."""
+    mf = ctrmig.inspect(archive)
+    try:
+        ctrmig.verify(archive)
+        checksums = "ok"
+    except CtrmigError as e:
+        checksums = e.message
+    pids = _pids(mf)
+    sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
+             "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
+    if as_json:
+        data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums}
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    c = mf.container
+    table = Table(show_header=False, box=None)
+    for key, value in (
+        ("engine", f"{mf.engine} {mf.engine_version}".strip()),
+        ("container", f"{c.name} ({c.id[:12]})" if c.id else c.name),
+        ("image", c.image), ("command", " ".join(c.command)), ("created", mf.created),
+        ("criu", mf.criu_version), ("kernel", f"{mf.kernel} {mf.arch}".strip()),
+        ("source host", mf.source_host),
+        ("memory pages", _size(mf.memory_bytes)), ("rootfs diff", _size(mf.rootfs_diff_bytes)),
+        ("total", f"{_size(mf.total_bytes)} in {len(mf.files)} files "
+                  f"({_size(sizes['archive_bytes'])} on disk)"),
+        ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
+        ("checksums", checksums),
+    ):
+        table.add_row(f"[bold]{key}[/]", str(value) or "-")
+    files = Table("file", "size")
+    for path, entry in sorted(mf.files.items()):
+        files.add_row(path, _size(entry.size))
+    out = _out()
+    out.print(table)
+    out.print(files)
+    if checksums != "ok":
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("ls")
+@engine_option
+@url_option
+@click.option("--all", "-a", "show_all", is_flag=True, help="Also list stopped containers.")
+def ls(engine: str | None, url: str | None, show_all: bool) -> None:
+    """List checkpointable (running) containers, per engine."""
+    table = Table("engine", "name", "id", "image", "state")
+    failed = False
+    for name in [engine] if engine else ctrmig.engines():
+        if url and not engine and name not in ("podman", "docker"):
+            continue
+        try:
+            with contextlib.closing(_connect(name, url)) as m:
+                rows = m.list()
+        except CtrmigError as e:
+            table.add_row(name, f"[red]unreachable[/]: {e.message}", "", "", "")
+            failed = True
+            continue
+        shown = [r for r in rows if show_all or r.state.lower() == "running"]
+        for r in shown:
+            table.add_row(r.engine, r.name, r.id[:12], r.image, r.state)
+        if not shown:
+            table.add_row(name, "[dim](none)[/]", "", "", "")
+    _out().print(table)
+    if failed and engine:
+        raise click.exceptions.Exit(1)
+
+
+_STATUS_STYLE = {"pass": "green", "fail": "red", "unavailable": "yellow"}
+
+
+@cli.command()
+@click.option("--engine", "-e", "engines", type=click.Choice(ctrmig.engines()), multiple=True,
+              help="Engine(s) to check [default: podman, docker, runc]; repeatable.")
+@click.option("--podman-url", metavar="URL", help="podman API URL [env: CTRMIG_PODMAN_URL].")
+@click.option("--docker-url", metavar="URL", help="docker API URL [env: DOCKER_HOST].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def doctor(engines: tuple[str, ...], podman_url: str | None, docker_url: str | None,
+           as_json: bool) -> None:
+    """Check what this host needs to checkpoint and restore; exit 0 if the engines are
+    usable."""
+    from ctrmig import doctor as _doctor
+
+    report = _doctor.diagnose(engines or _doctor.ENGINES, podman_url=podman_url,
+                              docker_url=docker_url)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        table = Table("check", "status", "detail", "fix")
+        for c in report.checks:
+            table.add_row(c.name, f"[{_STATUS_STYLE[c.status]}]{c.status}[/]", c.detail, c.fix)
+        out = _out()
+        out.print(table)
+        for name, usable in report.engines.items():
+            out.print(f"{name}: {'[green]usable[/]' if usable else '[red]not usable[/]'}")
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.option("--engine", "-e", type=click.Choice(CONTAINER_ENGINES), default="podman",
+              show_default=True, help="Engine to run the demo on.")
+@url_option
+@click.option("--no-tty", is_flag=True, help="Do not show the train; just report the columns.")
+@click.option("--pause", type=float, default=2.0, show_default=True,
+              help="Seconds between checkpoint and restore.")
+def demo(engine: str, url: str | None, no_tty: bool, pause: float) -> None:
+    """Checkpoint Debian's sl mid-screen and restore it: the train drives on.
+
+    Builds localhost/screen_locomotive:latest if missing, runs it, checkpoints it while
+    the train crosses the screen, restores it under a new name and compares the train's
+    column in the two real container logs. Exit 0 only if it resumed where it stopped.
+    """
+    from ctrmig import demo as _demo
+
+    interactive = not no_tty and sys.stdout.isatty()
+    say = None if interactive else (lambda msg: click.echo(msg, err=True))
+    result = _demo.run_demo(engine, url=url, interactive=interactive, pause=pause, say=say)
+    click.echo(f"column at checkpoint: {result.checkpoint_column}")
+    click.echo(f"column at restore:    {result.restore_column}")
+    click.echo(f"cursor positions: last before checkpoint {result.last_position_before}, "
+               f"first after restore {result.first_position_after}")
+    if result.ok:
+        click.echo("the train drove on from where it stopped")
+    else:
+        click.echo("the train did NOT resume where it stopped", err=True)
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(("start", "stop", "status")))
+@click.argument("service", type=click.Choice(SERVICE_NAMES))
+def service(action: str, service: str) -> None:
+    """Start, stop or query podman's API service or dockerd on the default socket.
+
+    podman: /run/podman/podman.sock; docker: /var/run/docker.sock. Pidfiles and logs
+    live under /run/ctrmig; stop only stops a service that ctrmig started.
+    """
+    from ctrmig.host import services
+
+    svc = services.podman_service() if service == "podman" else services.dockerd_service()
+    alive, pid = svc.alive(), svc.pid()
+    if action == "start":
+        svc.start()
+        click.echo(f"{svc.name} answers on {svc.socket}" + (" (already running)" if alive
+                                                            else f" (pid {svc.pid()})"))
+    elif action == "stop":
+        if pid is None:
+            if alive:
+                raise OptionError(f"{svc.name} on {svc.socket} was not started by ctrmig",
+                                  hint="stop it the way it was started")
+            click.echo(f"{svc.name} is not running")
+            return
+        svc.stop()
+        click.echo(f"{svc.name} (pid {pid}) stopped")
+    else:
+        state = "running" if alive else "not running"
+        owner = f", pid {pid} (started by ctrmig)" if pid is not None and alive else ""
+        click.echo(f"{svc.name}: {state} on {svc.socket}{owner}")
+        if not alive:
+            raise click.exceptions.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the ``ctrmig`` script."""
+    cli(prog_name="ctrmig")
+
+
+if __name__ == "__main__":
+    main()
