@@ -19,6 +19,7 @@ from ctrmig.archive import Archive, ContainerRecord, FileEntry, Manifest
 from ctrmig.archive import read_manifest as _read_manifest
 from ctrmig.archive import verify as _verify
 from ctrmig.errors import CtrmigError
+from ctrmig.migrate import MigrationReport, migrate
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, Migrator, RestoreOptions
 from ctrmig.registry import engines, migrator, register
 
@@ -43,12 +44,14 @@ __all__ = [
     "CtrmigError",
     "FileEntry",
     "Manifest",
+    "MigrationReport",
     "Migrator",
     "RestoreOptions",
     "__version__",
     "engines",
     "errors",
     "inspect",
+    "migrate",
     "migrator",
     "register",
     "verify",

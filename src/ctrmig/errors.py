@@ -16,6 +16,8 @@ class CtrmigError(Exception):
         self.message = message
         self.hint = hint
         self.stderr = stderr
+        if stderr:
+            self.add_note(f"stderr:\n{stderr}")  # shown in tracebacks, not in str()
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"

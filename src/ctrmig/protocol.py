@@ -38,6 +38,7 @@ class CheckpointOptions:
     ignore_volumes: bool = False
     pre_checkpoint: bool = False
     print_stats: bool = False
+    include_image: bool = False
     compression: Compression = "zstd"
 
     def __post_init__(self) -> None:
@@ -107,6 +108,11 @@ class Migrator(Protocol):
 
     def logs(self, container: str) -> str:
         """The container's output so far (stdout and stderr)."""
+        ...
+
+    def resume(self, container: str) -> None:
+        """Run again a container that a checkpoint (not left running) stopped, from the
+        checkpoint the engine kept: the rollback of a failed migration."""
         ...
 
     def checkpoint(

@@ -288,6 +288,18 @@ def extract(
         return scan.check()
 
 
+def copy_member(source: Path, name: str, out: Path) -> None:
+    """Copy one member of an already verified archive into the file ``out``."""
+    with _open(source) as raw:
+        scan = _Scan(raw, DEFAULT_LIMITS, None)
+        for member, info, data in scan.members():
+            if member == name and data is not None:
+                with out.open("wb") as f:
+                    scan.hash_into(member, info, data, f.write)
+                return
+    raise ArchiveError(f"archive has no member {name!r}")
+
+
 @contextlib.contextmanager
 def extracted(
     source: Path | BinaryIO,

@@ -31,10 +31,13 @@ from ctrmig.archive import (
     extracted,
     verify,
 )
+from ctrmig.archive.reader import copy_member
 from ctrmig.archive.writer import CHUNK, Progress
 from ctrmig.errors import (
     BusyError,
+    CheckpointError,
     EngineMismatchError,
+    ImageNotFoundError,
     NameInUseError,
     OptionError,
 )
@@ -51,6 +54,7 @@ from ctrmig.protocol import (
 
 log = logging.getLogger(__name__)
 
+IMAGE_DIR = "image"  # archive folder of a carried image (self-contained archives)
 LOCK_DIR = Path(os.environ.get("CTRMIG_LOCK_DIR", "/run/ctrmig/locks"))
 
 
@@ -107,8 +111,10 @@ class BaseMigrator(ABC):
         )
         if opts.pre_checkpoint:
             criu.require_memory_tracking()
-        self._refuse_unsupported(opts.set_options() - {"leave_running"},
+        self._refuse_unsupported(opts.set_options() - {"leave_running", "include_image"},
                                  self.checkpoint_options, "checkpoint")
+        if opts.include_image and type(self)._export_image is BaseMigrator._export_image:
+            raise OptionError(f"the {self.engine} engine cannot carry images in archives")
         with container_lock(self.engine, container):
             record = self._describe(container)
             if isinstance(archive, (str, os.PathLike)):
@@ -140,6 +146,7 @@ class BaseMigrator(ABC):
                 root = stack.enter_context(self._spooled(archive))
                 manifest = verify(root, progress=progress)
             self._check_archive(manifest, root, opts)
+            self._ensure_image(manifest, root)
             target = opts.name or manifest.container.name
             stack.enter_context(container_lock(self.engine, target))
             if opts.name is not None:
@@ -197,8 +204,17 @@ class BaseMigrator(ABC):
         ``needs_extracted``, else the archive file. Return the running container's name.
         On failure, leave nothing of the new container behind."""
 
+    def resume(self, container: str) -> None:
+        """Run again a container that a checkpoint stopped, from the checkpoint it kept."""
+        raise CheckpointError(
+            f"the {self.engine} engine cannot resume {container!r} in place",
+            hint="restore it from its archive with `ctrmig restore`",
+        )
+
     def _rollback_checkpoint(self, record: ContainerRecord, opts: CheckpointOptions) -> None:
-        """Bring the source back after a failure past ``_dump`` (default: nothing to do)."""
+        """Bring the source back after a failure past ``_dump``: resume it in place."""
+        log.warning("checkpoint of %s failed after it stopped; resuming it", record.name)
+        self.resume(record.id or record.name)
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
         """Refuse an archive this engine must not restore (another engine's, by default)."""
@@ -208,7 +224,49 @@ class BaseMigrator(ABC):
                 hint=f"restore it with --engine {manifest.engine}",
             )
 
+    def _has_image(self, ref: str) -> bool:
+        """Whether the engine holds image ``ref`` (default: unknown, so True)."""
+        return True
+
+    def _export_image(self, ref: str, dest: Path) -> str:
+        """Save image ``ref`` into the file ``dest``; return its format (e.g. oci-archive)."""
+        raise OptionError(f"the {self.engine} engine cannot carry images in archives")
+
+    def _load_image(self, path: Path, fmt: str) -> None:
+        """Load an image saved by ``_export_image`` into the engine."""
+        raise OptionError(f"the {self.engine} engine cannot load images from archives")
+
     # --- shared steps ----------------------------------------------------------------------
+
+    def _add_image(self, record: ContainerRecord, writer: ArchiveWriter) -> dict[str, str]:
+        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
+            path = Path(tmp) / "image.tar"
+            fmt = self._export_image(record.image or record.image_id, path)
+            member = f"{IMAGE_DIR}/{fmt}.tar"
+            writer.add_file(member, path)
+        return {"member": member, "format": fmt, "ref": record.image}
+
+    def _ensure_image(self, manifest: Manifest, source: Path) -> None:
+        """Load the archive's image if the engine lacks it; fail clearly if neither has it."""
+        ref = manifest.container.image
+        if not ref or self._has_image(ref):
+            return
+        carried = manifest.extra.get("image_archive")
+        if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
+            raise ImageNotFoundError(
+                f"image {ref!r} is not on this {self.engine} host and the archive does not "
+                "carry it",
+                hint="load the image here first, or checkpoint with --include-image",
+            )
+        member = str(carried["member"])
+        if self.needs_extracted:
+            self._load_image(source / member, str(carried["format"]))
+            return
+        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
+            path = Path(tmp) / "image.tar"
+            copy_member(source, member, path)
+            self._load_image(path, str(carried["format"]))
+        log.info("loaded image %s from the archive", ref)
 
     def _write(
         self,
@@ -218,7 +276,11 @@ class BaseMigrator(ABC):
         progress: Progress | None,
     ) -> Manifest:
         writer = ArchiveWriter(out, opts.compression, progress)
+        # The image goes first, while the container still runs: it adds no downtime.
+        image = self._add_image(record, writer) if opts.include_image else None
         extra = self._dump(record, opts, writer)
+        if image:
+            extra["image_archive"] = image
         try:
             manifest = Manifest(
                 engine=self.engine,

@@ -148,6 +148,31 @@ class PodmanMigrator(BaseMigrator):
 
     # --- hooks -----------------------------------------------------------------------------------
 
+    def _has_image(self, ref: str) -> bool:
+        with self._api(f"podman image exists {ref}"):
+            resp = self.client.api.get(f"/images/{ref}/exists", timeout=60)
+            return bool(resp.status_code == 204)
+
+    def _export_image(self, ref: str, dest: Path) -> str:
+        with self._api(f"podman image save {ref}", error=CheckpointError):
+            resp = self.client.api.get(
+                f"/images/{ref}/get", params={"format": "oci-archive"}, stream=True,
+                timeout=self.timeout,
+            )
+            resp.raise_for_status()
+            with dest.open("wb") as f:
+                for chunk in resp.iter_content(1 << 20):
+                    f.write(chunk)
+        return "oci-archive"
+
+    def _load_image(self, path: Path, fmt: str) -> None:
+        with self._api("podman image load", error=RestoreError), path.open("rb") as body:
+            resp = self.client.api.post(
+                "/images/load", data=body, headers={"Content-Type": "application/x-tar"},
+                timeout=self.timeout,
+            )
+            resp.raise_for_status()
+
     def _describe(self, container: str) -> ContainerRecord:
         data = self._get(f"/containers/{container}/json", f"podman inspect {container}")
         if not data.get("State", {}).get("Running"):
@@ -192,16 +217,15 @@ class PodmanMigrator(BaseMigrator):
             except BaseException:
                 resp.close()
                 if not opts.leave_running:
-                    self._rollback_checkpoint(record, opts)
+                    self.resume(record.id)
                 raise
         return {"podman_url": self.url}
 
-    def _rollback_checkpoint(self, record: ContainerRecord, opts: CheckpointOptions) -> None:
-        """Restore the source in place from the images podman kept."""
-        log.warning("archive writing failed; restoring %s in place", record.name)
-        with self._api(f"podman restore {record.name} (rollback)", error=CheckpointError):
+    def resume(self, container: str) -> None:
+        """Restore a checkpointed container in place from the images podman kept."""
+        with self._api(f"podman restore {container} (in place)", error=CheckpointError):
             resp = self.client.api.post(
-                f"/containers/{record.id}/restore", params={"keep": True}, timeout=self.timeout
+                f"/containers/{container}/restore", params={"keep": True}, timeout=self.timeout
             )
             resp.raise_for_status()
 

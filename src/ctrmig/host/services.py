@@ -71,9 +71,12 @@ class Service:
         except (OSError, ValueError, IndexError):
             return None
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the service unless it already answers; wait until it does."""
-        if self.alive():
+    def start(self, timeout: float = 60.0, *, wait: bool = True) -> None:
+        """Start the service unless it already answers; wait until it does.
+
+        ``wait=False`` only spawns it (for a service probed another way, e.g. over TCP).
+        """
+        if wait and self.alive():
             log.info("%s already answers on %s", self.name, self.socket)
             return
         self.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -81,10 +84,12 @@ class Service:
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         argv = self.argv
         if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+            argv = [*netns_prefix(self.netns), *argv]
         with self.log_path.open("ab") as logf:
             self._proc = proc.spawn(argv, stdout=logf, stderr=logf, env=self.env)
         self.pidfile.write_text(f"{self._proc.pid}\n")
+        if not wait:
+            return
         deadline = time.monotonic() + timeout
         while not self.alive():
             if self._proc.poll() is not None:
@@ -115,6 +120,14 @@ class Service:
         self.pidfile.unlink(missing_ok=True)
 
 
+def netns_prefix(netns: str) -> list[str]:
+    """Run a command in a named network namespace, and in nothing else new.
+
+    Not ``ip netns exec``: it also remounts /sys, which hides the cgroup mounts runc needs.
+    """
+    return ["nsenter", f"--net=/run/netns/{netns}"]
+
+
 def podman_service(
     sock: Path = DEFAULT_PODMAN_SOCKET,
     *,
@@ -122,17 +135,28 @@ def podman_service(
     runroot: Path | None = None,
     state_dir: Path = RUN_DIR,
     netns: str | None = None,
+    uri: str | None = None,
 ) -> Service:
-    """``podman system service --time=0`` on ``sock``; own storage roots when given."""
-    argv = ["podman"]
-    if root is not None:
-        argv += ["--root", str(root)]
-    if runroot is not None:
-        argv += ["--runroot", str(runroot)]
-    argv += ["system", "service", "--time=0", f"unix://{sock}"]
+    """``podman system service --time=0`` on ``sock`` (or ``uri``, e.g. tcp://ADDR:PORT).
+
+    With ``root`` and ``runroot`` it is a podman instance of its own (own storage, own
+    libpod tmp dir), beside the machine's default one.
+    """
+    argv = ["podman", *podman_root_args(root, runroot)]
+    argv += ["system", "service", "--time=0", uri or f"unix://{sock}"]
     tag = sock.stem if sock != DEFAULT_PODMAN_SOCKET else "podman"
     return Service("podman API service", sock, argv, state_dir / f"{tag}.log",
                    state_dir / f"{tag}.pid", netns=netns)
+
+
+def podman_root_args(root: Path | None, runroot: Path | None) -> list[str]:
+    """Global podman flags that select a private instance (storage, run and tmp dirs)."""
+    args: list[str] = []
+    if root is not None:
+        args += ["--root", str(root)]
+    if runroot is not None:
+        args += ["--runroot", str(runroot), "--tmpdir", str(runroot / "libpod-tmp")]
+    return args
 
 
 def dockerd_service(

@@ -1,0 +1,161 @@
+"""Move a running container from one engine (host) to another: source -> stream -> target.
+
+The source writes its archive into a pipe on one thread while the target reads and
+restores it on another, so the archive is never fully held on disk by ctrmig (an engine
+may still spool it: podman's import does). If anything fails after the source stopped,
+the source is resumed from the checkpoint it kept, so the container runs exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from ctrmig.archive import Compression, Manifest
+from ctrmig.errors import CtrmigError
+from ctrmig.protocol import Migrator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MigrationReport:
+    """What a migration did and how long each phase took (seconds)."""
+
+    container: str
+    source_engine: str
+    target_engine: str
+    target_name: str = ""
+    checkpoint_s: float = 0.0  # from the start until the source's archive was complete
+    restore_s: float = 0.0  # from the archive's end until the target ran
+    total_s: float = 0.0
+    downtime_s: float = 0.0  # from the source's stop until the target ran
+    bytes_moved: int = 0
+    compression: str = "none"
+    source_kept: bool = False
+    manifest: Manifest | None = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        mib = self.bytes_moved / (1 << 20)
+        return (
+            f"{self.container} ({self.source_engine}) -> {self.target_name} "
+            f"({self.target_engine}): downtime {self.downtime_s:.2f} s, total "
+            f"{self.total_s:.2f} s, {mib:.1f} MiB moved ({self.compression})"
+        )
+
+
+class _CountingPipeWriter:
+    """The write end of an OS pipe, counting bytes (the archive's size on the wire)."""
+
+    def __init__(self, fd: int):
+        self.file: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data)
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def migrate(
+    container: str,
+    *,
+    source: Migrator,
+    target: Migrator,
+    name: str | None = None,
+    compression: Compression = "none",
+    keep_source: bool = False,
+    checkpoint_options: dict[str, Any] | None = None,
+    restore_options: dict[str, Any] | None = None,
+) -> MigrationReport:
+    """Checkpoint ``container`` on ``source`` and restore it on ``target``.
+
+    On success the source container is removed (or kept, stopped, with ``keep_source``).
+    On failure the source container is resumed and the error re-raised.
+    """
+    report = MigrationReport(container, source.engine, target.engine, compression=compression)
+    read_fd, write_fd = os.pipe()
+    pipe_out = _CountingPipeWriter(write_fd)
+    result: dict[str, Any] = {}
+    started = time.monotonic()
+
+    def produce() -> None:
+        try:
+            archive = source.checkpoint(
+                container, pipe_out,  # type: ignore[arg-type]
+                compression=compression, **(checkpoint_options or {}),
+            )
+            result["manifest"] = archive.manifest
+        except BaseException as e:  # handed to the main thread
+            result["checkpoint_error"] = e
+        finally:
+            result["checkpoint_done"] = time.monotonic()
+            pipe_out.close()
+
+    producer = threading.Thread(target=produce, name="ctrmig-checkpoint", daemon=True)
+    producer.start()
+    pipe_in = os.fdopen(read_fd, "rb", buffering=1 << 20)
+    try:
+        report.target_name = target.restore(pipe_in, name=name, **(restore_options or {}))
+        _drain(pipe_in)  # the tar's end padding, so the producer never blocks on it
+    except BaseException as e:
+        # Closing our end makes the source's next write fail (EPIPE): an unfinished
+        # checkpoint is then rolled back by the source adapter itself.
+        pipe_in.close()
+        producer.join()
+        if "checkpoint_error" in result and "manifest" not in result:
+            log.warning("target failed (%s); the source rolled back its checkpoint", e)
+        else:
+            _roll_back(source, container, result, e)
+        raise
+    finally:
+        pipe_in.close()
+    producer.join()
+    if "checkpoint_error" in result:
+        raise result["checkpoint_error"]
+
+    done = time.monotonic()
+    report.manifest = result["manifest"]
+    report.bytes_moved = pipe_out.count
+    report.checkpoint_s = result["checkpoint_done"] - started
+    report.restore_s = done - result["checkpoint_done"]
+    report.total_s = done - started
+    # The source stops when its dump freezes it, at the start of the checkpoint call.
+    report.downtime_s = report.total_s
+    if keep_source:
+        report.source_kept = True
+    else:
+        try:
+            source.remove(container)
+        except CtrmigError as e:
+            log.warning("migrated, but removing the source container failed: %s", e)
+            report.source_kept = True
+    return report
+
+
+def _drain(pipe_in: BinaryIO) -> None:
+    while pipe_in.read(1 << 20):
+        pass
+
+
+def _roll_back(source: Migrator, container: str, result: dict[str, Any],
+               error: BaseException) -> None:
+    """The target failed after the source stopped: run the container on the source again."""
+    if "manifest" not in result:
+        return  # the checkpoint never completed: the source was not stopped for good
+    log.warning("migration failed (%s); resuming %s on the source", error, container)
+    try:
+        source.resume(container)
+    except CtrmigError as e:
+        log.error("resuming %s on the source failed too: %s", container, e)
+        raise

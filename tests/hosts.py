@@ -1,0 +1,156 @@
+"""Two "hosts" on one machine, for migration tests and the benchmark.
+
+Each host is a network namespace with its own engine instances (own storage root,
+runtime root and API socket); a veth pair joins the two namespaces, and host B's engines
+also listen on its veth address, so a migration driven from host A crosses that link.
+Everything is started by PID and torn down again (services, mounts, namespaces, files).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctrmig.host import images, mounts, proc, services
+
+SUBNET = "10.254.{n}.{host}"  # addresses live only inside our own namespaces
+
+
+@dataclass
+class Host:
+    """One simulated host: a network namespace and the engines started in it."""
+
+    name: str
+    netns: str
+    address: str
+    root: Path
+    started: list[services.Service] = field(default_factory=list)
+    podman_socket: Path | None = None
+    podman_tcp: str = ""
+    docker_socket: Path | None = None
+    docker_tcp: str = ""
+
+    @property
+    def podman_root(self) -> Path:
+        return self.root / "podman-storage"
+
+    @property
+    def run_root(self) -> Path:
+        # podman refuses a runroot longer than 50 characters: keep it short, under /run.
+        return Path("/run/ctrmig-hosts") / self.netns.removeprefix("ctrmig-")
+
+    @property
+    def podman_runroot(self) -> Path:
+        return self.run_root / "podman"
+
+    def podman_cli(self, *args: str, timeout: float = 300) -> str:
+        """Run the podman CLI against this host's storage."""
+        flags = services.podman_root_args(self.podman_root, self.podman_runroot)
+        return proc.output(["podman", *flags, *args], timeout=timeout)
+
+    def run(self, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+        """Run a command inside this host's network namespace."""
+        return proc.run([*services.netns_prefix(self.netns), *argv], timeout=timeout,
+                        check=False)
+
+    def start_podman(self, tcp_port: int | None = None) -> None:
+        """podman on a unix socket (for the test's own look-ups) and, when ``tcp_port``
+        is given, on the host's veth address too (for migrations into this host)."""
+        sock = self.root / "podman.sock"
+        svc = services.podman_service(sock, root=self.podman_root, runroot=self.podman_runroot,
+                                      state_dir=self.root, netns=self.netns)
+        svc.start()
+        self.started.append(svc)
+        self.podman_socket = sock
+        if tcp_port is not None:
+            uri = f"tcp://{self.address}:{tcp_port}"
+            tcp = services.podman_service(self.root / "podman-tcp", root=self.podman_root,
+                                          runroot=self.podman_runroot, state_dir=self.root,
+                                          netns=self.netns, uri=uri)
+            tcp.start(wait=False)
+            self.started.append(tcp)
+            wait_tcp(self.netns, self.address, tcp_port)
+            self.podman_tcp = uri
+
+    def stop(self) -> None:
+        for svc in reversed(self.started):
+            svc.stop()
+        self.started.clear()
+        for path in (self.root, self.run_root):
+            mounts.unmount_under(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_tcp(netns: str, address: str, port: int, timeout: float = 30.0) -> None:
+    code = (
+        "import socket,sys,time\n"
+        f"end=time.time()+{timeout}\n"
+        "while time.time()<end:\n"
+        "  try:\n"
+        f"    socket.create_connection(('{address}',{port}),1).close(); sys.exit(0)\n"
+        "  except OSError: time.sleep(0.2)\n"
+        "sys.exit(1)\n"
+    )
+    res = proc.run([*services.netns_prefix(netns), sys.executable, "-c", code],
+                   timeout=timeout + 10, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"nothing listens on {address}:{port} in {netns}")
+
+
+class TwoHosts:
+    """Hosts A and B joined by a veth pair; use as a context manager."""
+
+    def __init__(self, base: Path):
+        tag = uuid.uuid4().hex[:6]
+        n = int(tag[:2], 16)
+        self.base = base
+        self.a = Host("a", f"ctrmig-{tag}-a", SUBNET.format(n=n, host=1), base / "host-a")
+        self.b = Host("b", f"ctrmig-{tag}-b", SUBNET.format(n=n, host=2), base / "host-b")
+        self._veth = f"cm{tag}"
+
+    def __enter__(self) -> TwoHosts:
+        try:
+            for host in (self.a, self.b):
+                host.root.mkdir(parents=True, exist_ok=True)
+                _ip("netns", "add", host.netns)
+                _ip("-n", host.netns, "link", "set", "lo", "up")
+            _ip("link", "add", f"{self._veth}a", "type", "veth", "peer", "name",
+                f"{self._veth}b")
+            for host, end in ((self.a, "a"), (self.b, "b")):
+                dev = f"{self._veth}{end}"
+                _ip("link", "set", dev, "netns", host.netns)
+                _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", dev)
+                _ip("-n", host.netns, "link", "set", dev, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for host in (self.a, self.b):
+            host.stop()
+            proc.run(["ip", "netns", "delete", host.netns], timeout=30, check=False)
+
+    def load_test_image(self, host: Host, workdir: Path) -> str:
+        """Copy the busybox test image from the machine's podman storage to ``host``."""
+        ref = images.ensure_test_image(workdir)
+        archive = images.podman_save(ref, workdir / f"img-{host.name}.tar", fmt="oci-archive")
+        host.podman_cli("load", "-q", "-i", str(archive))
+        archive.unlink()
+        return ref
+
+
+def _ip(*args: str) -> None:
+    proc.run(["ip", *args], timeout=30)
+
+
+def python() -> str:
+    return os.fspath(sys.executable)

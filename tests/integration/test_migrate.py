@@ -1,0 +1,75 @@
+"""Host-to-host migration across two network namespaces joined by a veth pair."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from podman import PodmanClient
+
+from ctrmig.host import images
+from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
+from tests.hosts import TwoHosts
+
+MIGRATE_SCRIPT = """
+import json, sys, ctrmig
+src = ctrmig.migrator(sys.argv[1], url=sys.argv[2])
+dst = ctrmig.migrator(sys.argv[1], url=sys.argv[3])
+report = ctrmig.migrate(sys.argv[4], source=src, target=dst,
+                        checkpoint_options={"include_image": True})
+print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
+                  "bytes": report.bytes_moved, "kept": report.source_kept}))
+"""
+
+
+@pytest.fixture
+def two_hosts(session_dir: Path) -> Iterator[TwoHosts]:
+    need("ip")
+    with TwoHosts(session_dir / unique("hosts")) as hosts:
+        yield hosts
+
+
+def _logs(client: PodmanClient, name: str) -> str:
+    return b"".join(client.containers.get(name).logs()).decode()
+
+
+@pytest.mark.podman
+def test_podman_migrates_to_a_host_without_the_image(
+    two_hosts: TwoHosts, session_dir: Path
+) -> None:
+    a, b = two_hosts.a, two_hosts.b
+    a.start_podman()
+    b.start_podman(tcp_port=8781)
+    two_hosts.load_test_image(a, session_dir)
+    assert "ctrmig-busybox" not in b.podman_cli("images", "--format", "{{.Repository}}")
+
+    name = unique()
+    src = PodmanClient(base_url=f"unix://{a.podman_socket}")
+    dst = PodmanClient(base_url=f"unix://{b.podman_socket}")
+    src.containers.run(images.TEST_IMAGE, COUNTER_CMD, name=name, detach=True,
+                       network_mode="none")
+    wait_for(lambda: last_count(_logs(src, name)) >= 5, what="counter on host A")
+
+    # Driven from host A: A's engine over its socket, B's over B's veth address.
+    res = a.run([sys.executable, "-c", MIGRATE_SCRIPT, "podman", f"unix://{a.podman_socket}",
+                 b.podman_tcp, name])
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout)
+    assert report["name"] == name and report["bytes"] > 0 and not report["kept"]
+
+    assert name not in [c.name for c in src.containers.list(all=True)], "source removed"
+    assert dst.containers.get(name).status == "running"
+    wait_for(lambda: last_count(_logs(dst, name)) > 5, what="counter on host B")
+    # The restored log holds the pre-checkpoint output too: the count goes on without a
+    # restart from 1.
+    counts = [int(c) for c in _logs(dst, name).split("count=")[1:] if c.strip()]
+    assert counts == list(range(first_count(_logs(dst, name)), counts[-1] + 1))
+    code, (out, _) = dst.containers.get(name).exec_run(["cat", "/state.txt"], demux=True)
+    assert code == 0 and out.strip() == b"written-after-start"
+    assert "ctrmig-busybox" in b.podman_cli("images", "--format", "{{.Repository}}")
+    dst.containers.get(name).remove(force=True)
+    src.close()
+    dst.close()
