@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 import ctrmig
-from ctrmig.archive import extracted
+from ctrmig.archive import ArchiveWriter, extracted
 from ctrmig.engines.runc import RuncMigrator, apply_rootfs_diff
 from ctrmig.errors import (
     ContainerNotFoundError,
     ImageNotFoundError,
     NameInUseError,
     OptionError,
+    RestoreError,
     UnsafeArchiveError,
 )
 from ctrmig.host import proc
@@ -272,3 +273,33 @@ def test_rootfs_diff_cannot_escape(tmp_path: Path) -> None:
             apply_rootfs_diff(diff, rootfs)
     assert sorted(p.name for p in outside.iterdir()) == ["victim"]
     assert not (tmp_path / "evil").exists()
+
+
+def test_failed_restore_leaves_nothing(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    _counting(m, name)
+    good = m.checkpoint(name, tmp_path / "good.tar", leave_running=True)
+    # A well-formed archive (checksums match) whose CRIU images are broken.
+    bad = tmp_path / "bad.tar"
+    with extracted(good.path, workdir=tmp_path) as (root, manifest), bad.open("wb") as out:  # type: ignore[arg-type]
+        (root / "checkpoint" / "pstree.img").write_bytes(b"\0" * 64)
+        writer = ArchiveWriter(out, "none")
+        writer.add_tree(root / "checkpoint", "checkpoint")
+        for member in ("spec.dump", "config.dump", "rootfs-diff.tar"):
+            writer.add_file(member, root / member)
+        writer.finish(manifest)
+    with pytest.raises(RestoreError) as err:
+        m.restore(bad, name="ctrmig-broken")
+    assert "ctrmig-broken" in str(err.value)
+    assert "pstree.img" in str(err.value)  # CRIU's own words, not just "criu failed"
+    assert err.value.stderr and "restore.log" in err.value.stderr
+    kept = Path(err.value.hint.rsplit(" ", 1)[-1])  # type: ignore[union-attr]
+    assert (kept / "restore.log").is_file()
+    assert not m.exists("ctrmig-broken")
+    assert not (m.bundles_dir / "ctrmig-broken").exists()
+    assert not _mounts_under(m.bundles_dir / "ctrmig-broken")
+    assert not _our_processes(str(m.logs_dir / "ctrmig-broken.log"))
+    assert [(c.name, c.state) for c in m.list()] == [(name, "running")]

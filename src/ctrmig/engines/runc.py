@@ -239,9 +239,12 @@ class RuncMigrator(BaseMigrator):
                          what=f"runc checkpoint {name}")
             except CommandError as e:
                 shutil.rmtree(images, ignore_errors=True)
+                text = (e.stderr or "") + "\n--- CRIU dump.log ---\n" + _criu_tail(
+                    _read(work / "dump.log"))
+                kept = self._keep_logs(name, work)
                 raise CheckpointError(
-                    f"runc checkpoint of {name!r} failed: {e.message}", stderr=e.stderr,
-                    hint="the container was left running; the CRIU log tail is in stderr",
+                    f"runc checkpoint of {name!r} failed: {_summary(text)}", stderr=text,
+                    hint=f"the container was left running; full logs kept in {kept}",
                 ) from e
             dump_seconds = time.monotonic() - started
             try:
@@ -552,20 +555,32 @@ class RuncMigrator(BaseMigrator):
             raise
         if code != 0:
             text = self._failure_text(runc_log, work)
-            first = text.strip().splitlines()[0] if text.strip() else "no output"
-            raise error(f"{what} failed (exit {code}): {first}", stderr=text)
+            kept = self._keep_logs(name, work)
+            raise error(f"{what} failed (exit {code}): {_summary(text)}", stderr=text,
+                        hint=f"full logs kept in {kept}" if kept else None)
 
     @staticmethod
     def _failure_text(runc_log: Path, work: Path | None) -> str:
         text = proc.tail(_read(runc_log), 10)
         if work is not None:
-            for name in ("restore.log", "dump.log"):
+            for name in ("restore.log", "dump.log", "lazy-pages.log"):
                 criu_log = _read(work / name)
                 if criu_log:
-                    errors = [ln for ln in criu_log.splitlines() if "rror" in ln]
-                    text += f"\n--- {work / name} ---\n" + proc.tail(
-                        "\n".join(errors) or criu_log, 10)
+                    text += f"\n--- CRIU {name} ---\n" + _criu_tail(criu_log)
         return text
+
+    def _keep_logs(self, name: str, work: Path | None) -> Path | None:
+        """Copy the logs of a failed runc/CRIU run out of its work dir, which goes away."""
+        if work is None:
+            return None
+        logs = sorted(work.glob("*.log"))
+        if not logs:
+            return None
+        dest = self.logs_dir / "failed" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in logs:
+            shutil.copy2(f, dest / f.name)
+        return dest
 
     def _cleanup(self, name: str) -> None:
         """Forget a container entirely: runc state, supervisor, rootfs mount, bundle, log."""
@@ -789,6 +804,28 @@ def _is_mounted(path: Path) -> bool:
 
 def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+#: CRIU prints this on every run on hosts without CAP_SYS_RESOURCE: not the cause.
+_CRIU_NOISE = "Can't setup RLIMIT_NOFILE for self"
+
+
+def _criu_tail(text: str) -> str:
+    """CRIU's error lines (the last 10), without the harmless rlimit line."""
+    errors = [ln for ln in text.splitlines() if "Error" in ln and _CRIU_NOISE not in ln]
+    return proc.tail("\n".join(errors) or text, 10)
+
+
+def _summary(text: str) -> str:
+    """One line for an error message: CRIU's first real error, else runc's last message."""
+    for line in text.splitlines():
+        if "Error (" in line and _CRIU_NOISE not in line:
+            return line.split("): ", 1)[-1].strip()
+    msgs = re.findall(r'msg="((?:[^"\\]|\\.)*)"', text)
+    if msgs:
+        return str(msgs[-1]).split("\\n")[0]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "no output"
 
 
 def _read(path: Path) -> str:
