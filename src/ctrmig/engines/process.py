@@ -236,6 +236,21 @@ def _fd_of(target: int | IO[Any]) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
 
 
+def _external_stdio(config: dict[str, Any]) -> dict[str, set[int]]:
+    """CRIU names of the stdio that led out of the tree -> the stdio fds sharing each
+    (one pipe or terminal is often stdout and stderr)."""
+    sharing: dict[str, set[int]] = {}
+    for n, s in config["stdio"].items():
+        if s["kind"] in ("pipe", "socket", "tty"):
+            sharing.setdefault(s["key"], set()).add(int(n))
+    return sharing
+
+
+def _own_terminal() -> int | None:
+    """Our stdin, if it is a terminal."""
+    return 0 if os.isatty(0) else None
+
+
 class ProcessMigrator(BaseMigrator):
     """Checkpoint and restore a plain process tree (named by its root PID) with CRIU."""
 
@@ -516,7 +531,20 @@ class ProcessMigrator(BaseMigrator):
             self._check_file(pid, entry)
         for entry in config["mapped"]:
             self._check_file(pid, {**entry, "access": "r", "append": False}, what="mapped file")
+        self._check_stdio(config)
         self._check_pids_free(config)
+
+    def _check_stdio(self, config: dict[str, Any]) -> None:
+        """A terminal can only be replaced by a terminal: refuse if there is none to give."""
+        for key, numbers in _external_stdio(config).items():
+            given = [n for n in numbers if self.stdio[n] is not None]
+            if key.startswith("tty[") and not given and _own_terminal() is None:
+                raise OptionError(
+                    f"the stdio of PID {config['pid']} was a terminal, and there is no "
+                    "terminal to restore it onto",
+                    hint="run the restore from a terminal, or give the process engine "
+                         "a pty as stdin/stdout/stderr",
+                )
 
     def _config(self, source: Path) -> dict[str, Any]:
         try:
@@ -616,20 +644,21 @@ class ProcessMigrator(BaseMigrator):
         """CRIU resource name -> fd to hand it, for stdio and for files that changed size."""
         inherit: dict[str, int] = {}
         logfile = None
-        for n, s in sorted(config["stdio"].items()):
-            if s["kind"] not in ("pipe", "socket", "tty") or s["key"] in inherit:
-                continue
-            given = self.stdio.get(int(n))
+        for key, numbers in _external_stdio(config).items():
+            given = next((self.stdio[n] for n in (1, 2, 0)
+                          if n in numbers and self.stdio[n] is not None), None)
+            if given is None and key.startswith("tty["):
+                given = _own_terminal()  # what criu --shell-job itself would use
             if given is not None:
                 fd = _fd_of(given)
-            elif n == "0":
+            elif numbers == {0}:
                 fd = os.open(os.devnull, os.O_RDONLY)
             else:
                 self.state_dir.mkdir(parents=True, exist_ok=True)
                 logfile = str(self.state_dir / f"{config['pid']}.log")
-                fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                fd = os.open(logfile, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             stack.callback(os.close, fd)
-            inherit[s["key"]] = fd
+            inherit[key] = fd
         for entry in config["files"]:
             if entry["access"] != "w" or entry["append"] or entry.get("size") is None:
                 continue
