@@ -426,7 +426,7 @@ class DockerMigrator(BaseMigrator):
             stop=tenacity.stop_after_attempt(self.start_attempts),
             wait=tenacity.wait_exponential(multiplier=0.25, max=4),
             retry=tenacity.retry_if_exception(_is_start_race),
-            before_sleep=tenacity.before_sleep_log(log, logging.WARNING),
+            before_sleep=_log_race,
             reraise=True,
         )
         for attempt in retrying:
@@ -460,6 +460,12 @@ class DockerMigrator(BaseMigrator):
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _log_race(state: tenacity.RetryCallState) -> None:
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("start from checkpoint hit containerd's race (moby#42900), attempt %d; "
+                "retrying in %.2f s", state.attempt_number, wait)
 
 
 def _is_start_race(exc: BaseException) -> bool:
