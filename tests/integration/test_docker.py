@@ -28,6 +28,7 @@ from ctrmig.errors import (
     NameInUseError,
     PrivilegeError,
     RestoreError,
+    ToolMissingError,
 )
 from tests.conftest import COUNTER_CMD, first_count, last_count, unique, wait_for
 
@@ -217,6 +218,29 @@ def test_rootfs_deletion_travels(dk: Docker, tmp_path: Path) -> None:
 # --- errors with a daemon ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stage", ["rootfs", "manifest"])
+def test_failed_checkpoint_brings_the_container_back(
+    dk: Docker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """A failure after dockerd stopped the container restarts it from the checkpoint."""
+    src = dk.counter()
+
+    def broken(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dk.m, "_dump_rootfs" if stage == "rootfs" else "criu_version", broken)
+    with pytest.raises(OSError):
+        dk.m.checkpoint(src, tmp_path / "x.tar")
+    assert not (tmp_path / "x.tar").exists()
+    assert not (tmp_path / "x.tar.partial").exists()
+    assert dk.state(src) == "running"
+    # it came back from the checkpoint, counting on; docker's checkpoint is gone again
+    count = last_count(dk.m.logs(src))
+    wait_for(lambda: last_count(dk.m.logs(src)) > count, what="counting after rollback")
+    assert dk.m.logs(src).splitlines().count("count=1") == 1  # not started afresh
+    assert dk.api.get(dk.api._url("/containers/{0}/checkpoints", src)).json() in ([], None)
+
+
 def test_unknown_container(dk: Docker, tmp_path: Path) -> None:
     with pytest.raises(ContainerNotFoundError):
         dk.m.checkpoint("ctrmig-no-such-container", tmp_path / "x.tar")
@@ -304,6 +328,16 @@ def test_experimental_off_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="experimental") as err:
         m._require_checkpoints()
     assert err.value.hint and "daemon.json" in err.value.hint
+
+
+def test_criu_missing_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "containers").mkdir()
+    m = DockerMigrator(f"unix://{tmp_path}/dead.sock")
+    m._info = {"ExperimentalBuild": True, "DockerRootDir": str(tmp_path)}
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ToolMissingError, match="criu") as err:
+        m._require_checkpoints()
+    assert err.value.hint and "setup-host" in err.value.hint
 
 
 @pytest.mark.parametrize("race_failures", [0, 2])
