@@ -303,3 +303,28 @@ def test_failed_restore_leaves_nothing(
     assert not _mounts_under(m.bundles_dir / "ctrmig-broken")
     assert not _our_processes(str(m.logs_dir / "ctrmig-broken.log"))
     assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
+
+
+def test_archive_carries_its_image(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    m = runc_state
+    layout = tmp_path / "layout"
+    proc.run(["skopeo", "copy", "--quiet", f"containers-storage:{test_image}",
+              f"oci:{layout}:v1"], timeout=300)
+    name = m.run(f"oci:{layout}:v1", command=COUNTER_CMD)
+    _counting(m, name)
+    archive = m.checkpoint(name, tmp_path / "self-contained.tar", include_image=True)
+    before = last_count(m.logs(name))
+    assert "image/oci-archive.tar" in archive.manifest.files
+    m.remove(name)
+    shutil.rmtree(layout)
+    # another host: an empty image cache, the layout gone; the archive has the image
+    other = RuncMigrator(state_dir=tmp_path / "other", workdir=tmp_path)
+    try:
+        restored = other.restore(archive.path)  # type: ignore[arg-type]
+        _counting(other, restored, above=before)
+        assert before < first_count(other.logs(restored)) <= before + 3
+        assert _state_file(other, restored) == "written-after-start\n"
+    finally:
+        assert not _cleanup_state(other)

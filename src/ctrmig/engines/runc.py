@@ -314,6 +314,36 @@ class RuncMigrator(BaseMigrator):
             return False
         return True
 
+    def _export_image(self, ref: str, dest: Path) -> str:
+        """Save the image the container runs as an oci-archive, tagged by its digest."""
+        digests = {m.get("digest") for m in map(self._meta, self._bundle_names())
+                   if m and m.get("image") == ref}
+        # Several containers from different versions of ref: take the current one.
+        digest = str(digests.pop()) if len(digests) == 1 else self._image_for(ref).digest
+        cache = self._cache_dir(digest)
+        if not (cache / "layout" / "index.json").is_file():
+            raise ImageNotFoundError(f"image {ref!r} ({digest}) is not in the image cache")
+        proc.run(["skopeo", "copy", "--quiet", f"oci:{cache / 'layout'}:latest",
+                  f"oci-archive:{dest}:{_digest_tag(digest)}"], timeout=IMAGE_TIMEOUT,
+                 what=f"skopeo copy {ref} to the archive")
+        return "oci-archive"
+
+    def _load_image(self, path: Path, fmt: str) -> None:
+        """Unpack an image carried in an archive into the cache, under its source digest."""
+        if fmt != "oci-archive":
+            raise ImageNotFoundError(f"the archive carries its image as {fmt!r}; the runc "
+                                     "engine reads oci-archive only")
+        tag = _oci_archive_tag(path)
+        digest = tag.replace("-", ":", 1)
+        cache = self._cache_dir(digest)
+        with _flock(cache.with_suffix(".lock")):
+            if not (cache / "rootfs").is_dir():
+                self._unpack(f"oci-archive:{path}:{tag}", cache)
+        log.info("unpacked the archive's image %s", digest)
+
+    def _bundle_names(self) -> builtins.list[str]:
+        return sorted(p.name for p in self.bundles_dir.iterdir() if p.is_dir())
+
     # --- restore ---------------------------------------------------------------------------
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
@@ -327,7 +357,12 @@ class RuncMigrator(BaseMigrator):
         if opts.name is None and self.exists(name):
             name = f"{name}-{uuid.uuid4().hex[:6]}"
         self._check_name(name)
-        img = self._image_for(image_ref, config.get("transport_ref"), config.get("digest"))
+        carried = manifest.extra.get("image_archive")
+        digest = config.get("digest")
+        if (isinstance(carried, dict) and carried.get("member") in manifest.files
+                and digest and not (self._cache_dir(digest) / "rootfs").is_dir()):
+            self._load_image(source / str(carried["member"]), str(carried.get("format")))
+        img = self._image_for(image_ref, config.get("transport_ref"), digest)
         meta = {"name": name, "image": image_ref, "transport_ref": img.transport_ref,
                 "digest": img.digest, "process": process,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -752,6 +787,25 @@ def _opaque(path: Path) -> bool:
 
 
 # --- misc helpers -----------------------------------------------------------------------
+
+
+def _digest_tag(digest: str) -> str:
+    """An OCI tag that carries a digest ("sha256:HEX" -> "sha256-HEX")."""
+    return digest.replace(":", "-", 1)
+
+
+def _oci_archive_tag(path: Path) -> str:
+    """The digest tag of the one image in an oci-archive we wrote (from its index.json)."""
+    try:
+        with tarfile.open(path) as tar:
+            member = tar.extractfile("index.json")
+            index = json.loads(member.read(1 << 20)) if member else {}
+        tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+    except (OSError, tarfile.TarError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ImageNotFoundError(f"the archive's image {path.name} is unreadable: {e}") from None
+    if not isinstance(tag, str) or not re.fullmatch(r"sha256-[0-9a-f]{64}", tag):
+        raise ImageNotFoundError(f"the archive's image is not tagged by digest ({tag!r})")
+    return tag
 
 
 def _image_config(layout: Path) -> dict[str, Any]:
