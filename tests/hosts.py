@@ -77,6 +77,36 @@ class Host:
             wait_tcp(self.netns, self.address, tcp_port)
             self.podman_tcp = uri
 
+    def start_sshd(self, port: int = 2222) -> list[str]:
+        """sshd on this host's veth address, root login by a throwaway key only.
+
+        Returns the ssh options a client needs (identity, no host-key prompts).
+        """
+        key = self.root / "id_ed25519"
+        host_key = self.root / "ssh_host_ed25519_key"
+        for path in (key, host_key):
+            if not path.exists():
+                proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                         timeout=30)
+        (self.root / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+        config = self.root / "sshd_config"
+        config.write_text(
+            f"Port {port}\nListenAddress {self.address}\nHostKey {host_key}\n"
+            f"PidFile {self.root / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "StrictModes no\nUsePAM no\n"
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        sshd = services.Service(
+            "sshd", self.root / "sshd.sock", ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+            self.root / "sshd.log", self.root / "sshd.ctrmig-pid", netns=self.netns)
+        sshd.start(wait=False)
+        self.started.append(sshd)
+        wait_tcp(self.netns, self.address, port)
+        return ["-i", str(key), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+
     def stop(self) -> None:
         for svc in reversed(self.started):
             svc.stop()

@@ -152,6 +152,7 @@ def _join(err: bytes | None, log_file: Path | None) -> str:
 def spawn(
     argv: Sequence[str],
     *,
+    stdin: int | IO[bytes] | None = None,
     stdout: int | IO[bytes] | None = subprocess.DEVNULL,
     stderr: int | IO[bytes] | None = subprocess.DEVNULL,
     env: Mapping[str, str] | None = None,
@@ -162,7 +163,7 @@ def spawn(
     log.debug("spawn: %s", shlex.join(argv))
     return subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin if stdin is not None else subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
         env=dict(env) if env is not None else None,

@@ -1,0 +1,227 @@
+"""An engine on another host, driven over ssh by running ctrmig there.
+
+runc and plain processes have no API to reach remotely, and docker's restore must place
+checkpoint files on the target's own disk: for those, ctrmig on the target host does the
+work, and the archive streams through ssh's stdin (restore) or stdout (checkpoint).
+
+Address: ``ssh://[user@]host[:port]``. The remote command is ``ctrmig`` unless
+``remote_command`` (or CTRMIG_REMOTE_COMMAND) says otherwise, e.g.
+``/opt/ctrmig/.venv/bin/ctrmig``; ``remote_args`` are added to every engine-facing call
+(e.g. ``["--url", "unix:///run/docker.sock"]``). ssh reads its usual configuration;
+``ssh_options`` adds more (e.g. ``["-i", "key"]``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+from ctrmig.archive import Archive, Compression, read_manifest
+from ctrmig.archive.writer import CHUNK, Progress, atomic_output
+from ctrmig.errors import CommandError, EngineError, OptionError, RestoreError
+from ctrmig.host import proc
+from ctrmig.protocol import ArchivePath, ArchiveSource, ContainerInfo, as_path
+
+SSH_TIMEOUT = 60.0
+
+
+class RemoteMigrator:
+    """The Migrator protocol for engine ``engine`` on the host at ``address`` (ssh://)."""
+
+    def __init__(
+        self,
+        engine: str,
+        address: str,
+        *,
+        remote_command: str | None = None,
+        remote_args: Sequence[str] = (),
+        ssh_options: Sequence[str] = (),
+        timeout: float = 900.0,
+    ):
+        parts = urlsplit(address)
+        if parts.scheme != "ssh" or not parts.hostname:
+            raise OptionError(f"not an ssh address: {address!r}",
+                              hint="use ssh://[user@]host[:port]")
+        self.engine = engine
+        self.address = address
+        self.timeout = timeout
+        self._dest = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
+        self._ssh = ["ssh", "-o", "BatchMode=yes", *ssh_options]
+        if parts.port:
+            self._ssh += ["-p", str(parts.port)]
+        command = remote_command or os.environ.get("CTRMIG_REMOTE_COMMAND") or "ctrmig"
+        self._remote = shlex.split(command)
+        self._remote_args = list(remote_args)
+
+    # --- one place for every remote call -------------------------------------------------
+
+    def _argv(self, *args: str, engine_args: bool = True) -> list[str]:
+        remote = [*self._remote, *args]
+        if engine_args:
+            remote += ["--engine", self.engine, *self._remote_args]
+        # ssh hands the remote side one command line for its shell: quote every word.
+        return [*self._ssh, self._dest, "--", shlex.join(remote)]
+
+    def _run(self, *args: str, stdin: BinaryIO | None = None, timeout: float = SSH_TIMEOUT,
+             engine_args: bool = True) -> str:
+        argv = self._argv(*args, engine_args=engine_args)
+        try:
+            res = proc.run(argv, timeout=timeout, stdin=stdin,
+                           what=f"ctrmig {args[0]} on {self.address}")
+        except CommandError as e:
+            raise EngineError(f"{e.message}", stderr=e.stderr, hint=_hint(e.stderr)) from None
+        return res.stdout.decode(errors="replace").strip()
+
+    # --- protocol ----------------------------------------------------------------------------
+
+    def version(self) -> str:
+        return self._run("--version", engine_args=False)
+
+    def list(self) -> list[ContainerInfo]:
+        rows = json.loads(self._run("ls", "--all", "--json") or "[]")
+        return [ContainerInfo(self.engine, r["name"], r["id"], r.get("image", ""),
+                              r.get("state", "")) for r in rows]
+
+    def exists(self, container: str) -> bool:
+        return any(container in (c.name, c.id) for c in self.list())
+
+    def remove(self, container: str) -> None:
+        self._run("rm", container)
+
+    def logs(self, container: str) -> str:
+        return self._run("logs", container)
+
+    def resume(self, container: str) -> None:
+        self._run("resume", container, timeout=self.timeout)
+
+    def checkpoint(
+        self,
+        container: str,
+        archive: ArchivePath | BinaryIO,
+        *,
+        leave_running: bool = False,
+        compression: Compression = "zstd",
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> Archive:
+        """Checkpoint on the remote host, the archive streamed back over ssh to a file."""
+        if not isinstance(archive, (str, os.PathLike)):
+            raise OptionError(
+                "a remote checkpoint can only be written to a file",
+                hint="run `ctrmig migrate` on the source host, or checkpoint to a file",
+            )
+        args = ["checkpoint", container, "-o", "-", "--compress", compression]
+        if leave_running:
+            args.append("--leave-running")
+        args += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
+        path = as_path(archive)
+        with atomic_output(path) as out:
+            self._stream(args, stdin=None, stdout=out, progress=progress)
+        return Archive(path, read_manifest(path))
+
+    def restore(
+        self,
+        archive: ArchiveSource,
+        *,
+        name: str | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> str:
+        """Stream the archive to ctrmig on the remote host, which verifies and restores it."""
+        args = ["restore", "-", "--json"]
+        if name:
+            args += ["--name", name]
+        args += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
+        for port in options.get("publish_ports") or ():
+            args += ["--publish", port]
+        if isinstance(archive, (str, os.PathLike)):
+            with open(archive, "rb") as f:
+                out = self._stream(args, stdin=f, stdout=None, progress=progress)
+        else:
+            out = self._stream(args, stdin=archive, stdout=None, progress=progress)
+        try:
+            return str(json.loads(out)["name"])
+        except (ValueError, KeyError):
+            raise RestoreError(f"unexpected answer from ctrmig on {self.address}: {out!r}") \
+                from None
+
+    def close(self) -> None:
+        """Nothing to release: every call is its own ssh session."""
+
+    # --- streaming ---------------------------------------------------------------------------
+
+    def _stream(self, args: builtins.list[str], *, stdin: BinaryIO | None, stdout: BinaryIO | None,
+                progress: Progress | None) -> str:
+        """Run a remote ctrmig with an archive flowing through stdin or stdout."""
+        argv = self._argv(*args)
+        child = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           stdin=subprocess.PIPE if stdin is not None else None)
+        errors: list[bytes] = []
+        assert child.stderr is not None
+        err_pipe = child.stderr
+        reader = threading.Thread(target=lambda: errors.append(err_pipe.read()), daemon=True)
+        reader.start()
+        answer = b""
+        try:
+            if stdin is not None:
+                assert child.stdin is not None
+                try:
+                    while chunk := stdin.read(CHUNK):
+                        child.stdin.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                except BrokenPipeError:
+                    pass  # the remote side stopped reading: its error explains why
+                child.stdin.close()
+            assert child.stdout is not None
+            while chunk := child.stdout.read(CHUNK):
+                if stdout is not None:
+                    stdout.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                else:
+                    answer += chunk
+            child.wait(timeout=self.timeout)
+        except BaseException:
+            proc.kill_group(child)
+            raise
+        reader.join()
+        stderr = b"".join(errors).decode(errors="replace")
+        if child.returncode != 0:
+            first = _first_error(stderr)
+            raise EngineError(
+                f"ctrmig {args[0]} on {self.address} failed (exit {child.returncode}): {first}",
+                stderr=proc.tail(stderr), hint=_hint(stderr),
+            )
+        return answer.decode(errors="replace").strip()
+
+
+def _first_error(stderr: str) -> str:
+    for line in stderr.splitlines():
+        if line.startswith("ctrmig: error:"):
+            return line.removeprefix("ctrmig: error:").strip()
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def _hint(stderr: str | None) -> str | None:
+    for line in (stderr or "").splitlines():
+        if line.startswith("hint:"):
+            return line.removeprefix("hint:").strip()
+    if stderr and ("command not found" in stderr or "No such file" in stderr):
+        return "install ctrmig on the remote host, or set CTRMIG_REMOTE_COMMAND"
+    return None
+
+
+def is_remote(address: str | None) -> bool:
+    return bool(address) and str(address).startswith("ssh://")
+
+
+__all__ = ["RemoteMigrator", "is_remote"]
