@@ -578,6 +578,7 @@ class RuncMigrator(BaseMigrator):
         finally:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
+        started = time.monotonic()
         try:
             code = runc.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -588,6 +589,7 @@ class RuncMigrator(BaseMigrator):
         except BaseException:
             proc.kill_group(runc)
             raise
+        log.debug("%s: exit %d after %.2f s", what, code, time.monotonic() - started)
         if code != 0:
             text = self._failure_text(runc_log, work)
             kept = self._keep_logs(name, work)
