@@ -163,7 +163,8 @@ url_option = click.option("--url", metavar="URL", help=URL_HELP)
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(ctrmig.__version__, "--version", "-V", prog_name="ctrmig")
-@click.option("-v", "--verbose", count=True, help="Debug logging, and tools' stderr on errors.")
+@click.option("-v", "--verbose", count=True,
+              help="Debug log and tools' stderr on errors (-vv: libraries' too).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     """Checkpoint running containers with CRIU into one portable archive, and restore
@@ -175,10 +176,12 @@ def cli(ctx: click.Context, verbose: int) -> None:
       ctrmig inspect web.ckpt.tar
     """
     ctx.obj = {"verbose": verbose}
+    # -v: ctrmig's own debug log (the commands it runs); -vv: every library's too.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+        level=logging.DEBUG if verbose > 1 else logging.WARNING, format="%(message)s",
         handlers=[RichHandler(console=_err(), show_path=False)], force=True,
     )
+    log.setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
 @cli.command()

@@ -186,22 +186,25 @@ def resume_column(before: str, after: str) -> int | None:
     """The train's column at the first frame drawn after the restore.
 
     ``after`` is curses output relative to the screen that ``before`` left (the restored
-    process remembers that screen), so it is replayed on top of it; the first change that
-    leaves a non-blank screen gives the column. A fresh sl (not a restore) would clear
-    the screen and bring the train back in at the right edge.
+    process remembers that screen), so it is replayed on top of it. The first change that
+    moves the train (or blanks and refills the screen, as a fresh sl would, bringing the
+    train back in at the right edge) gives the column; output that redraws without moving
+    it gives the checkpoint's column. None if nothing was drawn.
     """
     screen = Screen()
     screen.feed(before)
-    found: list[int] = []
+    start = screen.leftmost()
+    drawn: list[int] = []
 
     def changed() -> bool:
         col = screen.leftmost()
         if col is not None:
-            found.append(col)
-        return bool(found)
+            drawn.append(col)
+        return col is not None and col != start
 
-    screen.feed(after, changed)
-    return found[0] if found else None
+    if screen.feed(after, changed):
+        return drawn[-1]
+    return start if drawn else None
 
 
 def new_output(before: str, after: str) -> str:
