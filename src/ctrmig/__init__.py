@@ -19,7 +19,7 @@ from ctrmig.archive import Archive, ContainerRecord, FileEntry, Manifest
 from ctrmig.archive import read_manifest as _read_manifest
 from ctrmig.archive import verify as _verify
 from ctrmig.errors import CtrmigError
-from ctrmig.migrate import MigrationReport, migrate
+from ctrmig.migrate import MigrationReport, migrate, recover
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, Migrator, RestoreOptions
 from ctrmig.registry import engines, migrator, register
 
@@ -53,6 +53,7 @@ __all__ = [
     "inspect",
     "migrate",
     "migrator",
+    "recover",
     "register",
     "verify",
 ]

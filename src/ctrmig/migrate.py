@@ -8,15 +8,19 @@ the source is resumed from the checkpoint it kept, so the container runs exactly
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
+from ctrmig import endpoints
 from ctrmig.archive import Compression, Manifest
-from ctrmig.errors import CtrmigError
+from ctrmig.errors import CtrmigError, NameInUseError
 from ctrmig.protocol import Migrator
 
 log = logging.getLogger(__name__)
@@ -67,22 +71,92 @@ class _CountingPipeWriter:
         self.file.close()
 
 
+JOURNAL_DIR = Path(os.environ.get("CTRMIG_JOURNAL_DIR", "/var/lib/ctrmig/migrations"))
+
+
+class Journal:
+    """A migration's state on disk, so that a killed ctrmig can be recovered from.
+
+    Written (atomically) before the source can stop, removed when the migration ended
+    either way; ``ctrmig recover`` finishes or rolls back what a journal still describes.
+    """
+
+    def __init__(self, directory: Path, data: dict[str, Any]):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{data['container']}-{uuid.uuid4().hex[:8]}.json"
+        self.data = {**data, "pid": os.getpid(), "started": time.time()}
+
+    def phase(self, phase: str, **facts: Any) -> None:
+        self.data.update(facts, phase=phase)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(self.data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def migrate(
     container: str,
     *,
-    source: Migrator,
-    target: Migrator,
+    source: Migrator | str,
+    target: Migrator | str,
     name: str | None = None,
     compression: Compression = "none",
     keep_source: bool = False,
     checkpoint_options: dict[str, Any] | None = None,
     restore_options: dict[str, Any] | None = None,
+    journal_dir: Path | None = None,
 ) -> MigrationReport:
     """Checkpoint ``container`` on ``source`` and restore it on ``target``.
 
+    ``source`` and ``target`` are migrators or ``ENGINE[+ADDRESS]`` strings (see
+    :mod:`ctrmig.endpoints`); with strings, a journal in ``journal_dir`` lets
+    :func:`recover` finish or roll back a migration whose ctrmig was killed.
     On success the source container is removed (or kept, stopped, with ``keep_source``).
     On failure the source container is resumed and the error re-raised.
     """
+    journal = None
+    if isinstance(source, str) and isinstance(target, str):
+        journal = Journal(journal_dir or JOURNAL_DIR, {
+            "container": container, "from": source, "to": target,
+            "name": name or container, "keep_source": keep_source,
+        })
+    src = endpoints.connect(source) if isinstance(source, str) else source
+    dst = endpoints.connect(target) if isinstance(target, str) else target
+    target_name = name or container
+    if dst.exists(target_name):
+        raise NameInUseError(
+            f"the target {dst.engine} already has a container named {target_name!r}",
+            hint="pick another name with --name, or remove that container",
+        )
+    if journal:
+        journal.phase("migrating")
+    try:
+        report = _migrate(container, src, dst, target_name, compression, keep_source,
+                          checkpoint_options, restore_options)
+    except BaseException:
+        if journal:
+            journal.close()  # rolled back (or the source never stopped)
+        raise
+    if journal:
+        journal.close()
+    return report
+
+
+def _migrate(
+    container: str,
+    source: Migrator,
+    target: Migrator,
+    name: str,
+    compression: Compression,
+    keep_source: bool,
+    checkpoint_options: dict[str, Any] | None,
+    restore_options: dict[str, Any] | None,
+) -> MigrationReport:
     report = MigrationReport(container, source.engine, target.engine, compression=compression)
     read_fd, write_fd = os.pipe()
     pipe_out = _CountingPipeWriter(write_fd)
@@ -159,3 +233,56 @@ def _roll_back(source: Migrator, container: str, result: dict[str, Any],
     except CtrmigError as e:
         log.error("resuming %s on the source failed too: %s", container, e)
         raise
+
+
+def _state(m: Migrator, name: str) -> str | None:
+    """The container's state on that engine, or None if it has none by that name."""
+    for c in m.list():
+        if name in (c.name, c.id):
+            return c.state.lower() or "unknown"
+    return None
+
+
+def recover(journal_dir: Path | None = None) -> list[str]:
+    """Finish or roll back every migration whose ctrmig died; return what was done.
+
+    A migration whose target container runs is finished (the source removed unless it was
+    to be kept); otherwise any half-made target is removed and a stopped source resumed.
+    So the container ends up running exactly once.
+    """
+    done: list[str] = []
+    for path in sorted((journal_dir or JOURNAL_DIR).glob("*.json")):
+        data = json.loads(path.read_text())
+        if _alive(int(data.get("pid", 0))):
+            done.append(f"{data['container']}: still being migrated by pid {data['pid']}")
+            continue
+        container, target_name = data["container"], data["name"]
+        src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
+        target_state = _state(dst, target_name)
+        source_state = _state(src, container)
+        if target_state == "running":
+            if source_state is not None and not data.get("keep_source"):
+                src.remove(container)
+            done.append(f"{container}: finished; it runs on {data['to']} as {target_name}")
+        elif source_state is None and target_state is None:
+            done.append(f"{container}: found on neither host; nothing to recover")
+        else:
+            if target_state is not None:
+                dst.remove(target_name)
+            if source_state not in (None, "running"):
+                src.resume(container)
+            done.append(f"{container}: rolled back; it runs on {data['from']}")
+        path.unlink()
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
