@@ -271,8 +271,16 @@ def test_rootfs_diff_cannot_escape(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(b""))
         with pytest.raises(UnsafeArchiveError):
             apply_rootfs_diff(diff, rootfs)
+    diff = tmp_path / "diff.tar"
+    with tarfile.open(diff, "w") as tar:
+        info = tarfile.TarInfo("dev-sda")
+        info.type, info.devmajor, info.devminor = tarfile.BLKTYPE, 8, 0
+        tar.addfile(info)
+    with pytest.raises(UnsafeArchiveError, match="device"):
+        apply_rootfs_diff(diff, rootfs)
     assert sorted(p.name for p in outside.iterdir()) == ["victim"]
     assert not (tmp_path / "evil").exists()
+    assert not (rootfs / "dev-sda").exists()
 
 
 def test_failed_restore_leaves_nothing(

@@ -738,7 +738,7 @@ def write_rootfs_diff(upper: Path, out: Path) -> list[str]:
 
 def apply_rootfs_diff(diff: Path, rootfs: Path) -> None:
     """Apply a layer tar onto a mounted rootfs: whiteouts delete, the rest is extracted
-    with tarfile's "tar" filter (nothing lands outside ``rootfs``)."""
+    with tarfile's "tar" filter (nothing lands outside ``rootfs``), device nodes refused."""
     root = rootfs.resolve()
     with tarfile.open(diff, "r:") as tar:
         members = tar.getmembers()
@@ -759,9 +759,17 @@ def apply_rootfs_diff(diff: Path, rootfs: Path) -> None:
             else:
                 keep.append(m)
         try:
-            tar.extractall(root, members=keep, filter="tar")
+            tar.extractall(root, members=keep, filter=_diff_filter)
         except tarfile.FilterError as e:
             raise UnsafeArchiveError(f"rootfs-diff.tar: {e}") from None
+
+
+def _diff_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "tar" filter (nothing outside ``dest``), and no device nodes: deletions
+    travel as whiteout names, so an archive has no reason to create devices."""
+    if member.ischr() or member.isblk():
+        raise UnsafeArchiveError(f"rootfs-diff.tar: {member.name!r} is a device node")
+    return tarfile.tar_filter(member, dest)
 
 
 def _inside(root: Path, rel: Path) -> Path:
