@@ -278,7 +278,15 @@ def inspect(archive: str, as_json: bool) -> None:
     if as_json:
         data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums}
         click.echo(json.dumps(data, indent=2, default=str))
-        return
+    else:
+        _print_inspect(mf, sizes, pids, checksums)
+    if checksums != "ok":
+        raise click.exceptions.Exit(1)
+
+
+def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
+                   checksums: str) -> None:
+    """inspect's tables: the facts, then the files."""
     c = mf.container
     table = Table(show_header=False, box=None)
     for key, value in (
@@ -300,8 +308,6 @@ def inspect(archive: str, as_json: bool) -> None:
     out = _out()
     out.print(table)
     out.print(files)
-    if checksums != "ok":
-        raise click.exceptions.Exit(1)
 
 
 @cli.command("ls")
