@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 import ctrmig
 from ctrmig.engines import process
 from ctrmig.errors import (
+    CheckpointError,
     ContainerNotFoundError,
     NameInUseError,
     OptionError,
@@ -42,15 +44,23 @@ LINE = re.compile(r"^count (\d+) pid (\d+)$")
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def _unusable(reason: str) -> None:
+    """Like the shared fixtures: error (a green run must prove CRIU ran), or skip locally
+    with CTRMIG_ALLOW_SKIP=1."""
+    if os.environ.get("CTRMIG_ALLOW_SKIP") == "1":
+        pytest.skip(reason)
+    raise RuntimeError(reason)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _host() -> Iterator[None]:
     if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
+        _unusable("CRIU needs root")
     if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
+        _unusable("gcc is not installed: apt-get install gcc")
     ok, last = criu.check()
     if not ok:
-        pytest.skip(f"criu check fails here: {last}")
+        _unusable(f"criu check fails here: {last} (run scripts/setup-host)")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     yield
@@ -305,6 +315,63 @@ def test_terminal_job_restored_onto_a_new_pty(
             os.close(new_slave)
 
 
+# --- kept checkpoint: resume, and migrate() with its rollback -----------------------------
+
+
+def test_resume_runs_it_again_from_the_kept_checkpoint(
+    binary: Path, procs: Procs, state: Path, tmp_path: Path
+) -> None:
+    p, old = start_piped(procs, binary)
+    r, w = os.pipe()
+    try:
+        m = ctrmig.migrator("process", stdout=w, state_dir=state)
+        m.checkpoint(str(p.pid), tmp_path / "c.tar")
+        p.wait(timeout=5)
+        before = counts(old.until(lambda _: False))
+        assert [(c.name, c.state) for c in m.list()] == [(str(p.pid), "checkpointed")]
+        assert (state / "checkpoints" / str(p.pid) / "checkpoint" / "inventory.img").is_file()
+
+        m.resume(str(p.pid))
+        procs.adopt(p.pid)
+        os.close(w)
+        w = -1
+        assert_continues(before, counts(Reader(r).until(n_counts(3))))
+        assert not (state / "checkpoints" / str(p.pid)).exists()  # used up: runs once
+        assert [(c.name, c.state) for c in m.list()] == [(str(p.pid), "running")]
+        with pytest.raises(CheckpointError, match="no checkpoint"):
+            m.resume(str(p.pid))
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_failed_migration_rolls_back_to_the_kept_checkpoint(
+    binary: Path, procs: Procs, state: Path, tmp_path: Path
+) -> None:
+    # migrate() rolls back with source.resume() when the target fails after the
+    # checkpoint is complete (the source then is gone). (A successful migrate() of a
+    # plain process needs another host: here the target would find the PID taken.)
+    p, old = start_piped(procs, binary)
+    procs.adopt(p.pid)
+    threading.Thread(target=p.wait, daemon=True).start()  # its parent reaps it, as usual
+    r, w = os.pipe()
+    try:
+        source = ctrmig.migrator("process", stdout=w, state_dir=state)
+        refusing = ctrmig.migrator("process", state_dir=state)
+        with pytest.raises(OptionError, match="original PID"):
+            ctrmig.migrate(str(p.pid), source=source, target=refusing, name="elsewhere")
+        before = counts(old.until(lambda _: False))
+        os.close(w)
+        w = -1
+        assert_continues(before, counts(Reader(r).until(n_counts(3))))
+        assert not (state / "checkpoints" / str(p.pid)).exists()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 # --- stdout to a file that keeps growing --------------------------------------------------
 
 
@@ -409,7 +476,7 @@ def test_refuses_a_missing_open_file(
 
 
 def test_refuses_while_the_source_still_runs(
-    binary: Path, procs: Procs, state: Path, tmp_path: Path
+    binary: Path, procs: Procs, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p, reader = start_piped(procs, binary)
     m = ctrmig.migrator("process", state_dir=state)
@@ -420,6 +487,18 @@ def test_refuses_while_the_source_still_runs(
         m.restore(tmp_path / "live.tar")
     assert "stop it first" in (e.value.hint or "")
     assert p.poll() is None  # untouched by the refused restore
+
+    # Should the PID be taken between that check and CRIU (a race), CRIU's own error is
+    # turned into the same clear one.
+    monkeypatch.setattr(process.ProcessMigrator, "_check_pids_free",
+                        staticmethod(lambda config: None))
+    with pytest.raises(NameInUseError, match="taken") as e:
+        m.restore(tmp_path / "live.tar")
+    assert "Can't fork for" in (e.value.stderr or "")
+    assert "stop it first" in (e.value.hint or "")
+    n = len(reader.lines)
+    reader.until(n_counts(n + 2))
+    assert p.poll() is None
 
 
 def test_refuses_another_name_and_unknown_pids(

@@ -16,8 +16,13 @@ a log file in ``state_dir`` for stdout/stderr. A file opened for writing only th
 (or shrank) since the checkpoint is handed back opened ``O_APPEND``, so the process goes
 on writing at its end instead of over what was added.
 
-``list()`` shows only the processes this engine restored that still run: listing every
-process of the host as a "container" would be noise.
+Without ``leave_running`` CRIU leaves the tree stopped until the archive is complete;
+then the tree is killed and the images stay in ``state_dir/checkpoints/PID`` (as podman and
+runc keep theirs), so that :meth:`ProcessMigrator.resume` can run it again here if a
+migration fails later; ``remove()``, ``resume()`` or a restore of that PID drop them.
+
+``list()`` shows only the processes this engine restored that still run, and the kept
+checkpoints: listing every process of the host as a "container" would be noise.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
 import tempfile
@@ -38,7 +44,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, ClassVar
 
 from ctrmig.archive import Archive, ArchiveWriter, ContainerRecord, Manifest
-from ctrmig.engines.base import BaseMigrator
+from ctrmig.engines.base import BaseMigrator, container_lock
 from ctrmig.errors import (
     ArchiveError,
     CheckpointError,
@@ -62,7 +68,10 @@ HASH_LIMIT = 64 << 20
 STATE_DIR = Path(os.environ.get("CTRMIG_PROCESS_STATE_DIR", "/var/lib/ctrmig/process"))
 #: Character-device majors of terminals: tty/console (4, 5) and Unix98 ptys (136-143).
 _TTY_MAJORS = frozenset({4, 5, *range(136, 144)})
-_PID_TAKEN = re.compile(r"Can't fork for (\d+)|Can't fork for PID|File exists")
+_PID_TAKEN = re.compile(r"Can't fork for \S+: File exists")
+#: How long restore waits for the PIDs of a stopped or dying process to be freed (the
+#: source of a same-host migration is killed just after its archive is complete).
+PID_GRACE = 5.0
 
 Stdio = int | IO[Any] | None
 
@@ -269,12 +278,19 @@ class ProcessMigrator(BaseMigrator):
         state_dir: str | os.PathLike[str] | None = None,
     ):
         """``stdin``/``stdout``/``stderr`` (an fd or a file object) replace, on restore,
-        stdio that was a pipe, socket or terminal; ``state_dir`` holds the logs and
-        records of restored processes."""
+        stdio that was a pipe, socket or terminal; ``state_dir`` holds kept checkpoints
+        and the logs and records of restored processes."""
         super().__init__(workdir=workdir, timeout=timeout)
         self.stdio: dict[int, Stdio] = {0: stdin, 1: stdout, 2: stderr}
         self.state_dir = Path(state_dir) if state_dir is not None else STATE_DIR
-        self._stopped: dict[str, list[int]] = {}
+        self.kept_dir = self.state_dir / "checkpoints"
+        # Per PID being checkpointed: the directory of its images, and the PIDs that CRIU
+        # left stopped (empty with leave_running).
+        self._pending: dict[int, tuple[Path, list[int]]] = {}
+        # PID -> start time of a process our checkpoint ended: remove(PID) then means that
+        # process, not another one now under the same PID (the target of a same-host
+        # migration, restored meanwhile by another migrator).
+        self._ended: dict[int, int | None] = {}
 
     # --- facts about this host -------------------------------------------------------------
 
@@ -283,16 +299,22 @@ class ProcessMigrator(BaseMigrator):
         return criu.version()
 
     def list(self) -> list[ContainerInfo]:
-        """The processes this engine restored on this host that still run."""
-        result = []
-        for record in sorted(self.state_dir.glob("*.json")):
-            data = self._record(record)
-            if data is None:
-                continue
-            pid = int(data["pid"])
-            result.append(ContainerInfo(engine=self.engine, name=str(pid), id=str(pid),
-                                        image=str(data.get("exe", "")), state="running"))
-        return result
+        """The processes this engine restored here that still run, and those it
+        checkpointed here whose images it keeps (state "checkpointed")."""
+        found: dict[int, ContainerInfo] = {}
+        for path in self.kept_dir.glob("*/" + CONFIG_NAME):
+            with contextlib.suppress(ArchiveError, ValueError):
+                config = self._config(path.parent)
+                pid = int(config["pid"])
+                found[pid] = ContainerInfo(engine=self.engine, name=str(pid), id=str(pid),
+                                           image=str(config["exe"]), state="checkpointed")
+        for path in self.state_dir.glob("*.json"):
+            data = self._record(path)
+            if data is not None:
+                pid = int(data["pid"])
+                found[pid] = ContainerInfo(engine=self.engine, name=str(pid), id=str(pid),
+                                           image=str(data.get("exe", "")), state="running")
+        return [found[pid] for pid in sorted(found)]
 
     def exists(self, container: str) -> bool:
         """Whether a live (not zombie) process has that PID."""
@@ -302,13 +324,20 @@ class ProcessMigrator(BaseMigrator):
             return False
 
     def remove(self, container: str) -> None:
-        """Stop a process the caller owns (SIGTERM, then SIGKILL); no error if gone."""
+        """Stop a process the caller owns (SIGTERM, then SIGKILL) and drop the checkpoint
+        kept of it; no error if it is gone.
+
+        After this migrator's checkpoint ended the process, a different process now under
+        that PID (e.g. the one a same-host migration restored) is left alone.
+        """
         pid = _pid(container)
         if pid == 1 or pid == os.getpid():
             raise OptionError(f"refusing to stop PID {pid}", hint="it is init or ctrmig itself")
-        if _alive(pid):
+        ended = self._ended.pop(pid, -1)
+        if _alive(pid) and (ended == -1 or _start_time(pid) == ended):
             proc.stop_pid(pid)
-        (self.state_dir / f"{pid}.json").unlink(missing_ok=True)
+            (self.state_dir / f"{pid}.json").unlink(missing_ok=True)
+        shutil.rmtree(self.kept_dir / str(pid), ignore_errors=True)
 
     def logs(self, container: str) -> str:
         """Output of a process whose stdout/stderr is a file, or that this engine restored
@@ -357,15 +386,17 @@ class ProcessMigrator(BaseMigrator):
         """Checkpoint the tree rooted at PID ``container``.
 
         Without ``leave_running`` CRIU leaves the tree stopped; it is killed only once the
-        archive is complete, and resumed if anything fails before that.
+        archive is complete (its images are then kept for :meth:`resume`), and let run on
+        if anything fails before that.
         """
+        pid = _pid(container)
         try:
             result = super().checkpoint(container, archive, leave_running=leave_running,
                                         **options)
         except BaseException:
-            self._resume(container)
+            self._abort(pid)
             raise
-        self._kill_stopped(container)
+        self._commit(pid)
         return result
 
     def _describe(self, container: str) -> ContainerRecord:
@@ -428,6 +459,7 @@ class ProcessMigrator(BaseMigrator):
             "session": {"sid": sid, "pgid": pgid, "tty": has_tty},
             "shell_job": sid != pid or pgid != pid or has_tty,
             "file_locks": opts.file_locks or locked,
+            "tcp_established": opts.tcp_established,
             "ext_unix_sk": any(fd.key in unix for fd in stdio.values()),
             "stdio": {
                 str(n): {"kind": fd.kind, "key": fd.key, "target": fd.target,
@@ -443,27 +475,30 @@ class ProcessMigrator(BaseMigrator):
     ) -> dict[str, Any]:
         pid = _pid(record.name)
         config = self._facts(pid, opts)
-        with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=self.workdir) as tmp:
-            images, work = Path(tmp, "images"), Path(tmp, "work")
-            images.mkdir()
-            work.mkdir()
-            argv = ["criu", "dump", "-t", str(pid), "-D", str(images), "-W", str(work),
+        self.kept_dir.mkdir(parents=True, exist_ok=True)
+        keep = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=self.kept_dir))
+        self._pending[pid] = (keep, [])
+        images = keep / IMAGES_DIR
+        images.mkdir()
+        with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=self.workdir) as work:
+            argv = ["criu", "dump", "-t", str(pid), "-D", str(images), "-W", work,
                     "-o", "dump.log", "-v4",
                     "--leave-running" if opts.leave_running else "--leave-stopped"]
             argv += _criu_flags(config, opts.tcp_established)
             try:
-                proc.run(argv, timeout=self.timeout, log_file=work / "dump.log",
+                proc.run(argv, timeout=self.timeout, log_file=Path(work, "dump.log"),
                          what=f"criu dump of PID {pid}")
             except CommandError as e:
                 raise CheckpointError(
                     f"checkpoint of PID {pid} failed: {e.message}", stderr=e.stderr,
                     hint="the process was left running; see the CRIU log lines above",
                 ) from e
-            if not opts.leave_running:
-                self._stopped[record.name] = config["tree"]["pids"]
-            self._hash_files(config)  # the tree is stopped (or gone on): sizes as dumped
-            writer.add_tree(images, IMAGES_DIR)
-        writer.add_bytes(CONFIG_NAME, json.dumps(config, indent=2).encode())
+        if not opts.leave_running:
+            self._pending[pid] = (keep, config["tree"]["pids"])
+        self._hash_files(config)  # the tree is stopped (or runs on): sizes as dumped
+        (keep / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        writer.add_tree(images, IMAGES_DIR)
+        writer.add_file(CONFIG_NAME, keep / CONFIG_NAME)
         return {
             "pid": pid,
             "exe": config["exe"],
@@ -488,24 +523,48 @@ class ProcessMigrator(BaseMigrator):
             with contextlib.suppress(OSError):
                 entry.update(_file_facts(entry["path"], with_hash=True))
 
-    def _resume(self, container: str) -> None:
-        """Let a tree that CRIU left stopped run on (after a failed checkpoint)."""
-        for pid in self._stopped.pop(container, []):
+    def _abort(self, pid: int) -> None:
+        """After a failed checkpoint: let the tree CRIU left stopped run on; drop images."""
+        keep, stopped = self._pending.pop(pid, (None, []))
+        for p in stopped:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+                os.kill(p, signal.SIGCONT)
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
 
     def _rollback_checkpoint(self, record: ContainerRecord, opts: CheckpointOptions) -> None:
-        self._resume(record.name)
+        self._abort(_pid(record.name))
 
-    def _kill_stopped(self, container: str) -> None:
-        """End the dumped tree, as ``criu dump`` does without --leave-stopped."""
-        pids = self._stopped.pop(container, [])
-        for pid in pids:
+    def _commit(self, pid: int) -> None:
+        """The archive is complete: end the stopped tree, as a plain ``criu dump`` would,
+        and keep its images for resume() (none are kept with leave_running)."""
+        keep, stopped = self._pending.pop(pid)
+        if not stopped:
+            shutil.rmtree(keep, ignore_errors=True)
+            return
+        self._ended[pid] = _start_time(pid)
+        for p in stopped:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(p, signal.SIGKILL)
         deadline = time.monotonic() + 10.0
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(_alive(p) for p in stopped) and time.monotonic() < deadline:
             time.sleep(0.02)
+        kept = self.kept_dir / str(pid)
+        shutil.rmtree(kept, ignore_errors=True)
+        keep.rename(kept)
+
+    def resume(self, container: str) -> None:
+        """Run a checkpointed process again here, from the images its checkpoint kept
+        (the rollback of a failed migration)."""
+        pid = _pid(container)
+        kept = self.kept_dir / str(pid)
+        if not (kept / IMAGES_DIR / "inventory.img").is_file():
+            raise CheckpointError(f"no checkpoint of PID {pid} is kept here",
+                                  hint="restore it from its archive instead")
+        with container_lock(self.engine, str(pid)):
+            config = self._config(kept)
+            self._check_config(config)
+            self._criu_restore(kept, config, tcp_established=False)
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -522,6 +581,11 @@ class ProcessMigrator(BaseMigrator):
                 f"a plain process is restored under its original PID {pid}, not {opts.name!r}",
                 hint=f"omit the name, or pass {pid}",
             )
+        self._check_config(config)
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        """Refuse, before CRIU runs, what would make the restore fail or go wrong."""
+        pid = int(config["pid"])
         self._check_exe(config)
         cwd = config["cwd"]
         if not os.path.isdir(cwd):
@@ -598,11 +662,19 @@ class ProcessMigrator(BaseMigrator):
     @staticmethod
     def _check_pids_free(config: dict[str, Any]) -> None:
         tree = config["tree"]
-        for n in [*tree["pids"], *tree["tids"]]:
-            fields = _stat_fields(int(n))
-            if fields is None:
-                continue
-            state = "a zombie not yet reaped by its parent" if fields[0] == "Z" else "running"
+        wanted = [int(n) for n in [*tree["pids"], *tree["tids"]]]
+        deadline = time.monotonic() + PID_GRACE
+        while True:
+            taken = {n: f[0] for n in wanted if (f := _stat_fields(n)) is not None}
+            # A stopped or dead holder may be a checkpointed source on its way out.
+            if not taken or any(st not in "TtZX" for st in taken.values()):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for n, st in taken.items():
+            state = {"Z": "a zombie not yet reaped by its parent", "T": "stopped",
+                     "t": "stopped"}.get(st, "running")
             raise NameInUseError(
                 f"PID {n}, which the checkpointed process needs, is taken ({state})",
                 hint="a plain process is restored under its original PIDs: if the source "
@@ -611,7 +683,10 @@ class ProcessMigrator(BaseMigrator):
             )
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        config = self._config(source)
+        return self._criu_restore(source, self._config(source), opts.tcp_established)
+
+    def _criu_restore(self, source: Path, config: dict[str, Any], tcp_established: bool) -> str:
+        """``criu restore -d`` from ``source`` (an extracted archive or a kept checkpoint)."""
         pid = int(config["pid"])
         with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(
             prefix="ctrmig-process-", dir=self.workdir
@@ -619,7 +694,7 @@ class ProcessMigrator(BaseMigrator):
             inherit, logfile = self._inherited_fds(config, stack)
             argv = ["criu", "restore", "-d", "-D", str(source / IMAGES_DIR), "-W", work,
                     "-o", "restore.log", "-v4", "--pidfile", str(Path(work, "pidfile"))]
-            argv += _criu_flags(config, opts.tcp_established)
+            argv += _criu_flags(config, tcp_established or config.get("tcp_established", False))
             for key, fd in inherit.items():
                 argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
             try:
@@ -636,6 +711,9 @@ class ProcessMigrator(BaseMigrator):
                                    stderr=e.stderr, hint="see the CRIU log lines above") from e
             restored = int(Path(work, "pidfile").read_text().strip())
         self._write_record(restored, config, logfile)
+        # It runs again: a checkpoint kept of it here must not run it a second time.
+        shutil.rmtree(self.kept_dir / str(pid), ignore_errors=True)
+        self._ended.pop(pid, None)
         return str(restored)
 
     def _inherited_fds(
