@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -15,9 +16,10 @@ import pytest
 
 import ctrmig
 from ctrmig.archive import ArchiveWriter, extracted
-from ctrmig.engines.runc import RuncMigrator, apply_rootfs_diff
+from ctrmig.engines.runc import TEMPLATE, RuncMigrator, apply_rootfs_diff
 from ctrmig.errors import (
     ContainerNotFoundError,
+    CtrmigError,
     ImageNotFoundError,
     NameInUseError,
     OptionError,
@@ -336,3 +338,47 @@ def test_archive_carries_its_image(
         assert _state_file(other, restored) == "written-after-start\n"
     finally:
         assert not _cleanup_state(other)
+
+
+def test_migrate_between_state_dirs(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    """migrate() streams the archive from one runc "host" to another."""
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    _counting(m, name)
+    target = RuncMigrator(state_dir=tmp_path / "target", workdir=tmp_path)
+    try:
+        report = ctrmig.migrate(name, source=m, target=target, compression="zstd")
+        assert report.target_name == name
+        assert report.bytes_moved > 0
+        assert not m.exists(name)  # the source is gone, its bundle too
+        assert not (m.bundles_dir / name).exists()
+        wait_for(lambda: target.logs(name), what="the migrated container's output")
+        first = first_count(target.logs(name))
+        assert first > 1  # resumed, not restarted
+        assert _counting(target, name, above=first) > first
+        assert _state_file(target, name) == "written-after-start\n"
+    finally:
+        assert not _cleanup_state(target)
+
+
+def test_migrate_resumes_source_when_target_fails(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    before = _counting(m, name)
+    broken = tmp_path / "broken-template.json"
+    spec = json.loads(TEMPLATE.read_text())
+    spec["linux"]["namespaces"].append({"type": "no-such-namespace"})
+    broken.write_text(json.dumps(spec))
+    target = RuncMigrator(state_dir=tmp_path / "target", workdir=tmp_path, template=broken)
+    try:
+        with pytest.raises(CtrmigError):
+            ctrmig.migrate(name, source=m, target=target)
+        assert target.list() == []
+    finally:
+        assert not _cleanup_state(target)
+    assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
+    assert _counting(m, name, above=before) > before
