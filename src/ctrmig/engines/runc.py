@@ -256,6 +256,10 @@ class RuncMigrator(BaseMigrator):
                 writer.add_file("rootfs-diff.tar", diff)
                 if deleted:
                     writer.add_bytes("deleted.files", _json(deleted))
+                for stats in (work / "stats-dump", images / "stats-dump"):
+                    if stats.is_file():  # CRIU's dump statistics, where podman keeps them
+                        writer.add_file("stats-dump", stats)
+                        break
             except BaseException as e:
                 if not opts.leave_running:
                     self._rollback(name, e)
