@@ -5,11 +5,30 @@ construction: only regular files and directories with plain relative names are a
 no name twice, a bounded number of members and bytes, every member's size and sha256
 checked against manifest.yaml, and extraction only into a fresh private directory that is
 removed again on any error. Compression (none, gzip, zstd) is detected from magic bytes.
+
+What is refused, and as what (every error is an :class:`ArchiveError`):
+
+* UnsafeArchiveError: absolute names, ``..``, NUL or backslash in a name, names too long;
+  symlinks, hard links, devices, fifos, sparse members, pax global headers; a name twice,
+  a file below a file; a directory entry carrying data; extended headers (pax, GNU long
+  names) over 1 MiB; more than ``Limits.max_members`` members or ``max_total_bytes``
+  bytes; a decompression bomb (see :class:`Limits`); any member after manifest.yaml,
+  and any non-zero data after the end of the tar.
+* ArchiveCorruptError: not a tar, broken compression, truncation, malformed headers.
+* ManifestError: no manifest.yaml, not YAML (``yaml.safe_load`` only), YAML anchors or
+  nesting deeper than 32, or not the schema.
+* ChecksumError: a member's size or sha256 differs from the manifest (a member bigger
+  than its entry is read to the end, within the caps, then refused), or a listed member
+  is missing.
+
+Each member's size is only known to be right once the manifest, the last member, is read:
+until then the total cap and free disk space bound what a hostile archive can write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -18,11 +37,12 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
+import yaml
 import zstandard
 
 from ctrmig.archive.manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -38,19 +58,40 @@ from ctrmig.errors import (
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_MANIFEST_BYTES = 4 << 20
-# What a broken tar or compression stream raises while being read.
+MAX_YAML_DEPTH = 32
+MAX_EXTENDED_HEADER_BYTES = 1 << 20
+MAX_NAME_CHARS = 1024
+MAX_NAME_PART_BYTES = 255
+# What a broken tar or compression stream raises while being read. tarfile lets some
+# malformed headers through as ValueError (pax sparse maps, numbers), and chained extended
+# headers recurse.
 _READ_ERRORS = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile,
-                OSError)
+                OSError, ValueError, RecursionError)
+_EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                   tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds that keep a hostile archive from exhausting the host."""
+    """Bounds that keep a hostile archive from exhausting the host.
+
+    The decompression-bomb guard: once a compressed archive has expanded past
+    ``ratio_after_bytes``, it must not have expanded more than ``max_ratio`` times the
+    compressed bytes read so far. It only starts past several GiB because real checkpoints
+    can compress extremely well: memory that was written but is all zeros compresses about
+    32000:1 with zstd (CRIU skips pages never touched, not touched zero pages), so a ratio
+    alone cannot tell a bomb from an idle heap; but a multi-GiB archive that is nearly all
+    zeros is rare and worth a refusal that names the fix. ``max_ratio=0`` disables the
+    guard; gzip cannot go past about 1030:1, so this mainly catches zstd. Beyond it,
+    ``max_total_bytes`` and (when extracting) the free disk space bound every archive.
+    """
 
     max_members: int = 100_000
     max_total_bytes: int = 256 << 30
     # Space to leave free on the extraction filesystem.
     min_free_bytes: int = 256 << 20
+    max_ratio: float = 1000.0
+    ratio_after_bytes: int = 8 << 30
 
 
 DEFAULT_LIMITS = Limits()
@@ -79,13 +120,55 @@ def decompressed(raw: BinaryIO) -> tuple[BinaryIO, Compression]:
 def safe_name(name: str) -> str:
     """Return the normalised member name, or raise UnsafeArchiveError."""
     if not name or "\x00" in name or "\\" in name:
-        raise UnsafeArchiveError(f"archive member has an invalid name: {name!r}")
+        raise UnsafeArchiveError(f"archive member has an invalid name: {name[:200]!r}")
     if name.startswith("/"):
-        raise UnsafeArchiveError(f"archive member has an absolute path: {name!r}")
+        raise UnsafeArchiveError(f"archive member has an absolute path: {name[:200]!r}")
     parts = [p for p in PurePosixPath(name).parts if p not in (".", "")]
     if any(p == ".." for p in parts):
-        raise UnsafeArchiveError(f"archive member escapes with '..': {name!r}")
+        raise UnsafeArchiveError(f"archive member escapes with '..': {name[:200]!r}")
+    if len(name) > MAX_NAME_CHARS or any(
+        len(p.encode("utf-8", "surrogateescape")) > MAX_NAME_PART_BYTES for p in parts
+    ):
+        raise UnsafeArchiveError(f"archive member name is too long: {name[:100]!r}...")
     return "/".join(parts)
+
+
+class _SafeTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses what must not even be parsed, before tarfile reads it.
+
+    tarfile reads an extended header's whole body into memory, walks GNU sparse maps of
+    any length and applies pax global headers to every later member: all refused here.
+    """
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise ArchiveCorruptError(f"tar header of {self.name[:200]!r} has a negative size")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchiveError(f"archive member {self.name[:200]!r} is sparse; refused")
+        if self.type == tarfile.XGLTYPE:
+            raise UnsafeArchiveError("archive has a pax global header; refused")
+        if self.type in _EXTENDED_TYPES and self.size > MAX_EXTENDED_HEADER_BYTES:
+            raise UnsafeArchiveError(
+                f"archive has an extended tar header of {self.size} bytes; refused"
+            )
+        return cast(tarfile.TarInfo, super()._proc_member(tar))  # type: ignore[misc]
+
+
+class _Counting(io.RawIOBase):
+    """Counts the (compressed) bytes read from ``raw``, for the bomb guard."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.count = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.count += n
+        return n
 
 
 class _Scan:
@@ -93,17 +176,22 @@ class _Scan:
 
     def __init__(self, raw: BinaryIO, limits: Limits, progress: Progress | None):
         self.limits, self.progress = limits, progress
-        self.stream, self.compression = decompressed(raw)
+        self.counting = _Counting(raw)
+        self.stream, self.compression = decompressed(io.BufferedReader(self.counting, CHUNK))
+        self.names: set[str] = set()
+        self.parents: set[str] = set()
         self.seen: dict[str, FileEntry] = {}
         self.dirs: set[str] = set()
         self.manifest: Manifest | None = None
         self.total = 0
+        self.expanded = 0
 
     def members(self) -> Iterator[tuple[str, tarfile.TarInfo, BinaryIO | None]]:
         """Yield (name, info, data) for files and directories; data is None for dirs."""
         try:
-            tar = tarfile.open(fileobj=self.stream, mode="r|", bufsize=CHUNK)
-        except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError, zlib.error) as e:
+            tar = tarfile.open(fileobj=self.stream, mode="r|", bufsize=CHUNK,
+                               tarinfo=_SafeTarInfo)
+        except _READ_ERRORS as e:
             raise ArchiveCorruptError(f"not a readable tar archive: {e}") from None
         count = 0
         try:
@@ -114,19 +202,16 @@ class _Scan:
                         f"archive has more than {self.limits.max_members} members"
                     )
                 if self.manifest is not None:
-                    raise UnsafeArchiveError(f"member {info.name!r} follows manifest.yaml")
-                name = safe_name(info.name)
+                    raise UnsafeArchiveError(
+                        f"member {info.name[:200]!r} follows manifest.yaml"
+                    )
+                name = self._check_member(info)
                 if not name:
                     continue  # the archive's root directory entry
-                if name in self.seen or name in self.dirs:
-                    raise UnsafeArchiveError(f"archive member {name!r} appears twice")
                 if info.isdir():
                     self.dirs.add(name)
                     yield name, info, None
                     continue
-                if not info.isfile():
-                    kind = _kind(info)
-                    raise UnsafeArchiveError(f"archive member {name!r} is a {kind}; refused")
                 self.total += info.size
                 if self.total > self.limits.max_total_bytes:
                     raise UnsafeArchiveError(
@@ -138,8 +223,61 @@ class _Scan:
                     self.manifest = self._read_manifest(info, cast(BinaryIO, data))
                     continue
                 yield name, info, cast(BinaryIO, data)
+            self._check_end(tar)
         except _READ_ERRORS as e:
             raise ArchiveCorruptError(f"archive is corrupt or truncated: {e}") from None
+
+    def _check_member(self, info: tarfile.TarInfo) -> str:
+        """The member's safe name; refuse what it is not, or where it would land."""
+        name = safe_name(info.name)
+        if not name:
+            return name
+        if name in self.names or name in self.dirs:
+            raise UnsafeArchiveError(f"archive member {name!r} appears twice")
+        if info.size < 0:
+            raise ArchiveCorruptError(f"archive member {name!r} has a negative size")
+        if info.sparse is not None:
+            raise UnsafeArchiveError(f"archive member {name!r} is sparse; refused")
+        if info.isdir():
+            if info.size:
+                raise UnsafeArchiveError(f"directory entry {name!r} carries data; refused")
+        elif not info.isfile():
+            raise UnsafeArchiveError(f"archive member {name!r} is a {_kind(info)}; refused")
+        elif name in self.parents:
+            raise UnsafeArchiveError(f"archive member {name!r} is both a file and a directory")
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in self.names:
+                raise UnsafeArchiveError(f"archive member {name!r} is below the file {parent!r}")
+            self.parents.add(parent)
+        if not info.isdir():
+            self.names.add(name)
+        return name
+
+    def _check_end(self, tar: tarfile.TarFile) -> None:
+        """After the end of the tar only zero padding may follow: nothing hides there."""
+        fileobj = cast(Any, tar.fileobj)
+        while chunk := fileobj.read(CHUNK):
+            self._count(len(chunk))
+            if chunk.count(0) != len(chunk):
+                raise UnsafeArchiveError("archive has data after the end of the tar")
+
+    def _count(self, n: int) -> None:
+        """Account ``n`` expanded bytes; refuse past the total cap or the bomb guard."""
+        self.expanded += n
+        limits = self.limits
+        if self.expanded > limits.max_total_bytes:
+            raise UnsafeArchiveError(f"archive expands past {limits.max_total_bytes} bytes")
+        if (self.compression != "none" and limits.max_ratio > 0
+                and self.expanded > limits.ratio_after_bytes
+                and self.expanded > limits.max_ratio * max(self.counting.count, 1)):
+            raise UnsafeArchiveError(
+                f"archive expands more than {limits.max_ratio:g}:1 past "
+                f"{limits.ratio_after_bytes} bytes: a decompression bomb?",
+                hint="if you trust it (e.g. gigabytes of zeroed memory), read it with "
+                "Limits(max_ratio=0)",
+            )
 
     def _read_manifest(self, info: tarfile.TarInfo, data: BinaryIO) -> Manifest:
         if info.size > MAX_MANIFEST_BYTES:
@@ -147,7 +285,8 @@ class _Scan:
         text = data.read()
         if len(text) != info.size:
             raise ArchiveCorruptError("archive is truncated inside manifest.yaml")
-        return Manifest.from_yaml(text)
+        self._count(len(text))
+        return parse_manifest(text)
 
     def hash_into(self, name: str, info: tarfile.TarInfo, data: BinaryIO,
                   sink: Callable[[bytes], object] | None) -> None:
@@ -161,6 +300,7 @@ class _Scan:
                 ) from None
             if not chunk:
                 break
+            self._count(len(chunk))
             sha.update(chunk)
             got += len(chunk)
             if sink is not None:
@@ -197,6 +337,26 @@ class _Scan:
         return self.manifest
 
 
+def parse_manifest(text: bytes) -> Manifest:
+    """Parse manifest.yaml text with yaml.safe_load, after refusing YAML anchors/aliases
+    (a "billion laughs" expands them exponentially) and nesting deeper than 32 (the YAML
+    composer recurses)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ManifestError("manifest.yaml uses YAML anchors or aliases; refused")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ManifestError("manifest.yaml is nested too deeply; refused")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as e:
+        raise ManifestError(f"manifest.yaml is not valid YAML: {e}") from None
+    return Manifest.from_yaml(text)
+
+
 @contextlib.contextmanager
 def _open(source: Path | BinaryIO) -> Iterator[BinaryIO]:
     if isinstance(source, (str, os.PathLike)):
@@ -230,16 +390,18 @@ def read_manifest(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS) -
         with _open(source) as raw:
             head = raw.read(4)
         if detect_compression(head) == "none":
-            return _read_manifest_seeking(Path(source))
+            return _read_manifest_seeking(Path(source), limits)
     return verify(source, limits=limits)
 
 
-def _read_manifest_seeking(path: Path) -> Manifest:
+def _read_manifest_seeking(path: Path, limits: Limits) -> Manifest:
     # An uncompressed tar can be walked header by header, seeking over the data.
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(path, mode="r:", tarinfo=_SafeTarInfo) as tar:
             info = None
-            for member in tar:
+            for count, member in enumerate(tar, 1):
+                if count > limits.max_members:
+                    raise UnsafeArchiveError(f"archive has more than {limits.max_members} members")
                 info = member
             if info is None or info.name != MANIFEST_NAME or not info.isfile():
                 raise ManifestError(
@@ -250,8 +412,8 @@ def _read_manifest_seeking(path: Path) -> Manifest:
                 raise ManifestError("manifest.yaml is implausibly large")
             data = tar.extractfile(info)
             assert data is not None
-            return Manifest.from_yaml(data.read())
-    except (tarfile.TarError, EOFError, OSError) as e:
+            return parse_manifest(data.read())
+    except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError) as e:
         if isinstance(e, ArchiveError):
             raise
         raise ArchiveCorruptError(f"not a readable tar archive: {e}") from None
@@ -271,20 +433,23 @@ def extract(
     """
     dest = dest.resolve()
     free = shutil.disk_usage(dest).free - limits.min_free_bytes
-    limits = Limits(limits.max_members, min(limits.max_total_bytes, max(free, 0)),
-                    limits.min_free_bytes)
+    limits = dataclasses.replace(limits, max_total_bytes=min(limits.max_total_bytes,
+                                                             max(free, 0)))
     with _open(source) as raw:
         scan = _Scan(raw, limits, progress)
         for name, info, data in scan.members():
             target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if data is None:
-                target.mkdir(exist_ok=True)
-                continue
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o600 | (info.mode & 0o755))
-            with os.fdopen(fd, "wb") as out:
-                scan.hash_into(name, info, data, out.write)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if data is None:
+                    target.mkdir(exist_ok=True)
+                    continue
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600 | (info.mode & 0o755))
+                with os.fdopen(fd, "wb") as out:
+                    scan.hash_into(name, info, data, out.write)
+            except OSError as e:
+                raise ArchiveError(f"cannot extract {name!r} into {dest}: {e.strerror}") from None
         return scan.check()
 
 
@@ -298,6 +463,35 @@ def copy_member(source: Path, name: str, out: Path) -> None:
                     scan.hash_into(member, info, data, f.write)
                 return
     raise ArchiveError(f"archive has no member {name!r}")
+
+
+def read_members(
+    source: Path, manifest: Manifest, names: Iterable[str], *, max_bytes: int = MAX_MANIFEST_BYTES
+) -> dict[str, bytes]:
+    """The contents of small members of a verified archive, each checked against
+    ``manifest`` again (the file may have changed since it was verified).
+
+    Names the manifest does not list are left out; the scan stops once all are read.
+    """
+    wanted = {n for n in names if n in manifest.files}
+    for name in sorted(wanted):
+        if manifest.files[name].size > max_bytes:
+            raise ArchiveError(f"{name} is implausibly large ({manifest.files[name].size} bytes)")
+    found: dict[str, bytes] = {}
+    if not wanted:
+        return found
+    with _open(source) as raw:
+        scan = _Scan(raw, DEFAULT_LIMITS, None)
+        for member, info, data in scan.members():
+            if member in wanted and data is not None:
+                chunks: list[bytes] = []
+                scan.hash_into(member, info, data, chunks.append)
+                if scan.seen[member] != manifest.files[member]:
+                    raise ChecksumError(f"{member} changed since the archive was verified")
+                found[member] = b"".join(chunks)
+                if len(found) == len(wanted):
+                    return found
+    raise ChecksumError(f"archive lacks {sorted(wanted - set(found))} since it was verified")
 
 
 @contextlib.contextmanager
