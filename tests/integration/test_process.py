@@ -475,6 +475,54 @@ def test_refuses_a_missing_open_file(
     assert counts(out.read_text().splitlines())[0] > 2  # resumed, not started afresh
 
 
+HOLDER = """
+import sys, tempfile, time
+data = open(sys.argv[1])              # a file it reads: must be the same at restore
+proc_file = open("/proc/self/stat")   # content made up on each read: not compared
+ghost = tempfile.TemporaryFile()      # deleted at once: CRIU carries its content
+ghost.write(b"ghost"); ghost.flush()
+for i in range(1, 10**9):
+    ghost.seek(0)
+    print(f"count {i} pid {data.read().strip()}{ghost.read().decode()}", flush=True)
+    data.seek(0)
+    time.sleep(0.2)
+"""
+
+
+def test_refuses_a_changed_input_file_and_carries_a_deleted_one(
+    procs: Procs, state: Path, tmp_path: Path
+) -> None:
+    script, data = tmp_path / "holder.py", tmp_path / "data.txt"
+    script.write_text(HOLDER)
+    data.write_text("1")
+    p = procs.spawn([sys.executable, str(script), str(data)], stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    old = Reader(p.stdout.fileno())
+    old.until(n_counts(3))
+    m = ctrmig.migrator("process", state_dir=state)
+    result = m.checkpoint(str(p.pid), tmp_path / "h.tar")
+    p.wait(timeout=5)
+    assert str(data) in result.manifest.extra["files"]
+    assert old.until(lambda _: False)[-1].endswith("pid 1ghost")
+
+    data.write_text("2")  # same size, other content
+    with pytest.raises(RestoreError, match=f"{data} changed since the checkpoint"):
+        m.restore(tmp_path / "h.tar")
+    data.write_text("1")
+    r, w = os.pipe()
+    try:
+        m = ctrmig.migrator("process", stdout=w, state_dir=state)
+        procs.adopt(m.restore(tmp_path / "h.tar"))
+        os.close(w)
+        w = -1
+        lines = Reader(r).until(n_counts(2))
+        assert all(ln.endswith("pid 1ghost") for ln in lines), lines  # ghost file came back
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 def test_refuses_while_the_source_still_runs(
     binary: Path, procs: Procs, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

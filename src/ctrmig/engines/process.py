@@ -114,10 +114,13 @@ def _sha256(path: str | Path) -> str:
 
 
 def _file_facts(path: str, *, with_hash: bool) -> dict[str, Any]:
-    """Size, and sha256 when asked and the file is small enough."""
+    """Size, and sha256 when asked and the file is small enough.
+
+    Files of size 0 get none: empty, or /proc and /sys files, whose content is made up
+    on every read."""
     size = os.stat(path).st_size
     facts: dict[str, Any] = {"size": size, "sha256": None}
-    if with_hash and size <= HASH_LIMIT:
+    if with_hash and 0 < size <= HASH_LIMIT:
         facts["sha256"] = _sha256(path)
     return facts
 
@@ -173,7 +176,7 @@ class _Fd:
     fd: int
     target: str  # readlink of /proc/PID/fd/N
     flags: int
-    kind: str  # file, null, pipe, socket, tty, other
+    kind: str  # file, deleted, null, pipe, socket, tty, other
     key: str  # CRIU's name for it in --inherit-fd (pipe:[N], tty[R:D], path)
 
     @property
@@ -201,7 +204,9 @@ def _fds(pid: int) -> list[_Fd]:
             continue  # closed meanwhile
         m = re.search(r"^flags:\s*(\d+)", info, re.M)
         flags = int(m.group(1), 8) if m else 0
-        if stat.S_ISREG(st.st_mode) and target.startswith("/"):
+        if stat.S_ISREG(st.st_mode) and target.endswith(" (deleted)"):
+            kind, key = "deleted", target  # CRIU carries its content (up to --ghost-limit)
+        elif stat.S_ISREG(st.st_mode) and target.startswith("/"):
             kind, key = "file", target.lstrip("/")
         elif stat.S_ISCHR(st.st_mode) and target == "/dev/null":
             kind, key = "null", target.lstrip("/")
@@ -467,6 +472,7 @@ class ProcessMigrator(BaseMigrator):
                 for n, fd in sorted(stdio.items())
             },
             "files": sorted(files.values(), key=lambda f: f["path"]),
+            "deleted_files": sorted({fd.target for fd in fds if fd.kind == "deleted"}),
             "mapped": [{"path": p} for p in _mapped_files(pid, {os.readlink(f"/proc/{pid}/exe")})],
         }
 
@@ -642,6 +648,8 @@ class ProcessMigrator(BaseMigrator):
     @staticmethod
     def _check_file(pid: int, entry: dict[str, Any], what: str = "file") -> None:
         path = entry["path"]
+        if path.startswith("/proc/"):
+            return  # e.g. its own /proc/PID/stat: there once it runs again (CRIU sees to it)
         if not os.path.isfile(path):
             hint = ("it was open for writing only: create it (e.g. touch it) to let the "
                     "process write to a fresh file" if entry["access"] == "w"
