@@ -1,0 +1,493 @@
+"""Migration benchmark: ctrmig migrate vs the engine's raw CLI route vs the bare-CRIU floor.
+
+    .venv/bin/python -m bench.migrate_bench [--sizes 64,256,1024] [--engines podman,runc]
+                                            [--out docs/benchmarks.md]
+
+For each memory size (MiB of touched memory held by bench/memhog.c, which verifies its own
+memory) and engine, in one run, side by side:
+
+- ``ctrmig``: :func:`ctrmig.migrate` from host A to host B (two network namespaces with
+  their own podman storage joined by a veth, tests/hosts.py); for podman the migration is
+  driven from inside host A and reaches B's podman over TCP across the veth. runc has no
+  API service: both runc "hosts" are state directories on this machine and the archive
+  goes through a pipe in one process.
+- ``raw``: the engine's own CLI route with default options (podman: ``container
+  checkpoint --export F`` on A + ``container restore --import F`` on B; F is on local
+  disk, visible to both: the file copy a real move needs is NOT counted).
+- ``floor``: bare ``criu dump`` of memhog running as a plain process into a tmpfs
+  directory + ``criu restore -d`` from it (same machine, no container, no archive).
+
+Downtime: source frozen -> target running. ctrmig's and the raw route's checkpoints freeze
+the container as they start, so their downtime is their total time. memhog's own view of
+the freeze (the longest gap between two of its rounds, across the migration) is printed
+too. Memory check: after the move, memhog must complete two more verification passes
+over all of its pages with no CORRUPT line.
+
+This is a benchmark, not a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from tests.hosts import Host, TwoHosts
+
+from bench import workload
+from ctrmig.host import images, proc
+
+PODMAN_TCP_PORT = 8791
+HEALTH_TIMEOUT = 120.0
+
+MIGRATE_SCRIPT = """
+import json, sys, time, ctrmig
+src = ctrmig.migrator("podman", url=sys.argv[1])
+dst = ctrmig.migrator("podman", url=sys.argv[2])
+report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4])
+print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
+                  "total": report.total_s, "checkpoint": report.checkpoint_s,
+                  "restore": report.restore_s, "bytes": report.bytes_moved}))
+"""
+
+
+@dataclass
+class Row:
+    """One measured route."""
+
+    mib: int
+    engine: str
+    route: str  # ctrmig, ctrmig-lazy, raw, floor
+    downtime_s: float | None = None
+    total_s: float | None = None
+    bytes_moved: int | None = None
+    app_freeze_s: float | None = None  # memhog's longest gap between rounds
+    memory_ok: bool | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def check_after(logs: Callable[[], str], before: workload.Health,
+                timeout: float = HEALTH_TIMEOUT) -> tuple[bool, float]:
+    """Wait for two more full passes after ``before``; return (memory ok, freeze s)."""
+    def settled() -> bool:
+        h = workload.health(logs())
+        return h.corrupt or h.last_pass >= before.last_pass + 2
+    with contextlib.suppress(TimeoutError):
+        wait_until(settled, timeout, "memhog passes after the move")
+    text = logs()
+    h = workload.health(text)
+    # A restored container's log may start after the restore (runc): no "filled" line.
+    ok = (not h.corrupt and h.last_pass >= before.last_pass + 2
+          and h.last_round > before.last_round)
+    return ok, workload.gap_after(text, before.last_round) / 1000.0
+
+
+# --- podman -----------------------------------------------------------------------------------
+
+
+class PodmanBench:
+    def __init__(self, hosts: TwoHosts, work: Path, compression: str):
+        self.hosts, self.work, self.compression = hosts, work, compression
+        self.a, self.b = hosts.a, hosts.b
+
+    def setup(self) -> None:
+        self.a.start_podman()
+        self.b.start_podman(tcp_port=PODMAN_TCP_PORT)
+        ref = workload.ensure_image(self.work)
+        archive = images.podman_save(ref, self.work / "memhog-image.tar", fmt="oci-archive")
+        for host in (self.a, self.b):
+            host.podman_cli("load", "-q", "-i", str(archive))
+        archive.unlink()
+
+    def _start(self, mib: int) -> tuple[str, workload.Health]:
+        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
+        self.a.podman_cli("run", "-d", "--name", name, "--network", "none",
+                          workload.IMAGE, *workload.command(mib))
+        logs = self._logs(self.a, name)
+        wait_until(lambda: workload.health(logs()).last_pass >= 1, 120, f"{name} filled")
+        return name, workload.health(logs())
+
+    @staticmethod
+    def _logs(host: Host, name: str) -> Callable[[], str]:
+        return lambda: host.podman_cli("logs", name)
+
+    def _rm(self, host: Host, name: str) -> None:
+        flags = ["--root", str(host.podman_root), "--runroot", str(host.podman_runroot)]
+        proc.run(["podman", *flags, "rm", "-f", "-t", "0", name], timeout=120, check=False)
+
+    def ctrmig(self, mib: int) -> Row:
+        row = Row(mib, "podman", "ctrmig")
+        name, before = self._start(mib)
+        try:
+            res = self.a.run([sys.executable, "-c", MIGRATE_SCRIPT,
+                              f"unix://{self.a.podman_socket}", self.b.podman_tcp, name,
+                              self.compression], timeout=1800)
+            if res.returncode != 0:
+                raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
+            rep = json.loads(res.stdout.decode().strip().splitlines()[-1])
+            row.downtime_s, row.total_s, row.bytes_moved = rep["downtime"], rep["total"], \
+                rep["bytes"]
+            row.detail = {"checkpoint_s": rep["checkpoint"], "restore_s": rep["restore"],
+                          "compression": self.compression}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs(self.b, name), before)
+        finally:
+            self._rm(self.a, name)
+            self._rm(self.b, name)
+        return row
+
+    def raw(self, mib: int) -> Row:
+        row = Row(mib, "podman", "raw")
+        name, before = self._start(mib)
+        archive = self.work / f"{name}.tar.zst"
+        try:
+            t0 = time.monotonic()
+            self.a.podman_cli("container", "checkpoint", "--export", str(archive), name,
+                              timeout=1800)
+            t1 = time.monotonic()
+            self.b.podman_cli("container", "restore", "--import", str(archive), timeout=1800)
+            t2 = time.monotonic()
+            row.downtime_s = row.total_s = t2 - t0
+            row.bytes_moved = archive.stat().st_size
+            row.detail = {"checkpoint_export_s": t1 - t0, "restore_import_s": t2 - t1}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs(self.b, name), before)
+        finally:
+            archive.unlink(missing_ok=True)
+            self._rm(self.a, name)
+            self._rm(self.b, name)
+        return row
+
+
+# --- the bare-CRIU floor ------------------------------------------------------------------------
+
+
+class _Drain:
+    """Read a pipe into a growing text buffer on a thread."""
+
+    def __init__(self, fd: int):
+        self.text = ""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(fd,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while chunk := f.read(65536):
+                with self._lock:
+                    self.text += chunk.decode(errors="replace")
+
+    def __call__(self) -> str:
+        with self._lock:
+            return self.text
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+             timeout=30)
+    try:
+        yield path
+    finally:
+        proc.run(["umount", str(path)], timeout=60, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def floor(mib: int, work: Path, memhog: Path) -> Row:
+    """criu dump of memhog (a plain process) into tmpfs, then criu restore -d from it."""
+    row = Row(mib, "criu", "floor")
+    with tmpfs(work / f"floor-{mib}", f"{mib + 512}m") as fs:
+        imgdir = fs / "images"
+        imgdir.mkdir()
+        read_fd, write_fd = os.pipe()
+        pipe_ino = os.fstat(write_fd).st_ino
+        child = proc.spawn([str(memhog), str(mib), "7"], stdout=write_fd,
+                           stderr=subprocess.DEVNULL)
+        os.close(write_fd)
+        drain = _Drain(read_fd)
+        restored_pid: int | None = None
+        try:
+            wait_until(lambda: workload.health(drain()).last_pass >= 1, 120, "memhog filled")
+            before = workload.health(drain())
+            t0 = time.monotonic()
+            proc.run(["criu", "dump", "-t", str(child.pid), "-D", str(imgdir),
+                      "-o", "dump.log"], timeout=600, log_file=imgdir / "dump.log",
+                     what="criu dump")
+            t1 = time.monotonic()
+            child.wait(timeout=30)  # reap it: its PID must be free for the restore
+            row.bytes_moved = dir_bytes(imgdir)
+            new_read, new_write = os.pipe()
+            argv = ["criu", "restore", "-d", "-D", str(imgdir), "-o", "restore.log",
+                    "--inherit-fd", f"fd[{new_write}]:pipe:[{pipe_ino}]"]
+            proc.run(argv, timeout=600, pass_fds=[new_write], log_file=imgdir / "restore.log",
+                     what="criu restore")
+            t2 = time.monotonic()
+            restored_pid = child.pid
+            os.close(new_write)
+            drain2 = _Drain(new_read)
+            row.downtime_s = row.total_s = t2 - t0
+            row.detail = {"dump_s": t1 - t0, "restore_s": t2 - t1, "images": "tmpfs"}
+            combined: Callable[[], str] = lambda: drain() + drain2()  # noqa: E731
+            row.memory_ok, row.app_freeze_s = check_after(combined, before)
+        finally:
+            proc.kill_group(child)
+            if restored_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(restored_pid, 9)
+    return row
+
+
+# --- runc ------------------------------------------------------------------------------------
+
+
+class RuncBench:
+    def __init__(self, work: Path):
+        from ctrmig.engines.runc import RuncMigrator
+
+        self.work = work
+        self.a = RuncMigrator(state_dir=work / "runc-a", workdir=work)
+        self.b = RuncMigrator(state_dir=work / "runc-b", workdir=work)
+
+    def setup(self) -> None:
+        workload.ensure_image(self.work)
+
+    def _start(self, mib: int) -> tuple[str, workload.Health]:
+        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
+        self.a.run(workload.IMAGE, name=name, command=workload.command(mib))
+        wait_until(lambda: workload.health(self.a.logs(name)).last_pass >= 1, 120,
+                   f"{name} filled")
+        return name, workload.health(self.a.logs(name))
+
+    def ctrmig(self, mib: int, *, lazy: bool = False) -> Row:
+        import ctrmig
+
+        row = Row(mib, "runc", "ctrmig-lazy" if lazy else "ctrmig")
+        name, before = self._start(mib)
+        try:
+            rep = ctrmig.migrate(name, source=cast(ctrmig.Migrator, self.a),
+                                 target=cast(ctrmig.Migrator, self.b),
+                                 restore_options={"lazy_pages": True} if lazy else None)
+            row.downtime_s, row.total_s = rep.downtime_s, rep.total_s
+            row.bytes_moved = rep.bytes_moved
+            row.detail = {"checkpoint_s": rep.checkpoint_s, "restore_s": rep.restore_s}
+            if rep.manifest is not None:
+                row.detail["dump_s"] = rep.manifest.extra.get("dump_seconds")
+            row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
+        finally:
+            for m in (self.a, self.b):
+                with contextlib.suppress(Exception):
+                    m.remove(name)
+        return row
+
+    def close(self) -> None:
+        for m in (self.a, self.b):
+            for c in m.list():
+                with contextlib.suppress(Exception):
+                    m.remove(c.name)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    def out(argv: list[str]) -> str:
+        try:
+            return proc.output(argv, timeout=30).splitlines()[0]
+        except Exception as e:  # a missing tool is reported, not fatal
+            return f"n/a ({type(e).__name__})"
+
+    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+    disk = out(["findmnt", "-no", "SOURCE,FSTYPE", "-T", tempfile.gettempdir()])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "memory": f"{int(mem) / (1 << 20):.1f} GiB",
+        "kernel": platform.release(),
+        "disk": disk,
+        "criu": out(["criu", "--version"]),
+        "podman": out(["podman", "--version"]),
+        "runc": out(["runc", "--version"]),
+        "docker": out(["dockerd", "--version"]),
+        "python": platform.python_version(),
+    }
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def ratios(rows: list[Row]) -> dict[tuple[int, str, str], tuple[float | None, float | None]]:
+    """ctrmig downtime / raw-route downtime and ctrmig downtime / floor downtime."""
+    out: dict[tuple[int, str, str], tuple[float | None, float | None]] = {}
+    for r in rows:
+        if not r.route.startswith("ctrmig") or r.downtime_s is None:
+            continue
+        raw = next((x for x in rows if x.mib == r.mib and x.engine == r.engine
+                    and x.route == "raw" and x.downtime_s), None)
+        flo = next((x for x in rows if x.mib == r.mib and x.route == "floor"
+                    and x.downtime_s), None)
+        out[(r.mib, r.engine, r.route)] = (
+            r.downtime_s / raw.downtime_s if raw and raw.downtime_s else None,
+            r.downtime_s / flo.downtime_s if flo and flo.downtime_s else None,
+        )
+    return out
+
+
+def table(rows: list[Row]) -> str:
+    rat = ratios(rows)
+    head = ("| MiB | engine | route | downtime s | total s | MiB moved | memhog freeze s "
+            "| memory ok | ctrmig/raw | ctrmig/floor |")
+    lines = [head, "|" + "---|" * 10]
+    for r in sorted(rows, key=lambda r: (r.mib, r.engine != "criu", r.engine, r.route)):
+        raw_ratio, floor_ratio = rat.get((r.mib, r.engine, r.route), (None, None))
+        moved = None if r.bytes_moved is None else r.bytes_moved / (1 << 20)
+        ok = "-" if r.memory_ok is None else ("yes" if r.memory_ok else "NO")
+        if r.error:
+            ok = f"FAILED: {r.error[:80]}"
+        lines.append(
+            f"| {r.mib} | {r.engine} | {r.route} | {_f(r.downtime_s)} | {_f(r.total_s)} "
+            f"| {_f(moved, '{:.0f}')} | {_f(r.app_freeze_s)} | {ok} "
+            f"| {_f(raw_ratio)} | {_f(floor_ratio)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: list[Row], info: dict[str, str], argv: list[str]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    details = "\n".join(
+        f"- {r.mib} MiB {r.engine} {r.route}: "
+        + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.detail.items())
+        for r in rows if r.detail
+    )
+    text = f"""# Migration benchmark
+
+Generated by `.venv/bin/python -m bench.migrate_bench {' '.join(argv)}` (see the module's
+docstring for what each route measures). Downtime = source frozen -> target running;
+"memhog freeze" is the workload's own longest gap between two verification rounds
+across the move; "memory ok" = memhog completed two full verification passes of all its
+pages after the move with no corruption. Ratios are of downtimes.
+
+{table(rows)}
+
+Phase details:
+
+{details}
+
+Machine: {', '.join(f'{k}: {v}' for k, v in info.items())}
+"""
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"machine": info, "argv": argv, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str,
+              lazy: bool, out: Callable[[Row], None]) -> list[Row]:
+    rows: list[Row] = []
+
+    def measure(row: Row, fn: Callable[..., Row], *args: Any, **kwargs: Any) -> None:
+        try:
+            row = fn(*args, **kwargs)
+        except Exception as e:  # one failed route must not end the run
+            row.error = f"{type(e).__name__}: {e}".replace("\n", " ")
+        rows.append(row)
+        out(row)
+
+    memhog = workload.build_memhog(work / "memhog")
+    with contextlib.ExitStack() as stack:
+        podman: PodmanBench | None = None
+        runc: RuncBench | None = None
+        if "podman" in engines:
+            hosts = stack.enter_context(TwoHosts(work / "hosts"))
+            podman = PodmanBench(hosts, work, compression)
+            podman.setup()
+        if "runc" in engines:
+            runc = RuncBench(work)
+            stack.callback(runc.close)
+            runc.setup()
+        for mib in sizes:
+            measure(Row(mib, "criu", "floor"), floor, mib, work, memhog)
+            if podman is not None:
+                measure(Row(mib, "podman", "ctrmig"), podman.ctrmig, mib)
+                measure(Row(mib, "podman", "raw"), podman.raw, mib)
+            if runc is not None:
+                measure(Row(mib, "runc", "ctrmig"), runc.ctrmig, mib)
+                if lazy:
+                    measure(Row(mib, "runc", "ctrmig-lazy"), runc.ctrmig, mib, lazy=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.migrate_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64,256,1024", help="MiB of touched memory")
+    ap.add_argument("--engines", default="podman,runc", help="podman,runc")
+    ap.add_argument("--compression", default="none", choices=("none", "zstd", "gzip"),
+                    help="ctrmig's archive compression (the raw route uses podman's default)")
+    ap.add_argument("--no-lazy", action="store_true", help="skip runc's lazy-pages route")
+    ap.add_argument("--out", type=Path, default=None, help="markdown report (and .json)")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                    help="where the run's files go (local disk)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark needs root (CRIU, namespaces, mounts)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    engines = [e for e in args.engines.split(",") if e]
+    work = Path(tempfile.mkdtemp(prefix="ctrmig-bench-", dir=args.workdir))
+    info = machine()
+
+    def show(row: Row) -> None:
+        print(f"{row.mib:>5} MiB {row.engine:<6} {row.route:<11} downtime "
+              f"{_f(row.downtime_s)} s total {_f(row.total_s)} s freeze "
+              f"{_f(row.app_freeze_s)} s memory_ok={row.memory_ok} {row.error}", flush=True)
+
+    try:
+        rows = run_bench(sizes, engines, work, args.compression, not args.no_lazy, show)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(rows))
+    print()
+    print("machine:", ", ".join(f"{k}: {v}" for k, v in info.items()))
+    if args.out:
+        write_report(args.out, rows, info, argv)
+        print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
