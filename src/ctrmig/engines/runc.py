@@ -242,9 +242,12 @@ class RuncMigrator(BaseMigrator):
                 text = (e.stderr or "") + "\n--- CRIU dump.log ---\n" + _criu_tail(
                     _read(work / "dump.log"))
                 kept = self._keep_logs(name, work)
+                after = self._runc_state(name)
+                left = (f"the container is {after.get('status')}" if after
+                        else "the container is gone")
                 raise CheckpointError(
                     f"runc checkpoint of {name!r} failed: {_summary(text)}", stderr=text,
-                    hint=f"the container was left running; full logs kept in {kept}",
+                    hint=f"{left}; full logs kept in {kept}" if kept else left,
                 ) from e
             dump_seconds = time.monotonic() - started
             try:
