@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import io
 import os
 import re
 import select
@@ -370,6 +372,38 @@ def test_failed_migration_rolls_back_to_the_kept_checkpoint(
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+class _FullDisk(io.RawIOBase):
+    """An archive destination that fails like a full disk after ``limit`` bytes."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if len(data) > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(data)
+        return len(data)
+
+
+def test_a_failed_archive_write_lets_the_stopped_process_run_on(
+    binary: Path, procs: Procs, state: Path
+) -> None:
+    p, old = start_piped(procs, binary)
+    m = ctrmig.migrator("process", state_dir=state)
+    with pytest.raises(OSError, match="No space left"):
+        m.checkpoint(str(p.pid), _FullDisk(4096), compression="none")  # type: ignore[arg-type]
+    # CRIU left it stopped after the dump; the failure let it go on, on the same pipe.
+    n = len(old.lines)
+    assert counts(old.until(n_counts(n + 3))) == list(range(1, n + 4))
+    assert p.poll() is None
+    assert list((state / "checkpoints").iterdir()) == []  # no half-kept images
+    with pytest.raises(OptionError, match="cannot checkpoint with"):
+        m.checkpoint(str(p.pid), io.BytesIO(), ignore_rootfs=True)  # no rootfs here
 
 
 # --- stdout to a file that keeps growing --------------------------------------------------

@@ -38,6 +38,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,20 @@ def _external_stdio(config: dict[str, Any]) -> dict[str, set[int]]:
     return sharing
 
 
+def _criu_error(e: CommandError) -> str:
+    """CRIU's first real error line (not the harmless rlimit one, not "FAILED")."""
+    for line in (e.stderr or "").splitlines():
+        m = re.search(r"Error \([^)]*\):\s*(.*)", line)
+        if m and "RLIMIT_NOFILE" not in line and "FAILED" not in line:
+            return m.group(1).strip()
+    return e.message
+
+
+def _key(pid: int) -> tuple[int, int]:
+    """A checkpoint in progress: its PID and the thread running it."""
+    return pid, threading.get_ident()
+
+
 def _own_terminal() -> int | None:
     """Our stdin, if it is a terminal."""
     return 0 if os.isatty(0) else None
@@ -289,9 +304,10 @@ class ProcessMigrator(BaseMigrator):
         self.stdio: dict[int, Stdio] = {0: stdin, 1: stdout, 2: stderr}
         self.state_dir = Path(state_dir) if state_dir is not None else STATE_DIR
         self.kept_dir = self.state_dir / "checkpoints"
-        # Per PID being checkpointed: the directory of its images, and the PIDs that CRIU
-        # left stopped (empty with leave_running).
-        self._pending: dict[int, tuple[Path, list[int]]] = {}
+        # Per (PID, thread) being checkpointed: the directory of its images, and the PIDs
+        # that CRIU left stopped (empty with leave_running). Keyed by thread too, so that
+        # a call refused as busy never touches the checkpoint in progress.
+        self._pending: dict[tuple[int, int], tuple[Path, list[int]]] = {}
         # PID -> start time of a process our checkpoint ended: remove(PID) then means that
         # process, not another one now under the same PID (the target of a same-host
         # migration, restored meanwhile by another migrator).
@@ -483,7 +499,7 @@ class ProcessMigrator(BaseMigrator):
         config = self._facts(pid, opts)
         self.kept_dir.mkdir(parents=True, exist_ok=True)
         keep = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=self.kept_dir))
-        self._pending[pid] = (keep, [])
+        self._pending[_key(pid)] = (keep, [])
         images = keep / IMAGES_DIR
         images.mkdir()
         with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=self.workdir) as work:
@@ -496,11 +512,11 @@ class ProcessMigrator(BaseMigrator):
                          what=f"criu dump of PID {pid}")
             except CommandError as e:
                 raise CheckpointError(
-                    f"checkpoint of PID {pid} failed: {e.message}", stderr=e.stderr,
+                    f"checkpoint of PID {pid} failed: {_criu_error(e)}", stderr=e.stderr,
                     hint="the process was left running; see the CRIU log lines above",
                 ) from e
         if not opts.leave_running:
-            self._pending[pid] = (keep, config["tree"]["pids"])
+            self._pending[_key(pid)] = (keep, config["tree"]["pids"])
         self._hash_files(config)  # the tree is stopped (or runs on): sizes as dumped
         (keep / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         writer.add_tree(images, IMAGES_DIR)
@@ -531,7 +547,7 @@ class ProcessMigrator(BaseMigrator):
 
     def _abort(self, pid: int) -> None:
         """After a failed checkpoint: let the tree CRIU left stopped run on; drop images."""
-        keep, stopped = self._pending.pop(pid, (None, []))
+        keep, stopped = self._pending.pop(_key(pid), (None, []))
         for p in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGCONT)
@@ -544,7 +560,10 @@ class ProcessMigrator(BaseMigrator):
     def _commit(self, pid: int) -> None:
         """The archive is complete: end the stopped tree, as a plain ``criu dump`` would,
         and keep its images for resume() (none are kept with leave_running)."""
-        keep, stopped = self._pending.pop(pid)
+        pending = self._pending.pop(_key(pid), None)
+        if pending is None:
+            return
+        keep, stopped = pending
         if not stopped:
             shutil.rmtree(keep, ignore_errors=True)
             return
@@ -715,7 +734,7 @@ class ProcessMigrator(BaseMigrator):
                         hint="the source process may still run: stop it first, or restore "
                              "on another host", stderr=e.stderr,
                     ) from e
-                raise RestoreError(f"restore of PID {pid} failed: {e.message}",
+                raise RestoreError(f"restore of PID {pid} failed: {_criu_error(e)}",
                                    stderr=e.stderr, hint="see the CRIU log lines above") from e
             restored = int(Path(work, "pidfile").read_text().strip())
         self._write_record(restored, config, logfile)
