@@ -7,6 +7,7 @@ reported as one ``ctrmig: error:`` line and a hint), 2 usage error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -187,7 +188,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @cli.command()
 @click.argument("container")
 @click.option("-o", "--output", "archive", required=True, type=click.Path(dir_okay=False),
-              help="Archive file to write.")
+              help="Archive file to write ('-': standard output).")
 @engine_option
 @url_option
 @click.option("--leave-running", is_flag=True, help="Keep the container running afterwards.")
@@ -205,16 +206,19 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
                print_stats: bool) -> None:
     """Checkpoint CONTAINER into one archive file (stops it unless --leave-running)."""
     engine = _pick(engine, container, url)
+    to_stdout = archive == "-"
     with contextlib.closing(_connect(engine, url)) as m, \
             _progress(f"checkpoint {container}") as progress:
         result = m.checkpoint(
-            container, archive, leave_running=leave_running,
+            container, sys.stdout.buffer if to_stdout else archive, leave_running=leave_running,
             compression=check_compression(compression),
             progress=progress, tcp_established=tcp_established, file_locks=file_locks,
             keep=keep, ignore_rootfs=ignore_rootfs, ignore_volumes=ignore_volumes,
             print_stats=print_stats,
         )
     mf = result.manifest
+    if to_stdout:  # stdout carries the archive: say nothing more there
+        return
     _out().print(f"checkpointed {engine} container {mf.container.name} -> {archive} "
                  f"({_size(result.size)}; memory {_size(mf.memory_bytes)}, "
                  f"rootfs diff {_size(mf.rootfs_diff_bytes)})")
@@ -234,21 +238,31 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
 @click.option("--allow-privileged", is_flag=True,
               help="Allow an archive that asks for privileges (e.g. a privileged container).")
 @click.option("--lazy-pages", is_flag=True, help="Restore memory lazily (needs userfaultfd).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restore(archive: str, engine: str | None, url: str | None, name: str | None,
             tcp_established: bool, publish: tuple[str, ...], allow_privileged: bool,
-            lazy_pages: bool) -> None:
-    """Restore ARCHIVE into a running container (engine: the archive's, by default)."""
+            lazy_pages: bool, as_json: bool) -> None:
+    """Restore ARCHIVE into a running container (engine: the archive's, by default).
+
+    ARCHIVE '-' reads the archive from standard input (then --engine is required).
+    """
     total = None
+    if archive == "-" and engine is None:
+        raise click.UsageError("--engine is required when the archive comes from stdin")
     if engine is None:
         manifest = ctrmig.inspect(archive)
         engine, total = manifest.engine, manifest.total_bytes
+    source = sys.stdin.buffer if archive == "-" else archive
     with contextlib.closing(_connect(engine, url)) as m, \
             _progress(f"restore {Path(archive).name}", total) as progress:
         restored = m.restore(
-            archive, name=name, progress=progress, tcp_established=tcp_established,
+            source, name=name, progress=progress, tcp_established=tcp_established,
             publish_ports=publish, allow_privileged=allow_privileged, lazy_pages=lazy_pages,
         )
-    _out().print(f"restored {engine} container {restored}")
+    if as_json:
+        click.echo(json.dumps({"engine": engine, "name": restored}))
+    else:
+        _out().print(f"restored {engine} container {restored}")
 
 
 def _pids(manifest: Manifest) -> list[int]:
@@ -314,8 +328,16 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
 @engine_option
 @url_option
 @click.option("--all", "-a", "show_all", is_flag=True, help="Also list stopped containers.")
-def ls(engine: str | None, url: str | None, show_all: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one engine: --engine).")
+def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> None:
     """List checkpointable (running) containers, per engine."""
+    if as_json:
+        if engine is None:
+            raise click.UsageError("--json lists one engine: pass --engine")
+        with contextlib.closing(_connect(engine, url)) as m:
+            rows = [r for r in m.list() if show_all or r.state.lower() == "running"]
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return
     table = Table("engine", "name", "id", "image", "state")
     failed = False
     for name in [engine] if engine else ctrmig.engines():
@@ -431,6 +453,92 @@ def service(action: str, service: str) -> None:
         click.echo(f"{svc.name}: {state} on {svc.socket}{owner}")
         if not alive:
             raise click.exceptions.Exit(1)
+
+
+@cli.command("rm")
+@click.argument("container")
+@engine_option
+@url_option
+def rm(container: str, engine: str | None, url: str | None) -> None:
+    """Remove CONTAINER (stopping it first)."""
+    engine = _pick(engine, container, url)
+    with contextlib.closing(_connect(engine, url)) as m:
+        m.remove(container)
+    _out().print(f"removed {engine} container {container}")
+
+
+@cli.command()
+@click.argument("container")
+@engine_option
+@url_option
+def logs(container: str, engine: str | None, url: str | None) -> None:
+    """Print CONTAINER's output so far."""
+    engine = _pick(engine, container, url)
+    with contextlib.closing(_connect(engine, url)) as m:
+        click.echo(m.logs(container), nl=False)
+
+
+@cli.command()
+@click.argument("container")
+@engine_option
+@url_option
+def resume(container: str, engine: str | None, url: str | None) -> None:
+    """Run again CONTAINER, stopped by a checkpoint, from the checkpoint the engine kept."""
+    engine = _pick(engine, container, url)
+    with contextlib.closing(_connect(engine, url)) as m:
+        m.resume(container)
+    _out().print(f"resumed {engine} container {container}")
+
+
+@cli.command()
+@click.argument("container")
+@click.option("--from", "source", metavar="ENGINE[+ADDRESS]", required=True,
+              help="Where CONTAINER runs, e.g. podman, docker+unix:///run/docker.sock.")
+@click.option("--to", "target", metavar="ENGINE[+ADDRESS]", required=True,
+              help="Where it should run, e.g. podman+tcp://host:8080, runc+ssh://root@host.")
+@click.option("--name", "-n", metavar="NEW", help="Name on the target [default: the same].")
+@click.option("--keep-source", is_flag=True, help="Keep the stopped source container.")
+@click.option("--compress", "compression", type=click.Choice(("auto", *COMPRESSIONS)),
+              default="auto", show_default=True,
+              help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
+@click.option("--include-image/--no-include-image", default=True, show_default=True,
+              help="Carry the image in the archive, for a target that lacks it.")
+@click.option("--tcp-established", is_flag=True, help="Move established TCP connections.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def migrate(container: str, source: str, target: str, name: str | None, keep_source: bool,
+            compression: str, include_image: bool, tcp_established: bool,
+            as_json: bool) -> None:
+    """Move running CONTAINER from one engine/host to another.
+
+    The archive streams from source to target; the source is removed on success (or
+    kept, stopped, with --keep-source) and resumed if anything fails. An ADDRESS is
+    unix:// or tcp:// (podman's or docker's API) or ssh://[user@]host[:port] (runs ctrmig
+    there; set CTRMIG_REMOTE_COMMAND if it is not on the remote PATH).
+    """
+    if compression == "auto":
+        compression = "zstd" if "+ssh://" in target or "+ssh://" in source else "none"
+    report = ctrmig.migrate(
+        container, source=source, target=target, name=name, keep_source=keep_source,
+        compression=check_compression(compression),
+        checkpoint_options={"include_image": include_image, "tcp_established": tcp_established},
+        restore_options={"tcp_established": tcp_established} if tcp_established else None,
+    )
+    if as_json:
+        data = dataclasses.asdict(report)
+        data.pop("manifest", None)
+        click.echo(json.dumps(data))
+    else:
+        _out().print(report.summary())
+
+
+@cli.command()
+def recover() -> None:
+    """Finish or roll back migrations whose ctrmig was killed (reads their journals)."""
+    done = ctrmig.recover()
+    for line in done:
+        _out().print(line)
+    if not done:
+        _out().print("nothing to recover")
 
 
 def main() -> None:
