@@ -59,7 +59,7 @@ from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = Path("/var/lib/ctrmig/runc")
+DEFAULT_STATE_DIR = Path(os.environ.get("CTRMIG_RUNC_STATE_DIR", "/var/lib/ctrmig/runc"))
 #: The bundle template shipped at the top of the repository (see bundles/README.md).
 TEMPLATE = Path(__file__).resolve().parents[3] / "bundles" / "default" / "config.json"
 TRANSPORTS = ("containers-storage:", "docker-daemon:", "oci:", "oci-archive:",
@@ -174,13 +174,11 @@ class RuncMigrator(BaseMigrator):
     def list(self) -> list[ContainerInfo]:
         states = {s["id"]: s for s in self._runc_list()}
         out = []
-        for bundle in sorted(self.bundles_dir.iterdir()):
-            meta = self._meta(bundle.name)
-            if meta is None:
-                continue
-            out.append(ContainerInfo(engine=self.engine, name=bundle.name, id=bundle.name,
-                                     image=meta.get("image", ""),
-                                     state=self._status(bundle.name, states)))
+        for name in self._bundle_names():
+            meta = self._meta(name)
+            state = self._status(name, states) if meta else "broken"  # remove() clears it
+            out.append(ContainerInfo(engine=self.engine, name=name, id=name,
+                                     image=(meta or {}).get("image", ""), state=state))
         return out
 
     def exists(self, container: str) -> bool:
