@@ -412,13 +412,18 @@ def demo(engine: str, url: str | None, no_tty: bool, pause: float) -> None:
     result = _demo.run_demo(engine, url=url, interactive=interactive, pause=pause, say=say)
     click.echo(f"column at checkpoint: {result.checkpoint_column}")
     click.echo(f"column at restore:    {result.restore_column}")
-    click.echo(f"cursor positions: last before checkpoint {result.last_position_before}, "
-               f"first after restore {result.first_position_after}")
+    click.echo(f"raw cursor addressing: last before checkpoint "
+               f"{_cup(result.last_position_before)}, first after restore "
+               f"{_cup(result.first_position_after)}")
     if result.ok:
         click.echo("the train drove on from where it stopped")
     else:
         click.echo("the train did NOT resume where it stopped", err=True)
         raise click.exceptions.Exit(1)
+
+
+def _cup(pos: tuple[int, int] | None) -> str:
+    return f"ESC[{pos[0]};{pos[1]}H" if pos else "-"
 
 
 @cli.command()

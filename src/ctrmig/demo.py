@@ -15,6 +15,7 @@ the replayed screen, the front of the locomotive.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -37,20 +38,24 @@ IMAGE = "localhost/screen_locomotive:latest"
 SL = Path("/usr/games/sl")
 TERMINFO = (Path("/usr/share/terminfo/x/xterm"), Path("/lib/terminfo/x/xterm"))
 ENV = {"TERM": "xterm"}
-# The train keeps coming: a new sl as soon as one has left the screen.
-COMMAND = ["/bin/sh", "-c", "while :; do /usr/games/sl; done"]
-CONTAINERFILE = """\
+# The train keeps coming: a new sl as soon as one has left the screen. sl runs in the
+# background so that the shell (PID 1, which ignores an untrapped SIGTERM) stops at once.
+COMMAND = ["/bin/sh", "-c",
+           "trap 'kill $! 2>/dev/null; exit 0' TERM; while :; do /usr/games/sl & wait $!; done"]
+CONTAINERFILE = f"""\
 # The screen-locomotive demo image: Debian's sl, its libraries, xterm's terminfo and
 # busybox-static, assembled offline by `python -m ctrmig.demo rootfs rootfs/`.
 FROM scratch
 COPY rootfs/ /
 ENV TERM=xterm
-CMD ["/bin/sh", "-c", "while :; do /usr/games/sl; done"]
+CMD {json.dumps(COMMAND)}
 """
 ENGINES = ("podman", "docker", "runc")
 # The train must be fully on screen, away from both edges, when the checkpoint is taken.
-CHECKPOINT_WINDOW = (25, 70)
+CHECKPOINT_WINDOW = (30, 55)
 MAX_STEP = 1  # sl moves the train one column per frame
+# Replay speed of the live view (sl writes about 5 KB/s of curses output off a tty).
+PACE_RATE, PACE_CHUNK = 6000, 240
 
 # --- the terminal model --------------------------------------------------------------------
 
@@ -373,10 +378,17 @@ class _Display:
         self.shown = 0
 
     def show(self, text: str) -> None:
-        if self.out is not None and len(text) > self.shown:
-            self.out.write(text[self.shown:])
+        """Write what is new in ``text``, paced a little faster than sl writes, so that a
+        backlog plays as motion rather than a jump."""
+        if self.out is None:
+            self.shown = len(text)
+            return
+        while self.shown < len(text):
+            chunk = text[self.shown:self.shown + PACE_CHUNK]
+            self.out.write(chunk)
             self.out.flush()
-        self.shown = len(text)
+            self.shown += len(chunk)
+            time.sleep(len(chunk) / PACE_RATE)
 
     def status(self, message: str) -> None:
         """A line at the bottom of the screen, below the train's rows."""
@@ -385,6 +397,7 @@ class _Display:
             self.out.flush()
 
     def reset(self) -> None:
+        """Follow another text (the restored container's output) from its start."""
         self.shown = 0
 
     def close(self) -> None:
@@ -466,10 +479,12 @@ def run_demo(
             display.show(before)
             at_checkpoint = train_column(before)
             display.status(f"checkpointed at column {at_checkpoint} "
-                           f"({archive.stat().st_size // 1024} KiB); restoring in {pause:g} s")
+                           f"({archive.stat().st_size // 1024} KiB); restore in {pause:g} s")
             tell(f"checkpointed at column {at_checkpoint}; restoring as {restored}")
             time.sleep(pause)
             m.restore(archive, name=restored)
+            display.reset()  # from here on the display follows the restored container
+            display.status(f"restored as {restored}")
             after = _follow(m, restored, display, before, seconds=5.0 if interactive else 1.0)
             if display.out is None:
                 deadline = time.monotonic() + timeout
@@ -477,8 +492,7 @@ def run_demo(
                     time.sleep(0.2)
                     after = new_output(before, m.logs(restored))
             at_restore = resume_column(before, after)
-            display.status(f"restored as {restored}: the train drives on from column "
-                           f"{at_restore}")
+            display.status(f"restored: the train drives on from column {at_restore}")
             time.sleep(1.0 if interactive else 0)
             before_pos, after_pos = cursor_positions(before), cursor_positions(after)
             return DemoResult(engine, source, restored, at_checkpoint, at_restore,
