@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -100,7 +101,8 @@ def _state_file(m: RuncMigrator, name: str) -> str:
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["full", "lazy_pages"])
 def test_checkpoint_remove_restore_continues(
-    runc_state: RuncMigrator, test_image: str, tmp_path: Path, lazy: bool
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path, lazy: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     m = runc_state
     name = unique("ctrmig-runc")
@@ -134,8 +136,12 @@ def test_checkpoint_remove_restore_continues(
     assert m.list() == []
 
     started = time.monotonic()
-    restored = m.restore(archive.path, lazy_pages=lazy)  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="ctrmig.engines.runc"):
+        restored = m.restore(archive.path, lazy_pages=lazy)  # type: ignore[arg-type]
     took = time.monotonic() - started
+    # With lazy pages, runc restored without the pages and criu lazy-pages served them.
+    served = any("criu lazy-pages" in r.getMessage() for r in caplog.records)
+    assert served == lazy
     assert restored == name
     after = _counting(m, restored, above=before)
     log = m.logs(restored)
@@ -421,3 +427,17 @@ def test_established_tcp_needs_the_option(
     restored = m.restore(archive.path, tcp_established=True)  # type: ignore[arg-type]
     assert _counting(m, restored, above=at_dump) > at_dump
     assert first_count(m.logs(restored)) > before
+
+
+def test_run_maps_image_config_and_env(runc_state: RuncMigrator, test_image: str) -> None:
+    m = runc_state
+    name = m.run(test_image, env={"GREETING": "hello from env"},
+                 command=["/bin/sh", "-c", 'echo "$GREETING in $(pwd) as $(id -u)"; '
+                          "echo $PATH; hostname; exec sleep 100000"])
+    wait_for(lambda: "hostname" not in m.logs(name) and len(m.logs(name).splitlines()) >= 3,
+             what="the container's greeting")
+    lines = m.logs(name).splitlines()
+    assert lines[0] == "hello from env in / as 0"
+    assert "/bin" in lines[1].split(":")
+    assert lines[2] == name  # each container gets its own UTS namespace and hostname
+    assert [(c.name, c.image, c.state) for c in m.list()] == [(name, test_image, "running")]
