@@ -533,10 +533,13 @@ class RuncMigrator(BaseMigrator):
 
     def _spec(self, process: dict[str, Any]) -> dict[str, Any]:
         """config.json from the bundle template and the container's process settings."""
-        try:
-            spec: dict[str, Any] = json.loads(self.template.read_text())
-        except (OSError, ValueError) as e:
-            raise OptionError(f"bundle template {self.template} is unusable: {e}") from None
+        if self.template == TEMPLATE and not TEMPLATE.exists():
+            spec = self._runc_spec()  # installed without the repository's bundles/
+        else:
+            try:
+                spec = json.loads(self.template.read_text())
+            except (OSError, ValueError) as e:
+                raise OptionError(f"bundle template {self.template} is unusable: {e}") from None
         spec = copy.deepcopy(spec)
         p = spec.setdefault("process", {})
         p["terminal"] = False  # CRIU dumps pipes, not a terminal we do not own
@@ -546,6 +549,15 @@ class RuncMigrator(BaseMigrator):
         p["user"] = {"uid": int(process.get("uid", 0)), "gid": int(process.get("gid", 0))}
         spec["root"] = {"path": "rootfs", "readonly": False}
         spec["hostname"] = str(process.get("hostname") or "ctrmig")
+        return spec
+
+    def _runc_spec(self) -> dict[str, Any]:
+        """``runc spec``, changed as bundles/README.md explains (no cgroup mount)."""
+        with self._workdir("spec") as work:
+            proc.run(["runc", "spec"], cwd=work, timeout=TOOL_TIMEOUT)
+            spec: dict[str, Any] = json.loads((work / "config.json").read_text())
+        spec["mounts"] = [m for m in spec.get("mounts", [])
+                          if m.get("destination") != "/sys/fs/cgroup"]
         return spec
 
     @staticmethod
