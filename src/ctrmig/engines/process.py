@@ -511,9 +511,10 @@ class ProcessMigrator(BaseMigrator):
                 proc.run(argv, timeout=self.timeout, log_file=Path(work, "dump.log"),
                          what=f"criu dump of PID {pid}")
             except CommandError as e:
+                state = "left running" if _alive(pid) else "gone (it died meanwhile)"
                 raise CheckpointError(
                     f"checkpoint of PID {pid} failed: {_criu_error(e)}", stderr=e.stderr,
-                    hint="the process was left running; see the CRIU log lines above",
+                    hint=f"the process is {state}; see the CRIU log lines in stderr",
                 ) from e
         if not opts.leave_running:
             self._pending[_key(pid)] = (keep, config["tree"]["pids"])
@@ -735,7 +736,7 @@ class ProcessMigrator(BaseMigrator):
                              "on another host", stderr=e.stderr,
                     ) from e
                 raise RestoreError(f"restore of PID {pid} failed: {_criu_error(e)}",
-                                   stderr=e.stderr, hint="see the CRIU log lines above") from e
+                                   stderr=e.stderr, hint="see the CRIU log lines in stderr") from e
             restored = int(Path(work, "pidfile").read_text().strip())
         self._write_record(restored, config, logfile)
         # It runs again: a checkpoint kept of it here must not run it a second time.
