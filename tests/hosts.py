@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +54,11 @@ class Host:
         flags = services.podman_root_args(self.podman_root, self.podman_runroot)
         return proc.output(["podman", *flags, *args], timeout=timeout)
 
-    def run(self, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
-        """Run a command inside this host's network namespace."""
+    def run(self, argv: list[str], timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run a command inside this host's network namespace (``env`` added to ours)."""
         return proc.run([*services.netns_prefix(self.netns), *argv], timeout=timeout,
-                        check=False)
+                        check=False, env={**os.environ, **(env or {})})
 
     def start_podman(self, tcp_port: int | None = None) -> None:
         """podman on a unix socket (for the test's own look-ups) and, when ``tcp_port``
@@ -111,9 +113,19 @@ class Host:
         for svc in reversed(self.started):
             svc.stop()
         self.started.clear()
-        for path in (self.root, self.run_root):
-            mounts.unmount_under(path)
-            shutil.rmtree(path, ignore_errors=True)
+        # conmon runs `podman container cleanup` when a container exits, and that can
+        # mount the storage again after we unmounted it: retry until nothing is left.
+        deadline = time.monotonic() + 20
+        while True:
+            for path in (self.root, self.run_root):
+                mounts.unmount_under(path)
+                shutil.rmtree(path, ignore_errors=True)
+            left = [p for p in (self.root, self.run_root) if p.exists()]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if left:
+            raise RuntimeError(f"could not clean up {left}")
 
 
 def wait_tcp(netns: str, address: str, port: int, timeout: float = 30.0) -> None:

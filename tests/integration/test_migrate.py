@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from podman import PodmanClient
 
+from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
 from tests.hosts import TwoHosts
@@ -73,3 +74,48 @@ def test_podman_migrates_to_a_host_without_the_image(
     dst.containers.get(name).remove(force=True)
     src.close()
     dst.close()
+
+
+CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
+
+
+@pytest.mark.runc
+def test_runc_migrates_over_ssh_to_a_host_without_the_image(
+    two_hosts: TwoHosts, test_image: str, tmp_path: Path
+) -> None:
+    """runc has no API: ctrmig on host B restores from the archive streamed over ssh."""
+    for tool in ("runc", "criu", "skopeo", "umoci", "sshd"):
+        need(tool)
+    a, b = two_hosts.a, two_hosts.b
+    ssh_options = b.start_sshd(port=2222)
+    src = RuncMigrator(state_dir=a.root / "runc")
+    dst = RuncMigrator(state_dir=b.root / "runc")
+    name = src.run(test_image, name=unique(), command=COUNTER_CMD)
+    try:
+        wait_for(lambda: last_count(src.logs(name)) >= 5, what="counter on host A")
+        env = {
+            "CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+            "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
+            "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+            "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
+        }
+        res = a.run([CTRMIG, "migrate", name, "--from", "runc",
+                     "--to", f"runc+ssh://root@{b.address}:2222", "--json"], env=env)
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert report["compression"] == "zstd"  # chosen for the ssh link
+        assert report["target_name"] == name and report["bytes_moved"] > 0
+
+        assert not src.exists(name), "the source is removed after a successful migration"
+        assert dst.exists(name)
+        wait_for(lambda: last_count(dst.logs(name)) > 5, what="counter on host B")
+        log = dst.logs(name)
+        assert "count=1\n" not in log.split(f"count={first_count(log)}\n", 1)[1], \
+            "the count went on, it did not start again"
+        rootfs = dst.bundles_dir / name / "rootfs"
+        assert (rootfs / "state.txt").read_text() == "written-after-start\n"
+        assert list((tmp_path / "journal").glob("*.json")) == [], "journal removed"
+    finally:
+        for m in (src, dst):
+            for c in m.list():
+                m.remove(c.name)
