@@ -460,16 +460,24 @@ def service(action: str, service: str) -> None:
             raise click.exceptions.Exit(1)
 
 
+@contextlib.contextmanager
+def _engine_for(container: str, engine: str | None,
+                url: str | None) -> Iterator[tuple[str, ctrmig.Migrator]]:
+    """The engine holding ``container`` (picked as for every command) and its adapter."""
+    engine = _pick(engine, container, url)
+    with contextlib.closing(_connect(engine, url)) as m:
+        yield engine, m
+
+
 @cli.command("rm")
 @click.argument("container")
 @engine_option
 @url_option
 def rm(container: str, engine: str | None, url: str | None) -> None:
     """Remove CONTAINER (stopping it first)."""
-    engine = _pick(engine, container, url)
-    with contextlib.closing(_connect(engine, url)) as m:
+    with _engine_for(container, engine, url) as (name, m):
         m.remove(container)
-    _out().print(f"removed {engine} container {container}")
+    _out().print(f"removed {name} container {container}")
 
 
 @cli.command()
@@ -478,8 +486,7 @@ def rm(container: str, engine: str | None, url: str | None) -> None:
 @url_option
 def logs(container: str, engine: str | None, url: str | None) -> None:
     """Print CONTAINER's output so far."""
-    engine = _pick(engine, container, url)
-    with contextlib.closing(_connect(engine, url)) as m:
+    with _engine_for(container, engine, url) as (_, m):
         click.echo(m.logs(container), nl=False)
 
 
@@ -489,10 +496,9 @@ def logs(container: str, engine: str | None, url: str | None) -> None:
 @url_option
 def resume(container: str, engine: str | None, url: str | None) -> None:
     """Run again CONTAINER, stopped by a checkpoint, from the checkpoint the engine kept."""
-    engine = _pick(engine, container, url)
-    with contextlib.closing(_connect(engine, url)) as m:
+    with _engine_for(container, engine, url) as (name, m):
         m.resume(container)
-    _out().print(f"resumed {engine} container {container}")
+    _out().print(f"resumed {name} container {container}")
 
 
 @cli.command()
