@@ -1,0 +1,130 @@
+"""Every archive of the hostile corpus (tests/data/hostile) is refused with its own error,
+by verify(), extract() and extracted() alike, and nothing is written outside the
+extraction directory, which extracted() removes."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from ctrmig import errors
+from ctrmig.archive import Limits, extract, extracted, verify
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+CORPUS = DATA / "hostile"
+EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text())
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_hostile", DATA / "make_hostile.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_hostile", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_hostile = _generator()
+SENTINEL = Path(make_hostile.SENTINEL)
+bombs = functools.cache(make_hostile.bombs)
+
+
+@dataclasses.dataclass
+class Sandbox:
+    """A tmp tree: the archive, a work dir for extracted(), a dest for extract(), a cwd."""
+
+    root: Path
+    archive: Path
+    work: Path
+    dest: Path
+
+    def assert_nothing_escaped(self) -> None:
+        assert not SENTINEL.exists(), f"{SENTINEL} was created"
+        assert sorted(p.name for p in self.root.iterdir()) == ["archive", "cwd", "dest", "work"]
+        assert list((self.root / "cwd").iterdir()) == []
+        assert list(self.work.iterdir()) == [], "extracted() left its temp dir behind"
+        for path in self.dest.rglob("*"):  # extract() may leave partial files, only below dest
+            assert not path.is_symlink()
+            assert path.is_file() or path.is_dir()
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
+    assert not SENTINEL.exists(), f"remove {SENTINEL} left by an earlier run"
+    for name in ("work", "dest", "cwd"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield Sandbox(tmp_path, tmp_path / "archive", tmp_path / "work", tmp_path / "dest")
+    shutil.rmtree(SENTINEL, ignore_errors=True)
+
+
+def _refused(box: Sandbox, error: type[errors.ArchiveError], limits: Limits) -> None:
+    """verify, extract and extracted all raise exactly ``error``; nothing escapes."""
+    with pytest.raises(errors.CtrmigError) as caught:
+        verify(box.archive, limits=limits)
+    assert type(caught.value) is error, caught.value
+    with pytest.raises(errors.CtrmigError) as caught:
+        extract(box.archive, box.dest, limits=limits)
+    assert type(caught.value) is error, caught.value
+    with pytest.raises(errors.CtrmigError) as caught, \
+            extracted(box.archive, workdir=box.work, limits=limits):
+        pytest.fail("extracted() yielded a hostile archive")
+    assert type(caught.value) is error, caught.value
+    with box.archive.open("rb") as stream, pytest.raises(errors.CtrmigError) as caught:
+        verify(stream, limits=limits)  # a stream reads the same as a path
+    assert type(caught.value) is error, caught.value
+    box.assert_nothing_escaped()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_hostile_archive_refused(name: str, sandbox: Sandbox) -> None:
+    case = EXPECTED[name]
+    shutil.copyfile(CORPUS / name, sandbox.archive)
+    error = getattr(errors, case["error"])
+    _refused(sandbox, error, dataclasses.replace(Limits(), **case["limits"]))
+
+
+@pytest.mark.parametrize("name", ["bomb.tar.gz", "bomb.tar.zst"])
+def test_decompression_bomb_refused(name: str, sandbox: Sandbox) -> None:
+    data, limits = bombs()[name]
+    assert len(data) < make_hostile.BOMB_EXPANDED / 100  # it really is a bomb
+    sandbox.archive.write_bytes(data)
+    _refused(sandbox, errors.UnsafeArchiveError, dataclasses.replace(Limits(), **limits))
+    with pytest.raises(errors.UnsafeArchiveError, match="decompression bomb"):
+        verify(sandbox.archive, limits=dataclasses.replace(Limits(), **limits))
+
+
+def test_bomb_guard_spares_small_zero_heavy_archives(tmp_path: Path) -> None:
+    """The same archive is a valid one under the default limits: real checkpoints of
+    zeroed memory compress this well too, so the guard only starts past 8 GiB."""
+    data, _ = bombs()["bomb.tar.zst"]
+    arc = tmp_path / "zeros.tar.zst"
+    arc.write_bytes(data)
+    assert verify(arc).total_bytes == make_hostile.BOMB_EXPANDED
+    assert Limits().ratio_after_bytes >= 4 << 30
+
+
+def test_corpus_is_what_the_generator_writes(tmp_path: Path) -> None:
+    expected = make_hostile.generate(tmp_path)
+    assert expected == EXPECTED
+    committed = sorted(p.name for p in CORPUS.iterdir())
+    assert committed == sorted([*expected, "expected.json"])
+    for name in expected:
+        assert (tmp_path / name).read_bytes() == (CORPUS / name).read_bytes(), name
+    assert sum(p.stat().st_size for p in CORPUS.iterdir()) < 1 << 20
+
+
+def test_corpus_covers_every_archive_error() -> None:
+    kinds = {case["error"] for case in EXPECTED.values()}
+    assert kinds == {"UnsafeArchiveError", "ChecksumError", "ManifestError",
+                     "ArchiveCorruptError"}
