@@ -16,6 +16,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -245,6 +246,27 @@ def test_pipe_stdout_goes_to_log_file_by_default(
     after = counts(m.logs(restored).splitlines())
     assert log.read_text() == m.logs(restored)
     assert_continues(before, after[:3])
+
+
+def test_unix_socket_stdout_is_reconnected(
+    binary: Path, procs: Procs, state: Path, tmp_path: Path
+) -> None:
+    # As under systemd, whose services write to a journald stream socket.
+    ours, theirs = socket.socketpair()
+    new_ours, new_theirs = socket.socketpair()
+    with ours, new_ours, new_theirs:
+        with theirs:
+            p = procs.spawn([str(binary), "1", INTERVAL], stdout=theirs)
+        old = Reader(ours.fileno())
+        old.until(n_counts(3))
+        m = ctrmig.migrator("process", stdout=new_theirs, state_dir=state)
+        result = m.checkpoint(str(p.pid), tmp_path / "sock.tar")
+        assert result.manifest.extra["stdio"]["1"] == "socket"
+        p.wait(timeout=5)
+        before = counts(old.until(lambda _: False))
+        procs.adopt(m.restore(tmp_path / "sock.tar"))
+        new_theirs.close()
+        assert_continues(before, counts(Reader(new_ours.fileno()).until(n_counts(3))))
 
 
 def test_shell_job_whose_session_leader_is_outside_the_tree(

@@ -155,15 +155,20 @@ def _holds_locks(pids: list[int]) -> bool:
     return any(len(ln.split()) > 4 and ln.split()[4] in wanted for ln in lines)
 
 
-def _criu_flags(config: dict[str, Any], tcp_established: bool) -> list[str]:
-    """The flags dump and restore must both get."""
+def _criu_flags(config: dict[str, Any], tcp_established: bool, *, dump: bool) -> list[str]:
+    """The flags dump and restore must both get (and the dump's --external list)."""
     flags = []
     if config["shell_job"]:
         flags.append("--shell-job")
     if config["file_locks"]:
         flags.append("--file-locks")
     if config["ext_unix_sk"]:
+        # Stdio on a unix stream socket whose peer is outside the tree: declared
+        # external at dump (by its inode), handed a new fd at restore (--inherit-fd).
         flags.append("--ext-unix-sk")
+        if dump:
+            for key in config["ext_unix_sk"]:
+                flags += ["--external", f"unix[{key.removeprefix('socket:[')}"]
     if tcp_established:
         flags.append("--tcp-established")
     return flags
@@ -481,7 +486,7 @@ class ProcessMigrator(BaseMigrator):
             "shell_job": sid != pid or pgid != pid or has_tty,
             "file_locks": opts.file_locks or locked,
             "tcp_established": opts.tcp_established,
-            "ext_unix_sk": any(fd.key in unix for fd in stdio.values()),
+            "ext_unix_sk": sorted({fd.key for fd in stdio.values() if fd.key in unix}),
             "stdio": {
                 str(n): {"kind": fd.kind, "key": fd.key, "target": fd.target,
                          "access": fd.access, "append": fd.append}
@@ -506,7 +511,7 @@ class ProcessMigrator(BaseMigrator):
             argv = ["criu", "dump", "-t", str(pid), "-D", str(images), "-W", work,
                     "-o", "dump.log", "-v4",
                     "--leave-running" if opts.leave_running else "--leave-stopped"]
-            argv += _criu_flags(config, opts.tcp_established)
+            argv += _criu_flags(config, opts.tcp_established, dump=True)
             try:
                 proc.run(argv, timeout=self.timeout, log_file=Path(work, "dump.log"),
                          what=f"criu dump of PID {pid}")
@@ -722,7 +727,7 @@ class ProcessMigrator(BaseMigrator):
             inherit, logfile = self._inherited_fds(config, stack)
             argv = ["criu", "restore", "-d", "-D", str(source / IMAGES_DIR), "-W", work,
                     "-o", "restore.log", "-v4", "--pidfile", str(Path(work, "pidfile"))]
-            argv += _criu_flags(config, tcp_established or config.get("tcp_established", False))
+            argv += _criu_flags(config, tcp_established or config["tcp_established"], dump=False)
             for key, fd in inherit.items():
                 argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
             try:
