@@ -441,3 +441,22 @@ def test_run_maps_image_config_and_env(runc_state: RuncMigrator, test_image: str
     assert "/bin" in lines[1].split(":")
     assert lines[2] == name  # each container gets its own UTS namespace and hostname
     assert [(c.name, c.image, c.state) for c in m.list()] == [(name, test_image, "running")]
+
+
+def test_resume_after_checkpoint(runc_state: RuncMigrator, test_image: str,
+                                 tmp_path: Path) -> None:
+    """What migrate() does when the target fails after the source's checkpoint."""
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    _counting(m, name)
+    m.checkpoint(name, tmp_path / "r.tar")
+    stopped_at = last_count(m.logs(name))
+    with pytest.raises(CheckpointError, match="checkpointed, not running"):
+        m.checkpoint(name, tmp_path / "again.tar")
+    m.resume(name)
+    assert _counting(m, name, above=stopped_at) > stopped_at
+    log = m.logs(name)
+    assert f"count={stopped_at}\ncount={stopped_at + 1}\n" in log  # no restart, no gap
+    assert not (m.bundles_dir / name / "checkpoint").exists()
+    with pytest.raises(CheckpointError, match="already running"):
+        m.resume(name)

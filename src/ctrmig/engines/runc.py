@@ -214,9 +214,11 @@ class RuncMigrator(BaseMigrator):
     ) -> dict[str, Any]:
         name = record.name
         state = self._runc_state(name)
-        status = state.get("status") if state else "stopped"
+        status = state.get("status") if state else self._status(name, {})
         if status not in ("running", "paused"):
-            raise CheckpointError(f"runc container {name!r} is {status}, not running")
+            raise CheckpointError(f"runc container {name!r} is {status}, not running",
+                                  hint="restore or resume it first" if status ==
+                                  "checkpointed" else None)
         bundle = self.bundles_dir / name
         meta = self._meta(name) or {}
         images = bundle / "checkpoint"
@@ -295,11 +297,11 @@ class RuncMigrator(BaseMigrator):
         images = bundle / "checkpoint"
         if self._meta(container) is None:
             raise ContainerNotFoundError(f"no runc container named {container!r}")
+        if self._runc_state(container) is not None:
+            raise CheckpointError(f"runc container {container!r} is already running")
         if not (images / "inventory.img").is_file():
             raise CheckpointError(f"runc container {container!r} has no kept checkpoint",
                                   hint="restore it from its archive instead")
-        if self._runc_state(container) is not None:
-            raise CheckpointError(f"runc container {container!r} is already running")
         with self._workdir("resume") as work:
             self._start(container, bundle,
                         ["restore", "--detach", "--image-path", str(images),
