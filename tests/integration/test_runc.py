@@ -460,3 +460,33 @@ def test_resume_after_checkpoint(runc_state: RuncMigrator, test_image: str,
     assert not (m.bundles_dir / name / "checkpoint").exists()
     with pytest.raises(CheckpointError, match="already running"):
         m.resume(name)
+
+
+def test_hostile_rootfs_diff_refused(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path
+) -> None:
+    """An archive whose rootfs-diff.tar reaches outside the rootfs restores nothing."""
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    _counting(m, name)
+    good = m.checkpoint(name, tmp_path / "good.tar", leave_running=True)
+    evil = tmp_path / "evil-diff.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../../../../../../tmp/ctrmig-escaped")
+        data = b"escaped\n"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    bad = tmp_path / "bad.tar"
+    with extracted(good.path, workdir=tmp_path) as (root, manifest), bad.open("wb") as out:  # type: ignore[arg-type]
+        writer = ArchiveWriter(out, "none")
+        writer.add_tree(root / "checkpoint", "checkpoint")
+        for member in ("spec.dump", "config.dump"):
+            writer.add_file(member, root / member)
+        writer.add_file("rootfs-diff.tar", evil)
+        writer.finish(manifest)
+    with pytest.raises(UnsafeArchiveError):
+        m.restore(bad, name="ctrmig-evil")
+    assert not Path("/tmp/ctrmig-escaped").exists()
+    assert not m.exists("ctrmig-evil")
+    assert not _mounts_under(m.bundles_dir / "ctrmig-evil")
+    assert [c.name for c in m.list()] == [name]

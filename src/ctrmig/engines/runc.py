@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import (
+    ArchiveError,
     CheckpointError,
     CommandError,
     CommandTimeoutError,
@@ -358,6 +359,13 @@ class RuncMigrator(BaseMigrator):
             config = json.loads((source / "config.dump").read_text())
             process = config["process"]
             image_ref = str(config["image"])
+            if not (isinstance(process, dict)
+                    and all(isinstance(process.get(k), list) and process[k]
+                            and all(isinstance(a, str) for a in process[k])
+                            for k in ("args", "env"))):
+                raise ValueError("process.args and process.env must be lists of strings")
+            for key in ("uid", "gid"):
+                int(process.get(key, 0))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RestoreError(f"archive's config.dump is missing or malformed: {e}") from None
         name = opts.name or manifest.container.name
@@ -400,7 +408,7 @@ class RuncMigrator(BaseMigrator):
             if lazy is not None:
                 proc.stop(lazy)
             self._cleanup(name)
-            if isinstance(e, CtrmigError) and not isinstance(e, RestoreError):
+            if isinstance(e, CtrmigError) and not isinstance(e, (RestoreError, ArchiveError)):
                 raise RestoreError(f"restore of {name!r} failed: {e.message}",
                                    stderr=e.stderr, hint=e.hint) from e
             raise
