@@ -54,6 +54,7 @@ ENGINES = ("podman", "docker", "runc")
 # The train must be fully on screen, away from both edges, when the checkpoint is taken.
 CHECKPOINT_WINDOW = (30, 55)
 MAX_STEP = 1  # sl moves the train one column per frame
+SPEED = 24.0  # columns per second: a frame every 40 ms, and the time to draw it
 # Replay speed of the live view (sl writes about 5 KB/s of curses output off a tty).
 PACE_RATE, PACE_CHUNK = 6000, 240
 
@@ -331,7 +332,7 @@ def _migrator(engine: str, url: str | None) -> ctrmig.Migrator:
 
 def _start(m: ctrmig.Migrator, engine: str, url: str | None, name: str) -> None:
     """Start the demo container: the adapter's own ``run`` where it has one, else the
-    engine's SDK (podman-py, docker)."""
+    engine's SDK (podman-py, docker). sl needs no network, so it gets none."""
     run = getattr(m, "run", None)
     if run is not None:
         run(IMAGE, name=name, command=COMMAND, env=ENV)
@@ -342,7 +343,8 @@ def _start(m: ctrmig.Migrator, engine: str, url: str | None, name: str) -> None:
 
         with PodmanClient(base_url=url) as client:
             try:
-                client.containers.run(IMAGE, COMMAND, name=name, detach=True, environment=ENV)
+                client.containers.run(IMAGE, COMMAND, name=name, detach=True, environment=ENV,
+                                      network_mode="none")
             except APIError as e:
                 raise EngineError(f"podman run {IMAGE} failed: {e}") from None
         return
@@ -352,7 +354,8 @@ def _start(m: ctrmig.Migrator, engine: str, url: str | None, name: str) -> None:
 
         dclient = docker.DockerClient(base_url=url, timeout=120)
         try:
-            dclient.containers.run(IMAGE, COMMAND, name=name, detach=True, environment=ENV)
+            dclient.containers.run(IMAGE, COMMAND, name=name, detach=True, environment=ENV,
+                                   network_mode="none")
         except docker.errors.DockerException as e:
             raise EngineError(f"docker run {IMAGE} failed: {e}") from None
         finally:
@@ -408,17 +411,27 @@ class _Display:
 
 def _wait_for_train(m: ctrmig.Migrator, name: str, display: _Display,
                     timeout: float) -> None:
-    """Wait until the train is well inside the screen (the checkpoint window)."""
+    """Return when the train is well inside the screen (the checkpoint window).
+
+    Some engines' logs arrive in bursts (dockerd holds output without a newline until
+    16 KiB have come), so a sighting of the train still coming in is extrapolated at
+    sl's speed rather than waited for.
+    """
     lo, hi = CHECKPOINT_WINDOW
     screen, seen = Screen(), 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = m.logs(name)
+        seen_at = time.monotonic()
+        fresh = len(text) > seen
         screen.feed(text[seen:])
         seen = len(text)
         display.show(text)
         col = screen.leftmost()
         if col is not None and lo <= col <= hi:
+            return
+        if fresh and col is not None and col > hi:
+            time.sleep(max(0.0, seen_at + (col - (lo + hi) / 2) / SPEED - time.monotonic()))
             return
         time.sleep(0.05)
     raise EngineError(f"the train did not show up in {name}'s log within {timeout:g} s",
