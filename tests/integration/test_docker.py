@@ -19,13 +19,14 @@ import docker
 import pytest
 
 import ctrmig
-from ctrmig.engines.docker import DockerMigrator, _privileges
+from ctrmig.engines.docker import DockerMigrator, _create_body, _privileges
 from ctrmig.errors import (
     ContainerNotFoundError,
     EngineError,
     EngineUnavailableError,
     ImageNotFoundError,
     NameInUseError,
+    OptionError,
     PrivilegeError,
     RestoreError,
     ToolMissingError,
@@ -157,17 +158,8 @@ def test_restore_right_after_checkpoint_rounds(
     print(f"5 rounds in {time.monotonic() - start:.1f} s, {len(retries)} race retries")
 
 
-def test_concurrent_restores_of_one_archive_survive_the_race(
-    dk: Docker, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Starting several containers from identical checkpoint content at once reliably
-    makes containerd answer "commit failed: content sha256:...: already exists"
-    (moby#42900); every restore must still succeed, through the bounded retry."""
-    caplog.set_level(logging.WARNING, logger="ctrmig.engines.docker")
-    src = dk.counter()
-    archive = tmp_path / "race.tar"
-    before = checkpoint_count(dk, src, archive, compression="none")
-    names = [dk.track(unique("ctrmig-dk-race")) for _ in range(4)]
+def concurrent_restores(dk: Docker, archive: Path, count: int) -> tuple[list[str], float]:
+    names = [dk.track(unique("ctrmig-dk-race")) for _ in range(count)]
     errors: list[BaseException] = []
 
     def restore(name: str) -> None:
@@ -183,13 +175,32 @@ def test_concurrent_restores_of_one_archive_survive_the_race(
         t.start()
     for t in threads:
         t.join()
-    retries = [r for r in caplog.records if "moby#42900" in r.getMessage()]
-    print(f"4 concurrent restores in {time.monotonic() - start:.1f} s, "
-          f"{len(retries)} race retries")
     assert not errors, errors
+    return names, time.monotonic() - start
+
+
+@pytest.mark.parametrize("unique_uploads", [False, True])
+def test_concurrent_restores_of_one_archive(
+    dk: Docker, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, unique_uploads: bool,
+) -> None:
+    """Starting several containers from identical checkpoint content at once reliably
+    makes containerd answer "commit failed: content sha256:...: already exists"
+    (moby#42900). With unique uploads off, that provokes the race and the bounded retry
+    must absorb it; with them on (the default) the race should not even happen."""
+    caplog.set_level(logging.WARNING, logger="ctrmig.engines.docker")
+    monkeypatch.setattr(DockerMigrator, "unique_uploads", unique_uploads)
+    src = dk.counter()
+    archive = tmp_path / "race.tar"
+    before = checkpoint_count(dk, src, archive, compression="none")
+    names, took = concurrent_restores(dk, archive, 4)
+    retries = [r for r in caplog.records if "moby#42900" in r.getMessage()]
+    print(f"unique_uploads={unique_uploads}: 4 concurrent restores in {took:.1f} s, "
+          f"{len(retries)} race retries")
     for name in names:
         dk.assert_continues(name, before)
-    assert retries, "the race was not provoked: this test proves nothing on this host"
+    if not unique_uploads:
+        assert retries, "the race was not provoked: this test proves nothing on this host"
 
 
 def test_leave_running_and_keep(dk: Docker, tmp_path: Path) -> None:
@@ -213,6 +224,16 @@ def test_rootfs_deletion_travels(dk: Docker, tmp_path: Path) -> None:
     restored = dk.track(dk.m.restore(tmp_path / "rm.tar", name=unique("ctrmig-dk-rm2")))
     assert "No such file" in dk.read(restored, "/bin/vi")
     assert dk.read(restored, "/new/dir/f") == "x\n"
+
+
+def test_publish_ports_replace_the_recorded_ones(dk: Docker, tmp_path: Path) -> None:
+    src = dk.counter()
+    dk.m.checkpoint(src, tmp_path / "p.tar")
+    restored = dk.track(dk.m.restore(tmp_path / "p.tar", name=unique("ctrmig-dk-port"),
+                                     publish_ports=["127.0.0.1:18080:80"]))
+    bindings = dk.api.inspect_container(restored)["HostConfig"]["PortBindings"]
+    assert bindings == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "18080"}]}
+    assert dk.state(restored) == "running"
 
 
 # --- errors with a daemon ------------------------------------------------------------------
@@ -378,6 +399,26 @@ def test_start_other_error_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RestoreError):
         m._start_retrying("cid", "cp")
     assert len(calls) == 3  # bounded
+
+
+def test_create_body_keeps_config_and_maps_ports() -> None:
+    config = {
+        "Config": {"Image": "img", "Cmd": ["sh"], "Env": ["A=1"], "NetworkDisabled": True,
+                   "ExposedPorts": {"22/tcp": {}}},
+        "HostConfig": {"RestartPolicy": {"Name": "always"}, "ContainerIDFile": "/x",
+                       "PortBindings": {"22/tcp": [{"HostIp": "", "HostPort": "2222"}]}},
+    }
+    body = _create_body(config, ("8080:80", "127.0.0.1:53:53/udp"))
+    assert body["Image"] == "img" and body["Env"] == ["A=1"]
+    assert "NetworkDisabled" not in body and "ContainerIDFile" not in body["HostConfig"]
+    assert body["HostConfig"]["RestartPolicy"] == {"Name": "always"}
+    assert set(body["ExposedPorts"]) == {"22/tcp", "80/tcp", "53/udp"}
+    assert body["HostConfig"]["PortBindings"] == {
+        "80/tcp": [{"HostIp": "", "HostPort": "8080"}],
+        "53/udp": [{"HostIp": "127.0.0.1", "HostPort": "53"}],
+    }
+    with pytest.raises(OptionError):
+        _create_body(config, ("80:90:100:x",))
 
 
 def test_privileges_listed() -> None:

@@ -32,6 +32,8 @@ import docker
 import requests
 import tenacity
 from docker.errors import DockerException
+from docker.utils import convert_port_bindings
+from docker.utils.ports import split_port
 
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.engines.base import BaseMigrator
@@ -41,6 +43,7 @@ from ctrmig.errors import (
     ContainerNotFoundError,
     EngineError,
     ImageNotFoundError,
+    OptionError,
     PrivilegeError,
     RestoreError,
     UnsafeArchiveError,
@@ -61,13 +64,16 @@ EXPERIMENTAL_HINT = ('enable "experimental": true in /etc/docker/daemon.json '
 START_RACE = re.compile(r"content sha256:[0-9a-f]+.*already exists")
 
 CHECKPOINT_DIR = "checkpoint"
+NONCE_FILE = "ctrmig-restore.id"
 CONFIG_DUMP = "config.dump"
 SPEC_DUMP = "spec.dump"
 ROOTFS_DIFF = "rootfs-diff.tar"
 DELETED_FILES = "deleted.files"
 _ADDED, _MODIFIED, _DELETED = 1, 0, 2
 
-# Config keys copied from the recorded container into the new one.
+# Config keys copied from the recorded container into the new one. Not NetworkDisabled:
+# dockerd sets it itself when it has no network, and a new container created with it set
+# explicitly fails to restore ("criu failed: type NOTIFY errno 0", seen on 20.10.24).
 _CONFIG_KEYS = ("Hostname", "Domainname", "User", "Env", "Cmd", "Entrypoint", "Image",
                 "WorkingDir", "Labels", "ExposedPorts", "Volumes", "Tty", "OpenStdin",
                 "StdinOnce", "StopSignal", "StopTimeout", "Healthcheck",
@@ -91,22 +97,26 @@ class DockerMigrator(BaseMigrator):
     # (restore); ignore_rootfs: no filesystem changes recorded / applied.
     checkpoint_options: ClassVar[frozenset[str]] = frozenset({"keep", "ignore_rootfs"})
     restore_options: ClassVar[frozenset[str]] = frozenset(
-        {"keep", "ignore_rootfs", "allow_privileged"}
+        {"keep", "ignore_rootfs", "allow_privileged", "publish_ports"}
     )
+
+    #: Make every checkpoint upload to containerd unique (see _start_retrying).
+    unique_uploads: bool = True
 
     def __init__(
         self,
         base_url: str | None = None,
         *,
         api_timeout: float = 60.0,
-        start_attempts: int = 6,
+        start_attempts: int = 8,
         workdir: str | os.PathLike[str] | None = None,
         timeout: float = 900.0,
     ):
         """``base_url``: dockerd's socket (default: $DOCKER_HOST, else the system socket).
 
         ``api_timeout`` bounds quick calls (inspect, create); ``timeout`` the long ones
-        (checkpoint, start from a checkpoint, filesystem archives).
+        (checkpoint, start from a checkpoint, filesystem archives). ``start_attempts``
+        bounds the retries of containerd's start race (backoff 0.25 s doubling to 4 s).
         """
         super().__init__(workdir=workdir, timeout=timeout)
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
@@ -327,7 +337,7 @@ class DockerMigrator(BaseMigrator):
         log.warning("checkpoint of %s failed: restarting it from checkpoint %s",
                     record.name, name)
         try:
-            self._start_retrying(record.id, name)
+            self._start_retrying(record.id, name, self._checkpoint_dir(record.id, name))
         except EngineError as e:
             log.error("could not bring %s back from checkpoint %s: %s", record.name, name, e)
 
@@ -390,7 +400,10 @@ class DockerMigrator(BaseMigrator):
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         self._require_checkpoints()
         config = _load_config(source)
-        body = _create_body(config)
+        body = _create_body(config, opts.publish_ports)
+        if any(m.get("Type") == "volume" for m in config.get("Mounts") or []):
+            log.warning("%s: volume contents are not in the archive; the new container "
+                        "gets the volumes by name (empty if new)", manifest.container.name)
         image = str(body.get("Image") or manifest.container.image)
         with self._errors(f"inspect image {image}", not_found=ImageNotFoundError):
             self.api.inspect_image(image)
@@ -405,7 +418,7 @@ class DockerMigrator(BaseMigrator):
             target.parent.mkdir(parents=True, exist_ok=True)
             # The extracted copy is ours and used once: move it (a rename on one filesystem).
             shutil.move(source / CHECKPOINT_DIR, target)
-            self._start_retrying(cid, checkpoint)
+            self._start_retrying(cid, checkpoint, target)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.remove(cid)
@@ -420,8 +433,18 @@ class DockerMigrator(BaseMigrator):
             return wanted
         return f"{wanted}-{uuid.uuid4().hex[:6]}"
 
-    def _start_retrying(self, cid: str, checkpoint: str) -> None:
-        """Start ``cid`` from ``checkpoint``, retrying only the moby#42900 race."""
+    def _start_retrying(self, cid: str, checkpoint: str, path: Path | None = None) -> None:
+        """Start ``cid`` from ``checkpoint`` (at ``path``), retrying only the moby#42900 race.
+
+        dockerd uploads the checkpoint directory as a tar to containerd's content store;
+        when a blob with the same digest is still there (containerd's own copy of a fresh
+        checkpoint awaiting garbage collection, or a concurrent restore of the same
+        archive) the upload fails with "already exists". A file unique to this start makes
+        the digest unique: seen here, that removed the race (30 rounds, 12 concurrent
+        restores, no retry). The bounded retry stays for daemons that behave otherwise.
+        """
+        if path is not None and self.unique_uploads:
+            (path / NONCE_FILE).write_text(f"{cid} {checkpoint} {uuid.uuid4().hex}\n")
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.start_attempts),
             wait=tenacity.wait_exponential(multiplier=0.25, max=4),
@@ -485,13 +508,37 @@ def _load_config(source: Path) -> dict[str, Any]:
     return data
 
 
-def _create_body(config: dict[str, Any]) -> dict[str, Any]:
-    """The POST /containers/create body that recreates the recorded container."""
+def _create_body(config: dict[str, Any], publish: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The POST /containers/create body that recreates the recorded container.
+
+    ``publish`` ("[ip:]hostport:containerport[/proto]", as for ``docker run -p``) replaces
+    the recorded port bindings.
+    """
     src = config.get("Config") or {}
     host = config.get("HostConfig") or {}
     body = {k: src[k] for k in _CONFIG_KEYS if src.get(k) is not None}
     body["HostConfig"] = {k: host[k] for k in _HOST_CONFIG_KEYS if host.get(k) is not None}
+    if publish:
+        exposed, bindings = _port_bindings(publish)
+        body["ExposedPorts"] = {**(body.get("ExposedPorts") or {}), **exposed}
+        body["HostConfig"]["PortBindings"] = bindings
     return body
+
+
+def _port_bindings(specs: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ExposedPorts and PortBindings for ``docker run -p`` style specs."""
+    raw: dict[str, list[Any]] = {}
+    for spec in specs:
+        try:
+            internal, external = split_port(spec)
+        except ValueError as e:
+            raise OptionError(f"bad port mapping {spec!r}: {e}",
+                              hint="use [ip:]hostport:containerport[/tcp|udp]") from None
+        for i, port in enumerate(internal):
+            key = port if "/" in port else f"{port}/tcp"
+            raw.setdefault(key, []).append(external[i] if external else None)
+    bindings: dict[str, Any] = convert_port_bindings(raw)
+    return {key: {} for key in raw}, bindings
 
 
 def _privileges(config: dict[str, Any]) -> list[str]:
