@@ -31,6 +31,8 @@ from rich.progress import (
 from rich.table import Table
 
 import ctrmig
+from ctrmig import demo as _demo
+from ctrmig import doctor as _doctor
 from ctrmig.archive import COMPRESSIONS, Manifest
 from ctrmig.archive.writer import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
@@ -40,8 +42,7 @@ log = logging.getLogger("ctrmig")
 
 ENGINE_HELP = "Engine: podman, docker, runc or process [env: CTRMIG_ENGINE; default: detected]."
 URL_HELP = "podman/docker API URL [env: CTRMIG_PODMAN_URL, DOCKER_HOST]."
-CONTAINER_ENGINES = ("podman", "docker", "runc")
-SERVICE_NAMES = ("podman", "docker")
+API_ENGINES = ("podman", "docker")  # the engines reached through an API URL
 
 
 def _out() -> Console:
@@ -97,7 +98,7 @@ def _holders(container: str, url: str | None) -> list[str]:
     """Engines that are reachable and hold ``container``."""
     found = []
     for engine in ctrmig.engines():
-        if url and engine not in ("podman", "docker"):
+        if url and engine not in API_ENGINES:
             continue
         try:
             m = _connect(engine, url)
@@ -341,7 +342,7 @@ def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> No
     table = Table("engine", "name", "id", "image", "state")
     failed = False
     for name in [engine] if engine else ctrmig.engines():
-        if url and not engine and name not in ("podman", "docker"):
+        if url and not engine and name not in API_ENGINES:
             continue
         try:
             with contextlib.closing(_connect(name, url)) as m:
@@ -373,8 +374,6 @@ def doctor(engines: tuple[str, ...], podman_url: str | None, docker_url: str | N
            as_json: bool) -> None:
     """Check what this host needs to checkpoint and restore; exit 0 if the engines are
     usable."""
-    from ctrmig import doctor as _doctor
-
     report = _doctor.diagnose(engines or _doctor.ENGINES, podman_url=podman_url,
                               docker_url=docker_url)
     if as_json:
@@ -392,7 +391,7 @@ def doctor(engines: tuple[str, ...], podman_url: str | None, docker_url: str | N
 
 
 @cli.command()
-@click.option("--engine", "-e", type=click.Choice(CONTAINER_ENGINES), default="podman",
+@click.option("--engine", "-e", type=click.Choice(_demo.ENGINES), default="podman",
               show_default=True, help="Engine to run the demo on.")
 @url_option
 @click.option("--no-tty", is_flag=True, help="Do not show the train; just report the columns.")
@@ -405,8 +404,6 @@ def demo(engine: str, url: str | None, no_tty: bool, pause: float) -> None:
     the train crosses the screen, restores it under a new name and compares the train's
     column in the two real container logs. Exit 0 only if it resumed where it stopped.
     """
-    from ctrmig import demo as _demo
-
     interactive = not no_tty and sys.stdout.isatty()
     say = None if interactive else (lambda msg: click.echo(msg, err=True))
     result = _demo.run_demo(engine, url=url, interactive=interactive, pause=pause, say=say)
@@ -428,7 +425,7 @@ def _cup(pos: tuple[int, int] | None) -> str:
 
 @cli.command()
 @click.argument("action", type=click.Choice(("start", "stop", "status")))
-@click.argument("service", type=click.Choice(SERVICE_NAMES))
+@click.argument("service", type=click.Choice(API_ENGINES))
 def service(action: str, service: str) -> None:
     """Start, stop or query podman's API service or dockerd on the default socket.
 
