@@ -419,6 +419,15 @@ def demo(engine: str, url: str | None, no_tty: bool, pause: float) -> None:
         raise click.exceptions.Exit(1)
 
 
+def _runs(pid: int, program: str) -> bool:
+    """Whether process ``pid`` still runs ``program`` (a pidfile can outlive its process)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return Path(argv0).name == Path(program).name
+
+
 def _cup(pos: tuple[int, int] | None) -> str:
     return f"ESC[{pos[0]};{pos[1]}H" if pos else "-"
 
@@ -441,6 +450,9 @@ def service(action: str, service: str) -> None:
         click.echo(f"{svc.name} answers on {svc.socket}" + (" (already running)" if alive
                                                             else f" (pid {svc.pid()})"))
     elif action == "stop":
+        if pid is not None and not alive and not _runs(pid, svc.argv[0]):
+            svc.pidfile.unlink(missing_ok=True)  # stale: never signal a reused PID
+            pid = None
         if pid is None:
             if alive:
                 raise OptionError(f"{svc.name} on {svc.socket} was not started by ctrmig",

@@ -158,3 +158,12 @@ def test_engine_detection(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_url_only_for_api_engines() -> None:
     with pytest.raises(ctrmig.errors.OptionError, match="--url"):
         cli._connect("runc", "unix:///tmp/x.sock")
+
+
+def test_stale_pidfile_is_not_our_process() -> None:
+    import os
+    import sys
+
+    assert cli._runs(os.getpid(), sys.executable)
+    assert not cli._runs(os.getpid(), "dockerd")
+    assert not cli._runs(2**22 + 1, "dockerd")  # above pid_max: no such process
