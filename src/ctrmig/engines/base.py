@@ -3,7 +3,8 @@
 :class:`BaseMigrator` implements the public half of the :class:`~ctrmig.protocol.Migrator`
 protocol: option checking, the per-container lock, writing the archive atomically with
 its manifest, verifying or safely extracting an archive before any engine call, and
-refusing archives of another engine. An adapter fills in a few ``_``-prefixed hooks.
+refusing archives of another engine or (unless allowed) asking for privileges. An adapter
+fills in a few ``_``-prefixed hooks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ctrmig.archive import (
     Manifest,
     atomic_output,
     extracted,
+    privileges,
     verify,
 )
 from ctrmig.archive.reader import copy_member
@@ -60,7 +62,11 @@ LOCK_DIR = Path(os.environ.get("CTRMIG_LOCK_DIR", "/run/ctrmig/locks"))
 
 @contextlib.contextmanager
 def container_lock(engine: str, container: str) -> Iterator[None]:
-    """Hold an exclusive lock on one container; BusyError if another ctrmig holds it."""
+    """Hold an exclusive lock on one container; BusyError if another ctrmig holds it.
+
+    The lock file is removed on release. Whoever locks a file that was removed meanwhile
+    (its inode is no longer the one at the path) retries, so two holders never overlap.
+    """
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", container)[:200]
     try:
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
@@ -68,15 +74,29 @@ def container_lock(engine: str, container: str) -> Iterator[None]:
     except OSError:
         lock_dir = Path(tempfile.gettempdir()) / "ctrmig-locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{engine}-{safe}.lock", "w") as f:
+    path = lock_dir / f"{engine}-{safe}.lock"
+    while True:
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise BusyError(
                 f"{engine} container {container!r} is busy: another ctrmig operation holds it",
                 hint="wait for it to finish, then try again",
             ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # we locked a file its previous holder had already removed
+    try:
         yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
 
 
 class BaseMigrator(ABC):
@@ -135,7 +155,9 @@ class BaseMigrator(ABC):
         opts: RestoreOptions = build_options(RestoreOptions, {"name": name, **options})
         if opts.lazy_pages:
             criu.require_lazy_pages()
-        self._refuse_unsupported(opts.set_options(), self.restore_options, "restore")
+        # allow_privileged is honoured below, for every engine (privileges.check).
+        self._refuse_unsupported(opts.set_options() - {"allow_privileged"},
+                                 self.restore_options, "restore")
         # Verify (or extract) first: a bad archive is refused before any engine call.
         with contextlib.ExitStack() as stack:
             if self.needs_extracted:
@@ -146,6 +168,10 @@ class BaseMigrator(ABC):
                 root = stack.enter_context(self._spooled(archive))
                 manifest = verify(root, progress=progress)
             self._check_archive(manifest, root, opts)
+            privileges.check(
+                privileges.archive_requests(root, manifest, extracted=self.needs_extracted),
+                opts.allow_privileged,
+            )
             self._ensure_image(manifest, root)
             target = opts.name or manifest.container.name
             stack.enter_context(container_lock(self.engine, target))
