@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -208,6 +209,7 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
     """Checkpoint CONTAINER into one archive file (stops it unless --leave-running)."""
     engine = _pick(engine, container, url)
     to_stdout = archive == "-"
+    started = time.monotonic()
     with contextlib.closing(_connect(engine, url)) as m, \
             _progress(f"checkpoint {container}") as progress:
         result = m.checkpoint(
@@ -224,8 +226,15 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
                  f"({_size(result.size)}; memory {_size(mf.memory_bytes)}, "
                  f"rootfs diff {_size(mf.rootfs_diff_bytes)})")
     if print_stats:
-        stats = {k: v for k, v in mf.extra.items() if "stat" in k.lower()}
-        _out().print_json(json.dumps(stats or mf.extra, default=str))
+        table = Table(show_header=False, box=None)
+        for key, value in (("time", f"{time.monotonic() - started:.2f} s"),
+                           ("files", str(len(mf.files))), ("total", _size(mf.total_bytes)),
+                           ("criu statistics", "stats-dump in the archive"
+                            if "stats-dump" in mf.files else "-"),
+                           *((k, json.dumps(v, default=str)) for k, v in mf.extra.items()
+                             if "stat" in k.lower())):
+            table.add_row(f"[bold]{key}[/]", value)
+        _out().print(table)
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from ctrmig import cli
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.errors import CommandError
 
-COMMANDS = ["checkpoint", "restore", "inspect", "ls", "doctor", "demo", "service"]
+COMMANDS = sorted(cli.cli.commands)
 
 
 @pytest.fixture
