@@ -1,0 +1,344 @@
+"""What a checkpointed container asks of the host it is restored on.
+
+A restore runs the archive's configuration with the target's root privileges, so an
+archive from elsewhere must not quietly get more than an ordinary container:
+:func:`requests` lists what reaches beyond one, :func:`check` refuses it unless the
+caller passed ``allow_privileged``. The choices, deliberately:
+
+* **privileged**: podman's ``privileged`` (config.dump or its spec annotation), docker's
+  ``HostConfig.Privileged``.
+* **capability**: any capability outside the default set below, in any of the spec's
+  capability sets (docker: ``CapAdd``). The default set is podman's (containers.conf, the
+  same as the OCI runtime spec's template plus SETFCAP/SETPCAP...) united with docker's
+  three extras, AUDIT_WRITE, MKNOD and NET_RAW, so that an ordinary docker container is
+  not flagged; MKNOD is harmless under the device cgroup, NET_RAW is the one docker
+  default that podman dropped.
+* **host path**: a bind mount whose source is a host path, i.e. not the container's own
+  storage (``.../overlay-containers/<its id>/userdata`` for podman, ``.../containers/<its
+  id>/`` for docker: hosts, resolv.conf, shm) and not a named volume (``.../volumes/<name>/
+  _data``, of a volume the config names, or under podman's or docker's default roots);
+  also a mount of any filesystem type that is not a kernel pseudo filesystem (an ``ext4``
+  mount of ``/dev/vda1`` is the host's disk), and a writable ``/sys`` or cgroup mount.
+* **namespace**: network, pid, ipc, uts or mount namespace missing from
+  ``linux.namespaces`` (the host's is used), or joined by a ``/proc/...`` path (another
+  process's). A missing user namespace is not flagged: rootful podman and docker run
+  without one by default.
+* **device**: a device node other than null, zero, full, random, urandom, tty, console
+  and ptmx (judged by type and major:minor, not by path), or a device-cgroup rule
+  allowing more than the runtimes' default rules (all devices, say).
+* **unconfined**: no seccomp filter (or one allowing everything), AppArmor
+  ``unconfined``, docker's ``seccomp=unconfined``/``apparmor=unconfined``/``label=disable``,
+  and no masked /proc paths. SELinux labels are not judged (hosts differ too much).
+* **group**: supplementary group 0 for a process that is not root already.
+
+Which members count depends on the engine that restores (see :data:`RESTORE_MEMBERS`):
+what the engine actually builds the container from, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctrmig.archive.manifest import Manifest
+from ctrmig.archive.reader import MAX_MANIFEST_BYTES, read_manifest, read_members
+from ctrmig.errors import ArchiveError, PrivilegeError
+
+log = logging.getLogger(__name__)
+
+SPEC_DUMP = "spec.dump"
+CONFIG_DUMP = "config.dump"
+HINT = "pass --allow-privileged (allow_privileged=True) if you trust this archive"
+
+#: The members each engine builds the restored container from. podman runs spec.dump
+#: (config.dump says whether it was privileged); docker creates the container from
+#: config.dump (its inspect document); runc restores on its own bundle template and the
+#: process engine a plain process, so neither takes a privilege from the archive.
+#: Engines not listed here: both members.
+RESTORE_MEMBERS: dict[str, tuple[str, ...]] = {
+    "podman": (SPEC_DUMP, CONFIG_DUMP),
+    "docker": (CONFIG_DUMP,),
+    "runc": (),
+    "process": (),
+}
+
+#: Podman's default capabilities (containers.conf) plus docker's AUDIT_WRITE, MKNOD, NET_RAW.
+DEFAULT_CAPABILITIES = frozenset({
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETFCAP",
+    "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+    "AUDIT_WRITE", "MKNOD", "NET_RAW",
+})
+# Capabilities that amount to root on the host, worst first (listed first in errors).
+_HOST_ROOT_CAPABILITIES = ("ALL", "SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_PTRACE",
+                           "DAC_READ_SEARCH", "NET_ADMIN", "BPF", "SYS_BOOT")
+#: Namespaces a container must have of its own (missing = the host's).
+OWN_NAMESPACES = ("network", "pid", "ipc", "uts", "mount")
+#: (type, major, minor) of the device nodes every runtime creates.
+DEFAULT_DEVICES = frozenset({("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9),
+                             ("c", 5, 0), ("c", 5, 1), ("c", 5, 2)})
+#: Device-cgroup rules runc/crun/docker allow by default (minor None: any), beyond those.
+DEFAULT_DEVICE_RULES = DEFAULT_DEVICES | {("c", 136, None), ("c", 10, 200)}
+#: Kernel pseudo filesystems a container may mount (no host data behind them).
+PSEUDO_FILESYSTEMS = frozenset({"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup",
+                                "cgroup2", "shm", "none"})
+DEFAULT_VOLUME_ROOTS = ("/var/lib/containers/storage/volumes/", "/var/lib/docker/volumes/")
+_VOLUME = re.compile(r"/volumes/([^/]+)/_data(?:/|$)")
+_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class PrivilegeRequest:
+    """One thing the container asks beyond an ordinary container, e.g. ("capability",
+    "SYS_ADMIN")."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.detail}"
+
+
+def requests(spec: dict[str, Any], config: dict[str, Any] | None) -> list[PrivilegeRequest]:
+    """What the OCI runtime ``spec`` (empty: none) and the engine's container ``config``
+    (podman's config.dump or docker's inspect document) ask beyond an ordinary container.
+    """
+    config = config if isinstance(config, dict) else {}
+    found: list[PrivilegeRequest] = []
+    if spec:
+        found += _spec_requests(spec, config)
+    if isinstance(config.get("HostConfig"), dict):
+        found += _docker_requests(config)
+    elif config.get("privileged") is True:
+        found.append(PrivilegeRequest("privileged", "podman --privileged"))
+    return list(dict.fromkeys(found))  # unique, in order
+
+
+def check(found: Iterable[PrivilegeRequest], allow_privileged: bool) -> None:
+    """Raise PrivilegeError listing ``found`` unless it is empty or ``allow_privileged``."""
+    found = list(found)
+    if not found:
+        return
+    listed = summary(found)
+    if not allow_privileged:
+        raise PrivilegeError(f"the archive's container asks for: {listed}", hint=HINT)
+    log.warning("restoring a container that asks for: %s (allowed)", listed)
+
+
+def summary(found: Iterable[PrivilegeRequest], per_kind: int = 6) -> str:
+    """One line: the requests grouped by kind, e.g. "capability SYS_ADMIN, NET_ADMIN;
+    namespace host network"."""
+    kinds: dict[str, list[str]] = {}
+    for req in found:
+        kinds.setdefault(req.kind, []).append(req.detail)
+    parts = []
+    for kind, details in kinds.items():
+        more = f" and {len(details) - per_kind} more" if len(details) > per_kind else ""
+        parts.append(f"{kind} {', '.join(details[:per_kind])}{more}")
+    return "; ".join(parts)
+
+
+def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> list[
+        PrivilegeRequest]:
+    """What a verified archive asks of the engine that will restore it.
+
+    ``source`` is the extracted directory (``extracted``) or the archive file.
+    """
+    names = RESTORE_MEMBERS.get(manifest.engine, (SPEC_DUMP, CONFIG_DUMP))
+    if extracted:
+        raw = {n: _read_file(source / n) for n in names if n in manifest.files}
+    else:
+        raw = read_members(source, manifest, names)
+    spec = _json(SPEC_DUMP, raw[SPEC_DUMP]) if SPEC_DUMP in raw else {}
+    config = _json(CONFIG_DUMP, raw[CONFIG_DUMP]) if CONFIG_DUMP in raw else None
+    return requests(spec, config)
+
+
+def archive_privileges(path: Path) -> list[PrivilegeRequest]:
+    """What the archive at ``path`` asks of the host it is restored on (for inspect)."""
+    return archive_requests(Path(path), read_manifest(Path(path)), extracted=False)
+
+
+# --- the OCI runtime spec ----------------------------------------------------------------
+
+
+def _spec_requests(spec: dict[str, Any], config: dict[str, Any]) -> Iterator[PrivilegeRequest]:
+    process, linux = _dict(spec.get("process")), _dict(spec.get("linux"))
+    annotations = _dict(spec.get("annotations"))
+    if str(annotations.get("io.podman.annotations.privileged", "")).upper() == "TRUE":
+        yield PrivilegeRequest("privileged", "podman --privileged")
+    caps = _dict(process.get("capabilities"))
+    extra = {_cap(c) for kind in ("bounding", "effective", "permitted", "inheritable",
+                                  "ambient") for c in _list(caps.get(kind))}
+    for cap in sorted(extra - DEFAULT_CAPABILITIES, key=_cap_order):
+        yield PrivilegeRequest("capability", cap)
+    yield from _namespaces(linux)
+    yield from _mounts(spec, config)
+    yield from _devices(linux)
+    yield from _confinement(process, linux, annotations)
+    user = _dict(process.get("user"))
+    if (user.get("uid") != 0 and user.get("gid") != 0
+            and 0 in _list(user.get("additionalGids"))):
+        yield PrivilegeRequest("group", "supplementary group 0 (root)")
+
+
+def _namespaces(linux: dict[str, Any]) -> Iterator[PrivilegeRequest]:
+    present: dict[str, str] = {}
+    for ns in _list(linux.get("namespaces")):
+        ns = _dict(ns)
+        present[str(ns.get("type"))] = str(ns.get("path") or "")
+    for kind in OWN_NAMESPACES:
+        if kind not in present:
+            yield PrivilegeRequest("namespace", f"host {kind}")
+        elif present[kind].startswith("/proc/"):
+            yield PrivilegeRequest("namespace", f"{kind} of another process ({present[kind]})")
+
+
+def _mounts(spec: dict[str, Any], config: dict[str, Any]) -> Iterator[PrivilegeRequest]:
+    own_ids = _own_ids(spec, config)
+    volumes = {str(_dict(v).get("volumeName")) for v in _list(config.get("namedVolumes"))}
+    for mount in _list(spec.get("mounts")):
+        mount = _dict(mount)
+        kind, source = str(mount.get("type") or ""), str(mount.get("source") or "")
+        options = [str(o) for o in _list(mount.get("options"))]
+        dest = str(mount.get("destination") or "")
+        if kind == "bind" or "bind" in options or "rbind" in options:
+            if not _own_storage(source, own_ids, volumes):
+                yield PrivilegeRequest("host path", f"{source} at {dest}")
+        elif kind not in PSEUDO_FILESYSTEMS:
+            yield PrivilegeRequest("host path", f"{kind} mount of {source} at {dest}")
+        elif kind in ("sysfs", "cgroup", "cgroup2") and "ro" not in options:
+            yield PrivilegeRequest("host path", f"writable {kind} at {dest}")
+
+
+def _own_ids(spec: dict[str, Any], config: dict[str, Any]) -> set[str]:
+    ids = {str(config.get(k)) for k in ("id", "Id") if _ID.fullmatch(str(config.get(k)))}
+    if not ids:  # no config: the id in the spec's cgroup path (libpod-<id>, docker-<id>)
+        ids.update(_ID.findall(str(_dict(spec.get("linux")).get("cgroupsPath", ""))))
+    return ids
+
+
+def _own_storage(source: str, own_ids: set[str], volumes: set[str]) -> bool:
+    """Whether a bind source is the container's own storage or a named volume."""
+    path = posixpath.normpath(source)
+    if not path.startswith("/") or "/../" in f"{path}/":
+        return False
+    for cid in own_ids:
+        if (f"/overlay-containers/{cid}/userdata/" in f"{path}/"
+                or f"/containers/{cid}/" in path):
+            return True
+    volume = _VOLUME.search(path)
+    return volume is not None and (
+        volume.group(1) in volumes or path.startswith(DEFAULT_VOLUME_ROOTS))
+
+
+def _devices(linux: dict[str, Any]) -> Iterator[PrivilegeRequest]:
+    created = set()
+    for dev in _list(linux.get("devices")):
+        dev = _dict(dev)
+        key = (str(dev.get("type")), dev.get("major"), dev.get("minor"))
+        created.add(key)
+        if key not in DEFAULT_DEVICES:
+            yield PrivilegeRequest("device", f"{dev.get('path')} ({key[0]} {key[1]}:{key[2]})")
+    rules = _list(_dict(linux.get("resources")).get("devices"))
+    for rule in map(_dict, rules):
+        if rule.get("allow") is not True or set(str(rule.get("access") or "rwm")) <= {"m"}:
+            continue  # denials, and mknod-only rules (what a node may be created as)
+        kind, major, minor = str(rule.get("type") or "a"), rule.get("major"), rule.get("minor")
+        if kind == "a" or major is None or major == -1:
+            yield PrivilegeRequest("device", f"all {'' if kind == 'a' else kind + ' '}devices")
+        elif ((kind, major, minor) not in created | DEFAULT_DEVICE_RULES
+              and (kind, major, None) not in DEFAULT_DEVICE_RULES):
+            yield PrivilegeRequest("device", f"access to {kind} {major}:{minor}")
+
+
+def _confinement(process: dict[str, Any], linux: dict[str, Any],
+                 annotations: dict[str, Any]) -> Iterator[PrivilegeRequest]:
+    seccomp = linux.get("seccomp")
+    if not isinstance(seccomp, dict) or (
+            seccomp.get("defaultAction") in ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+            and not seccomp.get("syscalls")):
+        yield PrivilegeRequest("unconfined", "no seccomp filter")
+    if (process.get("apparmorProfile") == "unconfined"
+            or annotations.get("io.podman.annotations.apparmor") == "unconfined"):
+        yield PrivilegeRequest("unconfined", "AppArmor unconfined")
+    if not _list(linux.get("maskedPaths")):
+        yield PrivilegeRequest("unconfined", "no masked /proc paths")
+
+
+# --- docker's inspect document (the docker engine's config.dump) ----------------------------
+
+
+def _docker_requests(config: dict[str, Any]) -> Iterator[PrivilegeRequest]:
+    host = _dict(config.get("HostConfig"))
+    if host.get("Privileged") is True:
+        yield PrivilegeRequest("privileged", "docker --privileged")
+    for cap in sorted({_cap(c) for c in _list(host.get("CapAdd"))} - DEFAULT_CAPABILITIES,
+                      key=_cap_order):
+        yield PrivilegeRequest("capability", cap)
+    for dev in map(_dict, _list(host.get("Devices"))):
+        yield PrivilegeRequest("device", str(dev.get("PathOnHost")))
+    for rule in _list(host.get("DeviceCgroupRules")):
+        yield PrivilegeRequest("device", f"cgroup rule {rule}")
+    for key, kind in (("NetworkMode", "network"), ("PidMode", "pid"), ("IpcMode", "ipc"),
+                      ("UTSMode", "uts"), ("UsernsMode", "user")):
+        mode = str(host.get(key) or "")
+        if mode == "host":
+            yield PrivilegeRequest("namespace", f"host {kind}")
+        elif mode.startswith("container:") and kind in ("pid", "ipc"):
+            yield PrivilegeRequest("namespace", f"{kind} of {mode}")
+    for bind in map(str, _list(host.get("Binds"))):
+        if bind.startswith("/"):  # else a named volume
+            yield PrivilegeRequest("host path", bind)
+    for mount in map(_dict, _list(host.get("Mounts"))):
+        if mount.get("Type") == "bind":
+            yield PrivilegeRequest("host path", f"{mount.get('Source')}:{mount.get('Target')}")
+    for opt in map(str, _list(host.get("SecurityOpt"))):
+        if opt.replace(":", "=") in ("seccomp=unconfined", "apparmor=unconfined",
+                                     "label=disable", "systempaths=unconfined"):
+            yield PrivilegeRequest("unconfined", opt)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _cap(name: object) -> str:
+    cap = str(name).upper()
+    return cap[4:] if cap.startswith("CAP_") else cap
+
+
+def _cap_order(cap: str) -> tuple[int, str]:
+    """The capabilities that amount to root on the host first, then by name."""
+    rank = _HOST_ROOT_CAPABILITIES
+    return (rank.index(cap) if cap in rank else len(rank)), cap
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _read_file(path: Path) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArchiveError(f"{path.name} is implausibly large")
+    return data
+
+
+def _json(name: str, data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ArchiveError(f"the archive's {name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ArchiveError(f"the archive's {name} is not a JSON object")
+    return value
