@@ -418,9 +418,8 @@ def demo(engine: str, url: str | None, no_tty: bool, pause: float) -> None:
     result = _demo.run_demo(engine, url=url, interactive=interactive, pause=pause, say=say)
     click.echo(f"column at checkpoint: {result.checkpoint_column}")
     click.echo(f"column at restore:    {result.restore_column}")
-    click.echo(f"raw cursor addressing: last before checkpoint "
-               f"{_cup(result.last_position_before)}, first after restore "
-               f"{_cup(result.first_position_after)}")
+    click.echo(f"cursor addressing: last before {_cup(result.last_position_before)}, "
+               f"first after {_cup(result.first_position_after)}")
     if result.ok:
         click.echo("the train drove on from where it stopped")
     else:
