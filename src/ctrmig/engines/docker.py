@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, ClassVar
 
@@ -46,6 +47,7 @@ from ctrmig.errors import (
     OptionError,
     PrivilegeError,
     RestoreError,
+    ToolMissingError,
     UnsafeArchiveError,
 )
 from ctrmig.host import http, proc
@@ -190,7 +192,7 @@ class DockerMigrator(BaseMigrator):
 
     def _checkpoint_create(self, cid: str, name: str, *, exit: bool) -> None:
         api = self.api
-        with self._errors(f"checkpoint {cid[:12]}", error=CheckpointError):
+        with _criu_missing(), self._errors(f"checkpoint {cid[:12]}", error=CheckpointError):
             api._raise_for_status(api._post_json(
                 api._url("/containers/{0}/checkpoints", cid),
                 data={"CheckpointID": name, "Exit": exit}, timeout=self.timeout,
@@ -206,11 +208,21 @@ class DockerMigrator(BaseMigrator):
 
     def _start_from(self, cid: str, name: str) -> None:
         api = self.api
-        with self._errors(f"start {cid[:12]} from checkpoint {name}", error=RestoreError):
+        with _criu_missing(), \
+                self._errors(f"start {cid[:12]} from checkpoint {name}", error=RestoreError):
             api._raise_for_status(api._post(
                 api._url("/containers/{0}/start", cid), params={"checkpoint": name},
                 timeout=self.timeout,
             ))
+
+    def _changes(self, cid: str) -> list[dict[str, Any]]:
+        """GET /containers/{id}/changes (docker diff), which walks the whole layer."""
+        api = self.api
+        with self._errors(f"diff of {cid[:12]}"):
+            changes = api._result(api._get(
+                api._url("/containers/{0}/changes", cid), timeout=self.timeout,
+            ), json=True)
+        return list(changes or [])
 
     def _get_archive(self, cid: str, path: str) -> requests.Response:
         api = self.api
@@ -218,8 +230,10 @@ class DockerMigrator(BaseMigrator):
             res: requests.Response = api._get(
                 api._url("/containers/{0}/archive", cid), params={"path": path},
                 stream=True, timeout=self.timeout,
+                headers={"Accept-Encoding": "identity"},  # no gzip over a local socket
             )
             api._raise_for_status(res)
+        res.raw.decode_content = True  # should dockerd compress anyway
         return res
 
     def _put_archive(self, cid: str, path: str, data: BinaryIO) -> None:
@@ -350,8 +364,7 @@ class DockerMigrator(BaseMigrator):
     def _dump_rootfs(self, cid: str, data: dict[str, Any], writer: ArchiveWriter
                      ) -> dict[str, Any]:
         """rootfs-diff.tar (changed and added files) and deleted.files (podman's layout)."""
-        with self._errors(f"diff of {cid[:12]}"):
-            changes = self.api.diff(cid) or []
+        changes = self._changes(cid)
         deleted = sorted(c["Path"] for c in changes if c["Kind"] == _DELETED)
         changed = sorted(c["Path"] for c in changes if c["Kind"] != _DELETED)
         upper = _upper_dir(data)
@@ -483,6 +496,22 @@ class DockerMigrator(BaseMigrator):
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _criu_missing() -> Iterator[None]:
+    """dockerd (through runc) may not find criu on its own PATH, even when ctrmig does."""
+    try:
+        yield
+    except EngineError as e:
+        text = e.stderr or ""
+        if re.search(r"criu.*(executable file not found|no such file)", text, re.I):
+            raise ToolMissingError(
+                "dockerd's runtime cannot find criu", stderr=text,
+                hint="install criu where dockerd finds it (scripts/setup-host) and "
+                     "restart dockerd",
+            ) from e
+        raise
 
 
 def _log_race(state: tenacity.RetryCallState) -> None:
