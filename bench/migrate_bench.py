@@ -57,7 +57,7 @@ HEALTH_TIMEOUT = 120.0
 MIGRATE_SCRIPT = """
 import json, sys, time, ctrmig
 src = ctrmig.migrator("podman", url=sys.argv[1])
-dst = ctrmig.migrator("podman", url=sys.argv[2])
+dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None)
 report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4])
 print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
                   "total": report.total_s, "checkpoint": report.checkpoint_s,
@@ -116,13 +116,29 @@ def check_after(logs: Callable[[], str], before: workload.Health,
 
 
 class PodmanBench:
-    def __init__(self, hosts: TwoHosts, work: Path, compression: str):
+    """podman on hosts A and B. With ``tmpfs``, each host's podman service spools
+    archives (its TMPDIR) in a tmpfs, and so does ctrmig's target (its workdir)."""
+
+    def __init__(self, hosts: TwoHosts, work: Path, compression: str, tmpfs: bool = True):
         self.hosts, self.work, self.compression = hosts, work, compression
         self.a, self.b = hosts.a, hosts.b
+        self.tmpfs = tmpfs
+        self.spool = ""
+
+    def _tmpfs(self, host: Host) -> Path | None:
+        if not self.tmpfs:
+            return None
+        path = host.root / "tmpfs"  # unmounted by Host.stop() (unmount_under its root)
+        path.mkdir(parents=True, exist_ok=True)
+        proc.run(["mount", "-t", "tmpfs", "-o", "size=6g,mode=0700", "tmpfs", str(path)],
+                 timeout=30)
+        return path
 
     def setup(self) -> None:
-        self.a.start_podman()
-        self.b.start_podman(tcp_port=PODMAN_TCP_PORT)
+        self.a.start_podman(tmpdir=self._tmpfs(self.a))
+        tmp_b = self._tmpfs(self.b)
+        self.b.start_podman(tcp_port=PODMAN_TCP_PORT, tmpdir=tmp_b)
+        self.spool = str(tmp_b or "")
         ref = workload.ensure_image(self.work)
         archive = images.podman_save(ref, self.work / "memhog-image.tar", fmt="oci-archive")
         for host in (self.a, self.b):
@@ -151,14 +167,14 @@ class PodmanBench:
         try:
             res = self.a.run([sys.executable, "-c", MIGRATE_SCRIPT,
                               f"unix://{self.a.podman_socket}", self.b.podman_tcp, name,
-                              self.compression], timeout=1800)
+                              self.compression, self.spool], timeout=1800)
             if res.returncode != 0:
                 raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
             rep = json.loads(res.stdout.decode().strip().splitlines()[-1])
             row.downtime_s, row.total_s, row.bytes_moved = rep["downtime"], rep["total"], \
                 rep["bytes"]
             row.detail = {"checkpoint_s": rep["checkpoint"], "restore_s": rep["restore"],
-                          "compression": self.compression}
+                          "compression": self.compression, "spool_tmpfs": self.tmpfs}
             row.memory_ok, row.app_freeze_s = check_after(self._logs(self.b, name), before)
         finally:
             self._rm(self.a, name)
@@ -414,7 +430,7 @@ Machine: {', '.join(f'{k}: {v}' for k, v in info.items())}
 
 
 def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str,
-              lazy: bool, out: Callable[[Row], None]) -> list[Row]:
+              lazy: bool, tmpfs_spool: bool, out: Callable[[Row], None]) -> list[Row]:
     rows: list[Row] = []
 
     def measure(row: Row, fn: Callable[..., Row], *args: Any, **kwargs: Any) -> None:
@@ -431,7 +447,7 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
         runc: RuncBench | None = None
         if "podman" in engines:
             hosts = stack.enter_context(TwoHosts(work / "hosts"))
-            podman = PodmanBench(hosts, work, compression)
+            podman = PodmanBench(hosts, work, compression, tmpfs_spool)
             podman.setup()
         if "runc" in engines:
             runc = RuncBench(work)
@@ -457,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="podman,runc", help="podman,runc")
     ap.add_argument("--compression", default="none", choices=("none", "zstd", "gzip"),
                     help="ctrmig's archive compression (the raw route uses podman's default)")
+    ap.add_argument("--disk-spool", action="store_true",
+                    help="podman's services and ctrmig's target spool archives on disk "
+                         "(default: in a tmpfs)")
     ap.add_argument("--no-lazy", action="store_true", help="skip runc's lazy-pages route")
     ap.add_argument("--out", type=Path, default=None, help="markdown report (and .json)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
@@ -476,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{_f(row.app_freeze_s)} s memory_ok={row.memory_ok} {row.error}", flush=True)
 
     try:
-        rows = run_bench(sizes, engines, work, args.compression, not args.no_lazy, show)
+        rows = run_bench(sizes, engines, work, args.compression, not args.no_lazy,
+                         not args.disk_spool, show)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()

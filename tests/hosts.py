@@ -60,12 +60,13 @@ class Host:
         return proc.run([*services.netns_prefix(self.netns), *argv], timeout=timeout,
                         check=False, env={**os.environ, **(env or {})})
 
-    def start_podman(self, tcp_port: int | None = None) -> None:
+    def start_podman(self, tcp_port: int | None = None, tmpdir: Path | None = None) -> None:
         """podman on a unix socket (for the test's own look-ups) and, when ``tcp_port``
-        is given, on the host's veth address too (for migrations into this host)."""
+        is given, on the host's veth address too (for migrations into this host).
+        ``tmpdir``: the services' TMPDIR, where podman spools checkpoint archives."""
         sock = self.root / "podman.sock"
         svc = services.podman_service(sock, root=self.podman_root, runroot=self.podman_runroot,
-                                      state_dir=self.root, netns=self.netns)
+                                      state_dir=self.root, netns=self.netns, tmpdir=tmpdir)
         svc.start()
         self.started.append(svc)
         self.podman_socket = sock
@@ -73,7 +74,7 @@ class Host:
             uri = f"tcp://{self.address}:{tcp_port}"
             tcp = services.podman_service(self.root / "podman-tcp", root=self.podman_root,
                                           runroot=self.podman_runroot, state_dir=self.root,
-                                          netns=self.netns, uri=uri)
+                                          netns=self.netns, uri=uri, tmpdir=tmpdir)
             tcp.start(wait=False)
             self.started.append(tcp)
             wait_tcp(self.netns, self.address, tcp_port)

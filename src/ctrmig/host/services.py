@@ -136,17 +136,21 @@ def podman_service(
     state_dir: Path = RUN_DIR,
     netns: str | None = None,
     uri: str | None = None,
+    tmpdir: Path | None = None,
 ) -> Service:
     """``podman system service --time=0`` on ``sock`` (or ``uri``, e.g. tcp://ADDR:PORT).
 
     With ``root`` and ``runroot`` it is a podman instance of its own (own storage, own
-    libpod tmp dir), beside the machine's default one.
+    libpod tmp dir), beside the machine's default one. ``tmpdir`` becomes the service's
+    TMPDIR: podman's API spools every exported and every imported checkpoint archive
+    there (a tmpfs saves writing each archive to disk twice).
     """
     argv = ["podman", *podman_root_args(root, runroot)]
     argv += ["system", "service", "--time=0", uri or f"unix://{sock}"]
     tag = sock.stem if sock != DEFAULT_PODMAN_SOCKET else "podman"
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     return Service("podman API service", sock, argv, state_dir / f"{tag}.log",
-                   state_dir / f"{tag}.pid", netns=netns)
+                   state_dir / f"{tag}.pid", env=env, netns=netns)
 
 
 def podman_root_args(root: Path | None, runroot: Path | None) -> list[str]:
