@@ -275,12 +275,8 @@ def _external_stdio(config: dict[str, Any]) -> dict[str, set[int]]:
 
 
 def _criu_error(e: CommandError) -> str:
-    """CRIU's first real error line (not the harmless rlimit one, not "FAILED")."""
-    for line in (e.stderr or "").splitlines():
-        m = re.search(r"Error \([^)]*\):\s*(.*)", line)
-        if m and "RLIMIT_NOFILE" not in line and "FAILED" not in line:
-            return m.group(1).strip()
-    return e.message
+    """CRIU's first real error line, else the command's own message."""
+    return criu.first_error(e.stderr or "") or e.message
 
 
 def _key(pid: int) -> tuple[int, int]:

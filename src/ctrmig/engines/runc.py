@@ -55,7 +55,7 @@ from ctrmig.errors import (
     RestoreError,
     UnsafeArchiveError,
 )
-from ctrmig.host import proc
+from ctrmig.host import criu, proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
@@ -897,21 +897,16 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
-#: CRIU prints this on every run on hosts without CAP_SYS_RESOURCE: not the cause.
-_CRIU_NOISE = "Can't setup RLIMIT_NOFILE for self"
-
-
 def _criu_tail(text: str) -> str:
     """CRIU's error lines (the last 10), without the harmless rlimit line."""
-    errors = [ln for ln in text.splitlines() if "Error" in ln and _CRIU_NOISE not in ln]
-    return proc.tail("\n".join(errors) or text, 10)
+    return proc.tail("\n".join(criu.error_lines(text)) or text, 10)
 
 
 def _summary(text: str) -> str:
     """One line for an error message: CRIU's first real error, else runc's last message."""
-    for line in text.splitlines():
-        if "Error (" in line and _CRIU_NOISE not in line:
-            return line.split("): ", 1)[-1].strip()
+    first = criu.first_error(text)
+    if first:
+        return first
     msgs = re.findall(r'msg="((?:[^"\\]|\\.)*)"', text)
     if msgs:
         return str(msgs[-1]).split("\\n")[0]

@@ -9,6 +9,25 @@ from ctrmig.errors import CommandError, CtrmigError, FeatureUnavailableError
 from ctrmig.host import proc
 
 TIMEOUT = 30.0
+#: CRIU prints this on every run on hosts without CAP_SYS_RESOURCE: never the cause.
+NOISE = "Can't setup RLIMIT_NOFILE for self"
+
+
+def error_lines(text: str) -> list[str]:
+    """CRIU's error lines in a log or stderr, without the harmless rlimit one."""
+    return [ln for ln in text.splitlines() if "Error" in ln and NOISE not in ln]
+
+
+def first_error(text: str) -> str | None:
+    """The message of CRIU's first real error ("Error (file:line): msg"), if any.
+
+    Skips the rlimit noise and the closing "Dumping FAILED." / "Restoring FAILED." lines.
+    """
+    for line in text.splitlines():
+        m = re.search(r"Error \([^)]*\):\s*(.*)", line)
+        if m and NOISE not in line and "FAILED" not in line:
+            return m.group(1).strip()
+    return None
 
 
 @functools.cache
