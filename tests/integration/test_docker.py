@@ -22,6 +22,7 @@ import pytest
 import ctrmig
 from ctrmig.engines.docker import DockerMigrator, _create_body, _privileges
 from ctrmig.errors import (
+    CheckpointError,
     ContainerNotFoundError,
     EngineError,
     EngineUnavailableError,
@@ -286,6 +287,19 @@ def test_unknown_container(dk: Docker, tmp_path: Path) -> None:
     assert not (tmp_path / "x.tar").exists()
     assert not dk.m.exists("ctrmig-no-such-container")
     dk.m.remove("ctrmig-no-such-container")  # no error
+
+
+def test_refuses_stopped_and_auto_removed_containers(dk: Docker, tmp_path: Path) -> None:
+    stopped = dk.track(unique("ctrmig-dk-stopped"))
+    dk.api.create_container(dk.image, COUNTER_CMD, name=stopped)
+    with pytest.raises(CheckpointError, match="not running"):
+        dk.m.checkpoint(stopped, tmp_path / "s.tar")
+    auto = dk.counter(host_config=dk.api.create_host_config(auto_remove=True))
+    with pytest.raises(CheckpointError, match="--rm") as err:
+        dk.m.checkpoint(auto, tmp_path / "a.tar")
+    assert err.value.hint and "leave_running" in err.value.hint
+    assert dk.state(auto) == "running"
+    assert not (tmp_path / "s.tar").exists() and not (tmp_path / "a.tar").exists()
 
 
 def test_explicit_name_taken(dk: Docker, tmp_path: Path) -> None:

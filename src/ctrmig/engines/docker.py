@@ -300,6 +300,13 @@ class DockerMigrator(BaseMigrator):
         data = self._inspect(record.id)
         if not (data.get("State") or {}).get("Running"):
             raise CheckpointError(f"docker container {record.name!r} is not running")
+        if (data.get("HostConfig") or {}).get("AutoRemove") and not opts.leave_running:
+            # Seen on 20.10: dockerd removes it while writing the checkpoint; all is lost.
+            raise CheckpointError(
+                f"docker container {record.name!r} was started with --rm: dockerd would "
+                "remove it as the checkpoint stops it",
+                hint="checkpoint it with leave_running, or run it without --rm",
+            )
         spec = _oci_spec(data)
         name = f"ctrmig-{uuid.uuid4().hex[:12]}"
         started = time.monotonic()
