@@ -234,11 +234,46 @@ def test_service_status() -> None:
     assert res.output.startswith("podman API service: ")
 
 
+def test_service_start_stop(tmp_path: Path) -> None:
+    """start/status/stop of the default podman service, with pidfiles in a private dir.
+
+    If a service already answers on the default socket, ctrmig must leave it alone.
+    """
+    env = {**_script_env(), "CTRMIG_RUN_DIR": str(tmp_path)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(CTRMIG), "service", *args, "podman"], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    was_running = run("status").returncode == 0
+    start = run("start")
+    assert start.returncode == 0, start.stderr
+    if was_running:
+        assert "already running" in start.stdout
+        stop = run("stop")
+        assert stop.returncode == 1
+        assert "was not started by ctrmig" in stop.stderr
+        assert run("status").returncode == 0
+        return
+    try:
+        assert (tmp_path / "podman.pid").exists()
+        assert run("status").returncode == 0
+    finally:
+        stop = run("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert "stopped" in stop.stdout
+    assert run("status").returncode == 1
+    assert not (tmp_path / "podman.pid").exists()
+
+
+def _script_env() -> dict[str, str]:
+    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
 def test_installed_script_exit_codes(podman_env: dict[str, str], tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(CTRMIG), *args], capture_output=True, text=True,
-                              timeout=120, env={"PATH": "/usr/local/sbin:/usr/local/bin:"
-                                                "/usr/sbin:/usr/bin:/sbin:/bin", **podman_env})
+                              timeout=120, env={**_script_env(), **podman_env})
 
     ok = run("--version")
     assert ok.returncode == 0 and ctrmig.__version__ in ok.stdout
