@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import sys
 import threading
 import time
@@ -33,6 +35,7 @@ from ctrmig.errors import (
     RestoreError,
     ToolMissingError,
 )
+from ctrmig.host import services
 from tests.conftest import COUNTER_CMD, first_count, last_count, unique, wait_for
 
 RACE = ("failed to upload checkpoint to containerd: commit failed: content "
@@ -360,6 +363,43 @@ def test_version_and_list(dk: Docker) -> None:
     via_registry = ctrmig.migrator("docker", base_url=dk.url)
     assert via_registry.exists(name)
     via_registry.close()
+
+
+@pytest.fixture
+def plain_dockerd(dockerd_socket: Path) -> Iterator[str]:
+    """A second private dockerd with experimental features off (a few seconds)."""
+    tag = f"dockerd-plain-{os.getpid()}"
+    run_dir = dockerd_socket.parent
+    sock = run_dir / f"{tag}.sock"
+    data_root = Path(f"/var/lib/ctrmig-test/{tag}")
+    config = run_dir / f"{tag}.daemon.json"
+    config.write_text(json.dumps({"experimental": False}))
+    argv = ["dockerd", "-H", f"unix://{sock}", "--pidfile", str(run_dir / f"{tag}.dockerd-pid"),
+            "--config-file", str(config), "--data-root", str(data_root),
+            "--exec-root", str(run_dir / f"{tag}-exec"), "--bridge", "none",
+            "--iptables=false", "--ip-masq=false"]
+    svc = services.Service("dockerd (experimental off)", sock, argv, run_dir / f"{tag}.log",
+                           run_dir / f"{tag}.pid")
+    svc.start()
+    try:
+        yield f"unix://{sock}"
+    finally:
+        svc.stop()
+        shutil.rmtree(data_root, ignore_errors=True)
+        shutil.rmtree(run_dir / f"{tag}-exec", ignore_errors=True)
+        sock.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+
+
+def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
+                                           tmp_path: Path) -> None:
+    src = dk.counter()
+    dk.m.checkpoint(src, tmp_path / "e.tar")
+    with DockerMigrator(plain_dockerd) as plain:
+        with pytest.raises(EngineError, match="experimental") as err:
+            plain.restore(tmp_path / "e.tar")
+        assert err.value.hint and "daemon.json" in err.value.hint
+        assert plain.list() == []
 
 
 # --- errors without a daemon ---------------------------------------------------------------
