@@ -1,6 +1,7 @@
 """Every archive of the hostile corpus (tests/data/hostile) is refused with its own error,
-by verify(), extract() and extracted() alike, and nothing is written outside the
-extraction directory, which extracted() removes."""
+by verify(), extract(), extracted() and BaseMigrator.restore alike (before any engine
+hook), and nothing is written outside the extraction directory, which extracted()
+removes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from ctrmig import errors
 from ctrmig.archive import Limits, extract, extracted, verify
+from tests.unit.test_privileges import ExtractingFake, FileFake, base
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CORPUS = DATA / "hostile"
@@ -128,3 +130,21 @@ def test_corpus_covers_every_archive_error() -> None:
     kinds = {case["error"] for case in EXPECTED.values()}
     assert kinds == {"UnsafeArchiveError", "ChecksumError", "ManifestError",
                      "ArchiveCorruptError"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in EXPECTED.items() if not c["limits"]))
+@pytest.mark.parametrize("needs_extracted", [True, False])
+def test_restore_refuses_before_any_engine_call(
+    name: str, needs_extracted: bool, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BaseMigrator.restore reads the archive first: the engine hooks are never reached."""
+    monkeypatch.setattr(base, "LOCK_DIR", sandbox.root / "cwd" / "locks")
+    shutil.copyfile(CORPUS / name, sandbox.archive)
+    fake = ExtractingFake() if needs_extracted else FileFake()
+    fake.workdir = sandbox.work
+    with pytest.raises(errors.CtrmigError) as caught:
+        fake.restore(sandbox.archive)
+    assert type(caught.value) is getattr(errors, EXPECTED[name]["error"]), caught.value
+    assert fake.calls == []
+    shutil.rmtree(sandbox.root / "cwd" / "locks", ignore_errors=True)
+    sandbox.assert_nothing_escaped()
