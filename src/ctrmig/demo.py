@@ -274,23 +274,21 @@ def ensure_docker_image(base_url: str, ref: str = IMAGE) -> str:
     import docker
     import docker.errors
 
-    client = docker.DockerClient(base_url=base_url, timeout=300)
     try:
-        try:
-            client.images.get(ref)
+        with docker.DockerClient(base_url=base_url, timeout=300) as client:
+            try:
+                client.images.get(ref)
+                return ref
+            except docker.errors.ImageNotFound:
+                pass
+            ensure_podman_image(ref)
+            with tempfile.TemporaryDirectory(prefix="ctrmig-demo-") as tmp:
+                archive = images.podman_save(ref, Path(tmp) / "image.tar")
+                with archive.open("rb") as f:
+                    client.images.load(f)
             return ref
-        except docker.errors.ImageNotFound:
-            pass
-        ensure_podman_image(ref)
-        with tempfile.TemporaryDirectory(prefix="ctrmig-demo-") as tmp:
-            archive = images.podman_save(ref, Path(tmp) / "image.tar")
-            with archive.open("rb") as f:
-                client.images.load(f)
-        return ref
     except docker.errors.DockerException as e:
         raise EngineError(f"cannot load {ref} into docker at {base_url}: {e}") from None
-    finally:
-        client.close()
 
 
 # --- running the demo ----------------------------------------------------------------------
@@ -474,11 +472,12 @@ def run_demo(
     display = _Display(out if interactive else None)
     tell = say or (lambda _msg: None)
     url = url or default_url(engine)
-    _ensure_image(engine, url)
     m = _migrator(engine, url)
     tag = os.urandom(3).hex()
     source, restored = f"screen-locomotive-{tag}", f"screen-locomotive-{tag}-restored"
     try:
+        m.version()  # an unreachable engine fails here, with the adapter's hint
+        _ensure_image(engine, url)
         with tempfile.TemporaryDirectory(prefix="ctrmig-demo-") as tmp, _cleanup(m, source,
                                                                                  restored):
             archive = Path(tmp) / "screen_locomotive.ckpt.tar"
@@ -524,9 +523,10 @@ def _cleanup(m: ctrmig.Migrator, *names: str) -> Iterator[None]:
     finally:
         for name in names:
             try:
-                m.remove(name)
+                if m.exists(name):
+                    m.remove(name)
             except CtrmigError as e:
-                log.warning("could not remove %s: %s", name, e)
+                log.warning("could not remove %s: %s", name, e.message)
 
 
 def main(argv: list[str]) -> int:
