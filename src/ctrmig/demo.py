@@ -275,7 +275,7 @@ def ensure_docker_image(base_url: str, ref: str = IMAGE) -> str:
     import docker.errors
 
     try:
-        with docker.DockerClient(base_url=base_url, timeout=300) as client:
+        with contextlib.closing(docker.DockerClient(base_url=base_url, timeout=300)) as client:
             try:
                 client.images.get(ref)
                 return ref
