@@ -258,6 +258,32 @@ def test_rootfs_through_the_archive_api(dk: Docker, tmp_path: Path,
     assert dk.read(restored, "/etc/added") == "y\n"
 
 
+def test_failed_rollback_keeps_dockers_checkpoint(
+    dk: Docker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the container cannot be brought back, its checkpoint is the only copy: kept."""
+    src = dk.counter()
+
+    def broken(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    def no_start(cid: str, name: str) -> None:
+        raise RestoreError("start failed", stderr="criu failed: type NOTIFY errno 0")
+
+    monkeypatch.setattr(dk.m, "_dump_rootfs", broken)
+    monkeypatch.setattr(dk.m, "_start_from", no_start)
+    with pytest.raises(OSError):
+        dk.m.checkpoint(src, tmp_path / "x.tar")
+    assert dk.state(src) == "exited"
+    kept = dk.api.get(dk.api._url("/containers/{0}/checkpoints", src)).json()
+    assert len(kept) == 1
+    # and it really is enough to bring the container back by hand
+    monkeypatch.undo()
+    cid, name = dk.api.inspect_container(src)["Id"], kept[0]["Name"]
+    dk.m._start_retrying(cid, name, dk.m._checkpoint_dir(cid, name))
+    assert dk.state(src) == "running"
+
+
 # --- errors with a daemon ------------------------------------------------------------------
 
 

@@ -126,7 +126,7 @@ class DockerMigrator(BaseMigrator):
         self.start_attempts = start_attempts
         self._client: docker.APIClient | None = None
         self._info: dict[str, Any] | None = None
-        # Docker-side checkpoint names made by _dump, removed by _write once written.
+        # Docker-side checkpoint made by _dump (by container id), dropped by _write.
         self._made: dict[str, str] = {}
 
     # --- plumbing --------------------------------------------------------------------------
@@ -324,8 +324,7 @@ class DockerMigrator(BaseMigrator):
         except BaseException:
             if not opts.leave_running:
                 self._rollback_checkpoint(record, opts)
-            self._forget(record.id)
-            raise
+            raise  # _write drops docker's checkpoint
         return {
             "checkpoint_seconds": seconds,
             "storage_driver": (data.get("GraphDriver") or {}).get("Name", ""),
@@ -339,13 +338,11 @@ class DockerMigrator(BaseMigrator):
         try:
             return super()._write(record, opts, out, progress)
         finally:
-            if not opts.keep:
-                self._forget(record.id)
+            name = self._made.pop(record.id, None)
+            if name is not None and not opts.keep:
+                self._drop_checkpoint(record.id, name)
 
-    def _forget(self, cid: str) -> None:
-        name = self._made.pop(cid, None)
-        if name is None:
-            return
+    def _drop_checkpoint(self, cid: str, name: str) -> None:
         try:
             self._checkpoint_delete(cid, name)
         except EngineError as e:
@@ -360,7 +357,11 @@ class DockerMigrator(BaseMigrator):
         try:
             self._start_retrying(record.id, name, self._checkpoint_dir(record.id, name))
         except EngineError as e:
-            log.error("could not bring %s back from checkpoint %s: %s", record.name, name, e)
+            # Keep docker's checkpoint: it is the only copy of the container's state now.
+            self._made.pop(record.id, None)
+            log.error("could not bring %s back from checkpoint %s: %s; the checkpoint is kept "
+                      "(retry: docker start --checkpoint %s %s)", record.name, name, e, name,
+                      record.name)
 
     def _checkpoint_dir(self, cid: str, name: str) -> Path:
         path = self._data_root() / "containers" / cid / "checkpoints" / name
@@ -444,8 +445,7 @@ class DockerMigrator(BaseMigrator):
                 self.remove(cid)
             raise
         if not opts.keep:
-            self._made[cid] = checkpoint
-            self._forget(cid)
+            self._drop_checkpoint(cid, checkpoint)
         return name
 
     def _pick_name(self, wanted: str, *, explicit: bool) -> str:
