@@ -417,6 +417,45 @@ def plain_dockerd(dockerd_socket: Path) -> Iterator[str]:
         config.unlink(missing_ok=True)
 
 
+@pytest.fixture
+def second_dockerd(dockerd_socket: Path, session_dir: Path) -> Iterator[str]:
+    """Another private dockerd (own data root, experimental on) with the test image: a
+    stand-in for a second host."""
+    tag = f"dockerd-second-{os.getpid()}"
+    run_dir = dockerd_socket.parent
+    sock = run_dir / f"{tag}.sock"
+    data_root = Path(f"/var/lib/ctrmig-test/{tag}")
+    svc = services.dockerd_service(sock, data_root=data_root, exec_root=run_dir / f"{tag}-exec",
+                                   state_dir=run_dir, bridge="none")
+    svc.start()
+    try:
+        client = docker.APIClient(base_url=f"unix://{sock}", timeout=300)
+        with (session_dir / "test-image.tar").open("rb") as f:
+            for _ in client.load_image(f):
+                pass
+        client.close()
+        yield f"unix://{sock}"
+    finally:
+        svc.stop()
+        shutil.rmtree(data_root, ignore_errors=True)
+        shutil.rmtree(run_dir / f"{tag}-exec", ignore_errors=True)
+        sock.unlink(missing_ok=True)
+
+
+def test_migrate_to_another_daemon(dk: Docker, second_dockerd: str, tmp_path: Path) -> None:
+    """Checkpoint on one dockerd, restore on another with its own data root."""
+    src = dk.counter()
+    before = checkpoint_count(dk, src, tmp_path / "move.tar")
+    target = Docker(Path(second_dockerd.removeprefix("unix://")), dk.image)
+    try:
+        assert target.m._data_root() != dk.m._data_root()
+        name = target.track(target.m.restore(tmp_path / "move.tar"))
+        assert name == src  # the name is free over there
+        target.assert_continues(name, before)
+    finally:
+        target.cleanup()
+
+
 def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
                                            tmp_path: Path) -> None:
     src = dk.counter()
