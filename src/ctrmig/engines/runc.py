@@ -251,6 +251,8 @@ class RuncMigrator(BaseMigrator):
                     hint=f"{left}; full logs kept in {kept}" if kept else left,
                 ) from e
             dump_seconds = time.monotonic() - started
+            if not opts.leave_running:
+                self._drained(name)  # so that logs() holds all it wrote before the dump
             try:
                 writer.add_tree(images, "checkpoint")
                 writer.add_file("spec.dump", bundle / "config.json")
@@ -653,13 +655,8 @@ class RuncMigrator(BaseMigrator):
                 proc.run([*self._runc(), "delete", "--force", name], timeout=TOOL_TIMEOUT,
                          check=False)
         bundle = self.bundles_dir / name
-        meta = self._meta(name) or {}
-        pid = meta.get("supervisor_pid")
-        if isinstance(pid, int) and self._is_our_supervisor(pid, name):
-            # It exits by itself on EOF once the container is gone; give it a moment.
-            deadline = time.monotonic() + 2
-            while proc._alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        pid = self._drained(name)
+        if pid is not None:
             proc.stop_pid(pid, timeout=5)
         rootfs = bundle / "rootfs"
         for attempt in range(20):
@@ -674,6 +671,19 @@ class RuncMigrator(BaseMigrator):
         if bundle.exists():
             shutil.rmtree(bundle)
         self._log_path(name).unlink(missing_ok=True)
+
+    def _drained(self, name: str, timeout: float = 2.0) -> int | None:
+        """Wait until the supervisor wrote all the (gone) container's output and exited;
+        return its PID if it still runs after ``timeout``."""
+        pid = (self._meta(name) or {}).get("supervisor_pid")
+        if not isinstance(pid, int) or not self._is_our_supervisor(pid, name):
+            return None
+        deadline = time.monotonic() + timeout
+        while proc._alive(pid):
+            if time.monotonic() > deadline:
+                return pid
+            time.sleep(0.02)
+        return None
 
     def _is_our_supervisor(self, pid: int, name: str) -> bool:
         try:
