@@ -25,29 +25,6 @@ Compression = Literal["none", "gzip", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "gzip", "zstd")
 Progress = Callable[[int], None]
 CHUNK = 1 << 20
-# tarfile's stream writer re-copies its whole buffer on every write: a 1 MiB buffer made
-# writing 256 MiB take 4.2 s; 64 KiB takes 0.6 s (measured here).
-TAR_WRITE_BUFSIZE = 64 << 10
-
-
-class _HashingReader(io.RawIOBase):
-    """Reads from ``src`` while hashing, counting and reporting progress."""
-
-    def __init__(self, src: BinaryIO, progress: Progress | None):
-        self.src, self.progress = src, progress
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.src.read(size)
-        self.sha.update(data)
-        self.count += len(data)
-        if self.progress and data:
-            self.progress(len(data))
-        return data
 
 
 def member_name(path: str) -> str:
@@ -78,10 +55,9 @@ class ArchiveWriter:
             self._stream = cast(BinaryIO, cctx.stream_writer(out, closefd=False))
         elif compression == "gzip":
             self._stream = cast(BinaryIO, gzip.GzipFile(fileobj=out, mode="wb", compresslevel=3))
-        self._tar = tarfile.open(
-            fileobj=self._stream or out, mode="w|", format=tarfile.PAX_FORMAT,
-            bufsize=TAR_WRITE_BUFSIZE,
-        )
+        self._out: BinaryIO = self._stream or out
+        self._offset = 0  # bytes of tar written, for the end-of-archive padding
+        self._closed = False
 
     @property
     def files(self) -> dict[str, FileEntry]:
@@ -98,11 +74,30 @@ class ArchiveWriter:
         name = self._record(name)
         info = tarfile.TarInfo(name)
         info.size, info.mode = size, mode
-        reader = _HashingReader(src, self.progress)
-        self._tar.addfile(info, reader)
-        if reader.count != size:
-            raise ArchiveError(f"{name}: read {reader.count} bytes, expected {size}")
-        self._files[name] = FileEntry(size=size, sha256=reader.sha.hexdigest())
+        self._header(info)
+        # The data goes straight to the output in CHUNK pieces, hashed on the way: no
+        # tarfile stream buffer re-copying it (1 GiB re-packed in ~2 s instead of ~7 s).
+        sha, left = hashlib.sha256(), size
+        while left > 0:
+            chunk = src.read(min(CHUNK, left))
+            if not chunk:
+                raise ArchiveError(f"{name}: read {size - left} bytes, expected {size}")
+            sha.update(chunk)
+            self._write(chunk)
+            left -= len(chunk)
+            if self.progress:
+                self.progress(len(chunk))
+        if size % tarfile.BLOCKSIZE:
+            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+        self._files[name] = FileEntry(size=size, sha256=sha.hexdigest())
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._offset += len(data)
+
+    def _header(self, info: tarfile.TarInfo) -> None:
+        # Exactly what tarfile.addfile writes for a header (PAX, UTF-8).
+        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     def add_bytes(self, name: str, data: bytes, mode: int = 0o644) -> None:
         self.add_stream(name, io.BytesIO(data), len(data), mode)
@@ -115,7 +110,7 @@ class ArchiveWriter:
     def add_dir(self, name: str) -> None:
         info = tarfile.TarInfo(member_name(name))
         info.type, info.mode = tarfile.DIRTYPE, 0o755
-        self._tar.addfile(info)
+        self._header(info)
 
     def add_tree(self, root: Path, prefix: str = "") -> None:
         """Add the regular files and directories below ``root`` under ``prefix``.
@@ -136,7 +131,7 @@ class ArchiveWriter:
 
     def copy_tar(self, src: BinaryIO, prefix: str = "") -> None:
         """Re-pack the members of an engine's own tar stream (e.g. podman's export)."""
-        with tarfile.open(fileobj=src, mode="r|*") as tar:
+        with tarfile.open(fileobj=src, mode="r|*", bufsize=CHUNK) as tar:
             for member in tar:
                 name = member_name(f"{prefix}/{member.name}")
                 if member.isdir():
@@ -157,12 +152,20 @@ class ArchiveWriter:
         data = manifest.to_yaml().encode()
         info = tarfile.TarInfo(MANIFEST_NAME)
         info.size, info.mode = len(data), 0o644
-        self._tar.addfile(info, io.BytesIO(data))
+        self._header(info)
+        self._write(data)
+        if len(data) % tarfile.BLOCKSIZE:
+            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
         self.close()
         return manifest
 
     def close(self) -> None:
-        self._tar.close()
+        if not self._closed:
+            # tarfile's end of archive: two zero blocks, padded to a whole record.
+            self._closed = True
+            self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+            if self._offset % tarfile.RECORDSIZE:
+                self._write(tarfile.NUL * (tarfile.RECORDSIZE - self._offset % tarfile.RECORDSIZE))
         if self._stream is not None:
             self._stream.close()
             self._stream = None
