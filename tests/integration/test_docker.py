@@ -22,7 +22,7 @@ import docker
 import pytest
 
 import ctrmig
-from ctrmig.engines.docker import DockerMigrator, _create_body, _privileges
+from ctrmig.engines.docker import DockerMigrator, _create_body
 from ctrmig.errors import (
     CheckpointError,
     ContainerNotFoundError,
@@ -120,8 +120,8 @@ def test_checkpoint_then_restore_as_new_container(dk: Docker, tmp_path: Path) ->
     assert {"config.dump", "rootfs-diff.tar", "deleted.files", "spec.dump"} <= set(files)
     assert result.manifest.engine == "docker" and result.manifest.container.name == src
     assert result.manifest.extra["rootfs"]["changed"] >= 1
-    # docker's own checkpoint was removed once the archive was written
-    assert dk.m.api.get(dk.m.api._url("/containers/{0}/checkpoints", src)).json() in ([], None)
+    # the stopped source keeps docker's checkpoint, for resume
+    assert [n for n in dk.m._checkpoint_names(src) if n.startswith("ctrmig-")]
     print(f"checkpoint {took:.2f} s, archive {archive.stat().st_size} bytes")
 
     dk.m.remove(src)
@@ -210,6 +210,9 @@ def test_concurrent_restores_of_one_archive(
 
 def test_leave_running_and_keep(dk: Docker, tmp_path: Path) -> None:
     src = dk.counter()
+    dk.m.checkpoint(src, tmp_path / "live0.tar", leave_running=True)
+    assert dk.state(src) == "running"
+    assert dk.m._checkpoint_names(src) == []  # a running container needs no checkpoint
     dk.m.checkpoint(src, tmp_path / "live.tar", leave_running=True, keep=True)
     assert dk.state(src) == "running"
     kept = dk.api.get(dk.api._url("/containers/{0}/checkpoints", src)).json()
@@ -277,11 +280,42 @@ def test_failed_rollback_keeps_dockers_checkpoint(
     assert dk.state(src) == "exited"
     kept = dk.api.get(dk.api._url("/containers/{0}/checkpoints", src)).json()
     assert len(kept) == 1
-    # and it really is enough to bring the container back by hand
+    # and it really is enough to bring the container back
     monkeypatch.undo()
-    cid, name = dk.api.inspect_container(src)["Id"], kept[0]["Name"]
-    dk.m._start_retrying(cid, name, dk.m._checkpoint_dir(cid, name))
+    dk.m.resume(src)
     assert dk.state(src) == "running"
+    assert dk.m._checkpoint_names(src) == []
+
+
+def test_resume_in_place(dk: Docker, tmp_path: Path) -> None:
+    """The rollback of a failed migration: the stopped source runs on from its checkpoint."""
+    src = dk.counter()
+    before = checkpoint_count(dk, src, tmp_path / "r.tar")
+    assert dk.state(src) == "exited"
+    dk.m.resume(src)
+    assert dk.state(src) == "running"
+    wait_for(lambda: last_count(dk.m.logs(src)) > before, what="counting after resume")
+    assert dk.m.logs(src).splitlines().count("count=1") == 1  # not started afresh
+    assert dk.m._checkpoint_names(src) == []
+    with pytest.raises(CheckpointError, match="running"):
+        dk.m.resume(src)
+    dk.api.stop(src, timeout=1)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        dk.m.resume(src)
+
+
+def test_archive_carries_the_image(dk: Docker, tmp_path: Path) -> None:
+    tag = f"localhost/{unique('ctrmig-carried')}:latest"
+    dk.api.tag(dk.image, tag)
+    dk.images.append(tag)
+    src = dk.counter(image=tag)
+    result = dk.m.checkpoint(src, tmp_path / "img.tar", include_image=True)
+    assert result.manifest.extra["image_archive"]["format"] == "docker-archive"
+    dk.m.remove(src)
+    dk.api.remove_image(tag)
+    restored = dk.track(dk.m.restore(tmp_path / "img.tar"))
+    assert dk.api.inspect_image(tag)
+    assert dk.state(restored) == "running"
 
 
 # --- errors with a daemon ------------------------------------------------------------------
@@ -556,13 +590,3 @@ def test_create_body_keeps_config_and_maps_ports() -> None:
     }
     with pytest.raises(OptionError):
         _create_body(config, ("80:90:100:x",))
-
-
-def test_privileges_listed() -> None:
-    config: dict[str, Any] = {"HostConfig": {
-        "Privileged": True, "CapAdd": ["NET_ADMIN"], "NetworkMode": "host",
-        "Binds": ["/etc:/host-etc:ro"], "SecurityOpt": ["seccomp=unconfined"],
-    }}
-    risky = _privileges(json.loads(json.dumps(config)))
-    assert len(risky) == 5 and any("/etc" in r for r in risky)
-    assert _privileges({"HostConfig": {"NetworkMode": "default", "CapAdd": None}}) == []

@@ -45,7 +45,6 @@ from ctrmig.errors import (
     EngineError,
     ImageNotFoundError,
     OptionError,
-    PrivilegeError,
     RestoreError,
     ToolMissingError,
     UnsafeArchiveError,
@@ -95,11 +94,13 @@ class DockerMigrator(BaseMigrator):
 
     engine: ClassVar[str] = "docker"
     needs_extracted: ClassVar[bool] = True
-    # keep: leave docker's own checkpoint (checkpoint) / the images in the new container
-    # (restore); ignore_rootfs: no filesystem changes recorded / applied.
+    # keep: also keep docker's checkpoint of a container left running (one that stopped
+    # always keeps it, for resume) / keep the images in the new container (restore);
+    # ignore_rootfs: no filesystem changes recorded / applied. allow_privileged and
+    # include_image are the base's.
     checkpoint_options: ClassVar[frozenset[str]] = frozenset({"keep", "ignore_rootfs"})
     restore_options: ClassVar[frozenset[str]] = frozenset(
-        {"keep", "ignore_rootfs", "allow_privileged", "publish_ports"}
+        {"keep", "ignore_rootfs", "publish_ports"}
     )
 
     #: Make every checkpoint upload to containerd unique (see _start_retrying).
@@ -198,6 +199,14 @@ class DockerMigrator(BaseMigrator):
                 data={"CheckpointID": name, "Exit": exit}, timeout=self.timeout,
             ))
 
+    def _checkpoint_names(self, cid: str) -> list[str]:
+        api = self.api
+        with self._errors(f"list checkpoints of {cid[:12]}"):
+            rows = api._result(api._get(
+                api._url("/containers/{0}/checkpoints", cid), timeout=self.api_timeout,
+            ), json=True)
+        return [str(row["Name"]) for row in rows or []]
+
     def _checkpoint_delete(self, cid: str, name: str) -> None:
         api = self.api
         with self._errors(f"delete checkpoint {name} of {cid[:12]}"):
@@ -243,6 +252,52 @@ class DockerMigrator(BaseMigrator):
                 api._url("/containers/{0}/archive", cid), params={"path": path},
                 data=data, timeout=self.timeout,
             ))
+
+    def _save_image(self, ref: str, dest: Path) -> None:
+        api = self.api
+        with self._errors(f"save image {ref}", not_found=ImageNotFoundError,
+                          error=CheckpointError):
+            res = api._get(api._url("/images/{0}/get", ref), stream=True,
+                           timeout=self.timeout)
+            api._raise_for_status(res)
+            with dest.open("wb") as f:
+                for chunk in res.iter_content(1 << 20):
+                    f.write(chunk)
+
+    def _post_image(self, path: Path) -> None:
+        api = self.api
+        with self._errors("load image", error=RestoreError), path.open("rb") as body:
+            res = api._post(api._url("/images/load"), data=body, params={"quiet": "1"},
+                            headers={"Content-Type": "application/x-tar"},
+                            timeout=self.timeout)
+            text = api._result(res)
+        # dockerd answers 200 and reports a failed load in the JSON stream.
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and message.get("error"):
+                    raise RestoreError(f"docker: load image failed: {message['error']}",
+                                       stderr=text)
+
+    # --- images (the base carries them in the archive with include_image) ------------------
+
+    def _has_image(self, ref: str) -> bool:
+        try:
+            with self._errors(f"inspect image {ref}", not_found=ImageNotFoundError):
+                self.api.inspect_image(ref)
+        except ImageNotFoundError:
+            return False
+        return True
+
+    def _export_image(self, ref: str, dest: Path) -> str:
+        self._save_image(ref, dest)
+        return "docker-archive"
+
+    def _load_image(self, path: Path, fmt: str) -> None:
+        if fmt != "docker-archive":
+            raise OptionError(f"the docker engine cannot load a {fmt} image",
+                              hint="load the image into dockerd yourself, then restore")
+        self._post_image(path)
 
     # --- plain container calls -------------------------------------------------------------
 
@@ -338,8 +393,10 @@ class DockerMigrator(BaseMigrator):
         try:
             return super()._write(record, opts, out, progress)
         finally:
+            # A stopped container keeps its checkpoint: resume() (the rollback of a failed
+            # migration) starts it from there; removing the container removes it too.
             name = self._made.pop(record.id, None)
-            if name is not None and not opts.keep:
+            if name is not None and opts.leave_running and not opts.keep:
                 self._drop_checkpoint(record.id, name)
 
     def _drop_checkpoint(self, cid: str, name: str) -> None:
@@ -355,13 +412,34 @@ class DockerMigrator(BaseMigrator):
         log.warning("checkpoint of %s failed: restarting it from checkpoint %s",
                     record.name, name)
         try:
-            self._start_retrying(record.id, name, self._checkpoint_dir(record.id, name))
+            self._resume_from(record.id, name)
         except EngineError as e:
-            # Keep docker's checkpoint: it is the only copy of the container's state now.
-            self._made.pop(record.id, None)
-            log.error("could not bring %s back from checkpoint %s: %s; the checkpoint is kept "
-                      "(retry: docker start --checkpoint %s %s)", record.name, name, e, name,
-                      record.name)
+            # docker's checkpoint stays: it is the only copy of the container's state now.
+            log.error("could not bring %s back from checkpoint %s: %s (retry: ctrmig resume "
+                      "%s)", record.name, name, e, record.name)
+
+    def resume(self, container: str) -> None:
+        """Start a container a checkpoint stopped from the newest checkpoint ctrmig kept."""
+        data = self._inspect(container)
+        if (data.get("State") or {}).get("Running"):
+            raise CheckpointError(f"docker container {container!r} is running: nothing to "
+                                  "resume")
+        cid = str(data["Id"])
+        kept = sorted(
+            (self._checkpoint_dir(cid, n) for n in self._checkpoint_names(cid)
+             if n.startswith("ctrmig-")),
+            key=lambda p: p.stat().st_mtime, reverse=True,
+        )
+        if not kept:
+            raise CheckpointError(
+                f"docker container {container!r} has no checkpoint kept by ctrmig",
+                hint="restore it from its archive (ctrmig restore)",
+            )
+        self._resume_from(cid, kept[0].name)
+
+    def _resume_from(self, cid: str, name: str) -> None:
+        self._start_retrying(cid, name, self._checkpoint_dir(cid, name))
+        self._drop_checkpoint(cid, name)
 
     def _checkpoint_dir(self, cid: str, name: str) -> Path:
         path = self._data_root() / "containers" / cid / "checkpoints" / name
@@ -411,23 +489,15 @@ class DockerMigrator(BaseMigrator):
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
         super()._check_archive(manifest, source, opts)
-        risky = _privileges(_load_config(source))
-        if risky and not opts.allow_privileged:
-            raise PrivilegeError(
-                f"the archive's container asks for: {', '.join(risky)}",
-                hint="restore with allow_privileged (--allow-privileged) if you trust it",
-            )
+        # Before the base loads a carried image: a daemon that cannot restore says so first.
+        self._require_checkpoints()
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        self._require_checkpoints()
         config = _load_config(source)
         body = _create_body(config, opts.publish_ports)
         if any(m.get("Type") == "volume" for m in config.get("Mounts") or []):
             log.warning("%s: volume contents are not in the archive; the new container "
                         "gets the volumes by name (empty if new)", manifest.container.name)
-        image = str(body.get("Image") or manifest.container.image)
-        with self._errors(f"inspect image {image}", not_found=ImageNotFoundError):
-            self.api.inspect_image(image)
         name = self._pick_name(opts.name or manifest.container.name, explicit=bool(opts.name))
         with self._errors(f"create container {name}", error=RestoreError):
             cid = str(self.api.create_container_from_config(body, name)["Id"])
@@ -575,28 +645,6 @@ def _port_bindings(specs: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, An
             raw.setdefault(key, []).append(external[i] if external else None)
     bindings: dict[str, Any] = convert_port_bindings(raw)
     return {key: {} for key in raw}, bindings
-
-
-def _privileges(config: dict[str, Any]) -> list[str]:
-    """What in the recorded container reaches beyond an ordinary container."""
-    host = config.get("HostConfig") or {}
-    risky = []
-    if host.get("Privileged"):
-        risky.append("privileged")
-    if host.get("CapAdd"):
-        risky.append(f"capabilities {','.join(map(str, host['CapAdd']))}")
-    if host.get("Devices"):
-        risky.append("host devices")
-    for key in ("NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"):
-        if host.get(key) == "host":
-            risky.append(f"{key}=host")
-    binds = [*(host.get("Binds") or []),
-             *(m.get("Source", "") for m in host.get("Mounts") or [] if m.get("Type") == "bind")]
-    if binds:
-        risky.append(f"host paths {', '.join(str(b).split(':')[0] for b in binds)}")
-    if any("unconfined" in str(o) or "disable" in str(o) for o in host.get("SecurityOpt") or []):
-        risky.append("security options " + ", ".join(map(str, host["SecurityOpt"])))
-    return risky
 
 
 def _has_children(path: str, changes: list[dict[str, Any]]) -> bool:
