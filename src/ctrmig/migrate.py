@@ -8,6 +8,7 @@ the source is resumed from the checkpoint it kept, so the container runs exactly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,6 +61,10 @@ class _CountingPipeWriter:
         self.count = 0
 
     def write(self, data: bytes) -> int:
+        if self.file.closed:
+            # Only the checkpoint's own writer, dropped after it failed, writes this late
+            # (tarfile flushes from __del__): nothing reads it any more.
+            return len(data)
         self.file.write(data)
         self.count += len(data)
         return len(data)
@@ -68,7 +73,9 @@ class _CountingPipeWriter:
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        """Close; a reader that already left (the target failed) is not a new error."""
+        with contextlib.suppress(BrokenPipeError):
+            self.file.close()
 
 
 JOURNAL_DIR = Path(os.environ.get("CTRMIG_JOURNAL_DIR", "/var/lib/ctrmig/migrations"))

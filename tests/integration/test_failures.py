@@ -1,0 +1,460 @@
+"""No loss: at every failure point of a migration the container runs exactly once.
+
+Every failure is injected for real, on two network-namespace hosts joined by a veth
+(tests/hosts.py): a container CRIU cannot dump, the link taken down mid-transfer, a
+target spool dir on a tiny tmpfs, the image removed from the target, a name taken on the
+target at the last moment, Ctrl-C (SIGINT) and SIGKILL of a ``ctrmig migrate`` process
+followed by ``ctrmig recover``. After each, the test counts the running instances of the
+container on both hosts (exactly one) and checks that its counter still counts.
+
+podman: host A's podman over its unix socket -> host B's podman over TCP on the veth.
+runc: host A's runc -> ``runc+ssh://`` ctrmig on host B (sshd on B's veth address).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import ctrmig
+from ctrmig.engines.base import BaseMigrator
+from ctrmig.engines.runc import RuncMigrator
+from ctrmig.host import images, proc, services
+from ctrmig.protocol import Migrator
+from tests.conftest import COUNTER_CMD, last_count, need, unique, wait_for
+from tests.hosts import TwoHosts, wait_tcp
+
+CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
+PODMAN_PORT = 8791
+SSH_PORT = 2291
+# ssh notices a dead link after ~3 missed keep-alives; without them a link that goes
+# down without a reset holds the transfer until TCP gives up (many minutes).
+SSH_KEEPALIVE = ["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3"]
+COUNTER = COUNTER_CMD[2]
+# Two ends of an idle loopback TCP connection: CRIU refuses to dump it (without
+# --tcp-established; on kernels >= 6.16 CRIU 4.1.1 refuses it even with, criu#2718).
+TCP_CMD = ["/bin/sh", "-c", "sleep 100000 | nc -l -p 7000 > /dev/null & sleep 0.3; "
+           "sleep 100000 | nc 127.0.0.1 7000 > /dev/null & sleep 0.3; " + COUNTER]
+
+
+def big_cmd(mib: int) -> list[str]:
+    """The counter, after writing ``mib`` MiB of random data into its rootfs (the archive's
+    rootfs diff): a transfer long enough to break in the middle."""
+    return ["/bin/sh", "-c",
+            f"dd if=/dev/urandom of=/big bs=1048576 count={mib} 2>/dev/null; {COUNTER}"]
+
+
+# --- the two hosts, shared by the module --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    for tool in ("ip", "tc", "podman", "runc", "criu", "skopeo", "umoci", "sshd"):
+        need(tool)
+    base = tmp_path_factory.mktemp("failures")
+    with TwoHosts(base / "h") as two:
+        two.a.start_podman()
+        two.b.start_podman(tcp_port=PODMAN_PORT)
+        two.ssh_options = two.b.start_sshd(port=SSH_PORT)  # type: ignore[attr-defined]
+        two.load_test_image(two.a, base)
+        yield two
+
+
+def veth(hosts: TwoHosts) -> tuple[str, str]:
+    """(netns, device) of host A's end of the link."""
+    return hosts.a.netns, f"{hosts._veth}a"
+
+
+def tx_bytes(hosts: TwoHosts) -> int:
+    netns, dev = veth(hosts)
+    res = proc.run(["ip", "-n", netns, "-j", "-s", "link", "show", "dev", dev], timeout=30)
+    return int(json.loads(res.stdout)[0]["stats64"]["tx"]["bytes"])
+
+
+@contextlib.contextmanager
+def slow_link(hosts: TwoHosts, rate: str = "80mbit") -> Iterator[None]:
+    """Shape A's side of the link, so that a transfer takes seconds and can be hit."""
+    netns, dev = veth(hosts)
+    proc.run(["tc", "-n", netns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+              "burst", "256kb", "latency", "400ms"], timeout=30)
+    try:
+        yield
+    finally:
+        proc.run(["tc", "-n", netns, "qdisc", "del", "dev", dev, "root"], timeout=30,
+                 check=False)
+
+
+def set_link(hosts: TwoHosts, up: bool) -> None:
+    netns, dev = veth(hosts)
+    proc.run(["ip", "-n", netns, "link", "set", "dev", dev, "up" if up else "down"],
+             timeout=30)
+
+
+# --- one engine on both hosts ------------------------------------------------------------
+
+Engine = Migrator | BaseMigrator
+
+
+@dataclass
+class Pair:
+    """An engine on host A (source) and host B (target), as the test sees them."""
+
+    engine: str
+    hosts: TwoHosts
+    source: Engine
+    target: Engine
+    src_spec: str
+    dst_spec: str
+    env: dict[str, str]
+    run: Callable[[list[str]], str]
+    journal: Path
+    names: list[str] = field(default_factory=list)
+
+    def start(self, cmd: list[str] | None = None) -> tuple[str, int]:
+        """Start a counter on A; return its name and a count it has reached."""
+        name = self.run(cmd or COUNTER_CMD)
+        self.names.append(name)
+        return name, self.counting(self.source, name)
+
+    def counting(self, m: Engine, name: str, above: int = 0) -> int:
+        wait_for(lambda: last_count(m.logs(name)) > above + 3, timeout=120,
+                 what=f"{name} counting past {above + 3} on {m.engine}")
+        return last_count(m.logs(name))
+
+    def running(self, name: str) -> list[tuple[str, Engine]]:
+        """Where a container ``name`` runs: ("A", source) and/or ("B", target)."""
+        return [(side, m) for side, m in (("A", self.source), ("B", self.target))
+                if any(c.name == name and c.state.lower() == "running" for c in m.list())]
+
+    def assert_exactly_once(self, name: str, before: int) -> str:
+        """The container runs on exactly one host, and counts on from ``before``."""
+        where = self.running(name)
+        assert len(where) == 1, f"{name} runs on {[s for s, _ in where] or 'no host'}"
+        side, m = where[0]
+        count = self.counting(m, name, above=before)
+        assert count > before
+        again = self.running(name)  # nothing came up late on the other side
+        assert [s for s, _ in again] == [side], f"{name} runs on {[s for s, _ in again]}"
+        return side
+
+    def migrate_argv(self, name: str, *extra: str) -> list[str]:
+        return [*services.netns_prefix(self.hosts.a.netns), CTRMIG, "migrate", name,
+                "--from", self.src_spec, "--to", self.dst_spec, *extra]
+
+    def full_env(self, **more: str) -> dict[str, str]:
+        return {**os.environ, **self.env, "CTRMIG_JOURNAL_DIR": str(self.journal), **more}
+
+    def ctrmig(self, argv: list[str], timeout: float = 300,
+               **env: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, env=self.full_env(**env), capture_output=True,
+                              timeout=timeout, check=False)
+
+    def spawn(self, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env=self.full_env(**env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    def recover(self) -> subprocess.CompletedProcess[bytes]:
+        return self.ctrmig([*services.netns_prefix(self.hosts.a.netns), CTRMIG, "recover"])
+
+    def journals(self) -> list[Path]:
+        return sorted(self.journal.glob("*.json")) if self.journal.exists() else []
+
+    def cleanup(self) -> None:
+        for m in (self.source, self.target):
+            for c in m.list():
+                if any(c.name.startswith(n) for n in self.names):
+                    m.remove(c.name)
+
+
+@pytest.fixture(params=["podman", "runc"])
+def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
+         tmp_path: Path) -> Iterator[Pair]:
+    engine: str = request.param
+    a, b = hosts.a, hosts.b
+    if engine == "podman":
+        request.applymarker(pytest.mark.podman)
+        source = ctrmig.migrator("podman", url=f"unix://{a.podman_socket}")
+        target = ctrmig.migrator("podman", url=f"unix://{b.podman_socket}")
+
+        def run(cmd: list[str]) -> str:
+            name = unique("ctrmig-f")
+            a.podman_cli("run", "-d", "--name", name, "--network", "none",
+                         images.TEST_IMAGE, *cmd)
+            return name
+
+        p = Pair(engine, hosts, source, target, f"podman+unix://{a.podman_socket}",
+                 f"podman+{b.podman_tcp}", {}, run, tmp_path / "journal")
+    else:
+        request.applymarker(pytest.mark.runc)
+        src = RuncMigrator(state_dir=a.root / "runc")
+        dst = RuncMigrator(state_dir=b.root / "runc")
+
+        def run(cmd: list[str]) -> str:
+            return src.run(test_image, name=unique("ctrmig-f"), command=cmd)
+
+        ssh_options = [*hosts.ssh_options, *SSH_KEEPALIVE]  # type: ignore[attr-defined]
+        env = {
+            "CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+            "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+            "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
+        }
+        p = Pair(engine, hosts, src, dst, "runc", f"runc+ssh://root@{b.address}:{SSH_PORT}",
+                 env, run, tmp_path / "journal")
+    try:
+        yield p
+    finally:
+        set_link(hosts, up=True)
+        p.cleanup()
+        p.source.close()
+        p.target.close()
+    assert p.journals() == [], "a journal was left behind"
+
+
+def wait_exit(child: subprocess.Popen[bytes], timeout: float = 300) -> tuple[int, str]:
+    _, err = child.communicate(timeout=timeout)
+    return child.returncode, err.decode(errors="replace")
+
+
+def wait_until(child: subprocess.Popen[bytes], predicate: Callable[[], object],
+               what: str) -> bool:
+    """Wait for ``predicate`` while ``child`` runs; False if the child ended first."""
+    deadline = time.monotonic() + 120
+    while child.poll() is None:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return False
+
+
+# --- the failure points ------------------------------------------------------------------
+
+
+def test_dump_fails(pair: Pair) -> None:
+    """CRIU refuses the container (an established TCP socket): it never stopped."""
+    name, before = pair.start(TCP_CMD)
+    res = pair.ctrmig(pair.migrate_argv(name))
+    err = res.stderr.decode()
+    assert res.returncode == 1, err
+    assert "ctrmig: error:" in err and "checkpoint" in err.lower(), err
+    assert pair.assert_exactly_once(name, before) == "A"
+
+
+def test_transfer_breaks(pair: Pair, tmp_path: Path) -> None:
+    """The veth goes down mid-transfer: the target gives up, the source runs again."""
+    name, before = pair.start(big_cmd(96))
+    base = tx_bytes(pair.hosts)
+    with slow_link(pair.hosts):
+        if pair.engine == "podman":
+            # The CLI's podman client waits up to its 900 s timeout on a dead link;
+            # a client with a short timeout shows the same rollback in seconds.
+            argv = [*services.netns_prefix(pair.hosts.a.netns), sys.executable, "-c",
+                    TIMEOUT_MIGRATE, pair.src_spec.removeprefix("podman+"),
+                    pair.dst_spec.removeprefix("podman+"), name, "15"]
+        else:
+            argv = pair.migrate_argv(name)
+        child = pair.spawn(argv)
+        try:
+            hit = wait_until(child, lambda: tx_bytes(pair.hosts) - base > 24 << 20,
+                             "24 MiB on the wire")
+            assert hit, "the migration ended before the link could be broken"
+            set_link(pair.hosts, up=False)
+            code, err = wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            set_link(pair.hosts, up=True)
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    assert pair.assert_exactly_once(name, before) == "A"
+
+
+TIMEOUT_MIGRATE = """
+import json, sys, ctrmig
+from ctrmig.errors import CtrmigError
+src = ctrmig.migrator("podman", url=sys.argv[1])
+dst = ctrmig.migrator("podman", url=sys.argv[2], timeout=float(sys.argv[4]))
+try:
+    r = ctrmig.migrate(sys.argv[3], source=src, target=dst,
+                       checkpoint_options={"include_image": True})
+except CtrmigError as e:
+    print(f"ctrmig: error: {e}", file=sys.stderr)
+    sys.exit(1)
+print(json.dumps({"name": r.target_name}))
+"""
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], timeout=30)
+    try:
+        yield path
+    finally:
+        proc.run(["umount", "-l", str(path)], timeout=30, check=False)
+        path.rmdir()
+
+
+def test_target_lacks_space(pair: Pair, tmp_path: Path) -> None:
+    """The target's spool dir is a 4 MiB tmpfs and the archive holds 16 MiB."""
+    name, before = pair.start(big_cmd(16))
+    with tiny_tmpfs(Path("/run/ctrmig-tests") / unique("tiny")) as tiny:
+        if pair.engine == "podman":
+            # A second podman service of host B (same storage) with its TMPDIR, where
+            # podman saves an uploaded archive before importing it, on the tiny tmpfs.
+            b = pair.hosts.b
+            port = PODMAN_PORT + 1
+            svc = services.podman_service(
+                b.root / "podman-tiny", root=b.podman_root, runroot=b.podman_runroot,
+                state_dir=b.root, netns=b.netns, uri=f"tcp://{b.address}:{port}")
+            svc.env = {**os.environ, "TMPDIR": str(tiny)}
+            svc.start(wait=False)
+            try:
+                wait_tcp(b.netns, b.address, port)
+                res = pair.ctrmig([*pair.migrate_argv(name)[:-1],
+                                   f"podman+tcp://{b.address}:{port}"])
+            finally:
+                svc.stop()
+        else:
+            remote = f"env TMPDIR={tiny} " + pair.env["CTRMIG_REMOTE_COMMAND"]
+            res = pair.ctrmig(pair.migrate_argv(name), CTRMIG_REMOTE_COMMAND=remote)
+        left = list(tiny.iterdir())
+    err = res.stderr.decode()
+    assert res.returncode == 1, err
+    # ctrmig's reader refuses an archive that would not fit before writing any of it.
+    assert "no space left" in err.lower() or "expands past" in err, err
+    assert left == [], f"spooled files left on the target: {left}"
+    assert pair.assert_exactly_once(name, before) == "A"
+
+
+def test_target_lacks_the_image(pair: Pair, tmp_path: Path) -> None:
+    """Without --include-image, to a host without the image: a clear error, no loss."""
+    if pair.engine == "podman":
+        pair.hosts.b.podman_cli("rmi", "-f", "--ignore", images.TEST_IMAGE)
+        name, before = pair.start()
+        missing = images.TEST_IMAGE
+    else:
+        # The container runs from an OCI layout that is then removed: host B cannot find
+        # the image anywhere (host A's container keeps running from its unpacked cache).
+        layout = tmp_path / "layout"
+        proc.run(["skopeo", "copy", "--quiet", f"containers-storage:{images.TEST_IMAGE}",
+                  f"oci:{layout}:v1"], timeout=300)
+        missing = f"oci:{layout}:v1"
+        assert isinstance(pair.source, RuncMigrator)
+        name = pair.source.run(missing, name=unique("ctrmig-f"), command=COUNTER_CMD)
+        pair.names.append(name)
+        before = pair.counting(pair.source, name)
+        proc.run(["rm", "-rf", str(layout)], timeout=60)
+    res = pair.ctrmig(pair.migrate_argv(name, "--no-include-image"))
+    err = res.stderr.decode()
+    assert res.returncode == 1, err
+    assert missing in err and "not on this" in err, err
+    assert "--include-image" in err, err  # the hint says how to carry it
+    assert pair.assert_exactly_once(name, before) == "A"
+    assert not pair.target.exists(name)
+
+
+def test_target_name_taken_at_the_last_moment(pair: Pair, tmp_path: Path) -> None:
+    """Another container takes the name on the target after ctrmig checked it was free:
+    the restore is refused, the other container is left alone, the source runs again."""
+    if pair.engine == "podman":
+        pair.hosts.load_test_image(pair.hosts.b, tmp_path)
+    name, before = pair.start()
+    child = pair.spawn(pair.migrate_argv(name))
+    try:
+        # The journal is written right after the target's name was found free.
+        assert wait_until(child, pair.journals, "the migration journal")
+        child.send_signal(signal.SIGSTOP)  # hold ctrmig while the name is taken
+        try:
+            if pair.engine == "podman":
+                pair.hosts.b.podman_cli("create", "--name", name, images.TEST_IMAGE,
+                                        "sleep", "100000")
+            else:
+                assert isinstance(pair.target, RuncMigrator)
+                # it exits at once: it holds the name, and is not an instance
+                pair.target.run(images.TEST_IMAGE, name=name, command=["true"])
+        finally:
+            child.send_signal(signal.SIGCONT)
+        code, err = wait_exit(child)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 1, err
+    assert "already" in err and name in err, err
+    assert pair.target.exists(name), "the other container on the target was removed"
+    assert "count=" not in pair.target.logs(name)
+    assert pair.assert_exactly_once(name, before) == "A"
+
+
+PHASES = ["started", "transfer"]
+
+
+def _phase_reached(pair: Pair, phase: str, base: int) -> Callable[[], object]:
+    if phase == "started":
+        return pair.journals
+    if phase == "transfer":
+        return lambda: tx_bytes(pair.hosts) - base > 16 << 20
+    if phase == "restore":
+        return lambda: any(c.name.startswith(pair.names[-1]) for c in pair.target.list())
+    raise AssertionError(phase)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_ctrl_c(pair: Pair, phase: str) -> None:
+    """SIGINT (Ctrl-C) to ``ctrmig migrate``: it rolls back and exits non-zero."""
+    name, before = pair.start(big_cmd(64))
+    base = tx_bytes(pair.hosts)
+    with slow_link(pair.hosts):
+        child = pair.spawn(pair.migrate_argv(name))
+        try:
+            hit = wait_until(child, _phase_reached(pair, phase, base), phase)
+            assert hit, f"the migration ended before {phase}"
+            child.send_signal(signal.SIGINT)
+            code, err = wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert code != 0, err
+    assert pair.assert_exactly_once(name, before) == "A"
+
+
+@pytest.mark.parametrize("phase", [*PHASES, "restore"])
+def test_killed_then_recover(pair: Pair, phase: str) -> None:
+    """SIGKILL of ``ctrmig migrate``; ``ctrmig recover`` then finishes or rolls back."""
+    name, before = pair.start(big_cmd(64))
+    base = tx_bytes(pair.hosts)
+    with slow_link(pair.hosts):
+        child = pair.spawn(pair.migrate_argv(name))
+        try:
+            hit = wait_until(child, _phase_reached(pair, phase, base), phase)
+            child.kill()
+            code, _ = wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if hit:
+        assert code == -signal.SIGKILL
+        assert len(pair.journals()) == 1, "the killed migration left its journal"
+    res = pair.recover()
+    out = res.stdout.decode() + res.stderr.decode()
+    assert res.returncode == 0, out
+    print(f"\n{pair.engine}/{phase}: hit={hit}: {out.strip()}")
+    if hit:
+        assert name in out, out
+    assert pair.journals() == []
+    pair.assert_exactly_once(name, before)
