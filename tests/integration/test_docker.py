@@ -36,6 +36,7 @@ from ctrmig.errors import (
     ToolMissingError,
 )
 from ctrmig.host import services
+from ctrmig.migrate import migrate
 from tests.conftest import COUNTER_CMD, first_count, last_count, unique, wait_for
 
 RACE = ("failed to upload checkpoint to containerd: commit failed: content "
@@ -488,6 +489,39 @@ def test_migrate_to_another_daemon(dk: Docker, second_dockerd: str, tmp_path: Pa
         target.assert_continues(name, before)
     finally:
         target.cleanup()
+
+
+def test_migrate_streams_between_daemons(dk: Docker, second_dockerd: str) -> None:
+    """ctrmig.migrate: archive streamed through a pipe, no file; the source removed."""
+    src = dk.counter()
+    target = Docker(Path(second_dockerd.removeprefix("unix://")), dk.image)
+    try:
+        before = last_count(dk.m.logs(src))  # a lower bound: it counts on until frozen
+        report = migrate(src, source=dk.m, target=target.m)
+        target.track(report.target_name)
+        assert report.target_name == src and not dk.m.exists(src)
+        target.assert_continues(report.target_name, before)
+        print(f"migrated in {report.total_s:.2f} s, {report.bytes_moved} bytes")
+    finally:
+        target.cleanup()
+
+
+def test_failed_migration_resumes_the_source(dk: Docker,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src = dk.counter()
+    target = DockerMigrator(dk.url)
+
+    def broken(cid: str, name: str) -> None:
+        raise RestoreError("the target broke", stderr="criu failed: type NOTIFY errno 0")
+
+    monkeypatch.setattr(target, "_start_from", broken)
+    moved = dk.track(unique("ctrmig-dk-moved"))
+    with pytest.raises(RestoreError, match="the target broke"):
+        migrate(src, source=dk.m, target=target, name=moved)
+    assert dk.state(src) == "running"
+    assert not dk.m.exists(moved)
+    assert dk.m.logs(src).splitlines().count("count=1") == 1  # resumed, not restarted
+    target.close()
 
 
 def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
