@@ -286,12 +286,23 @@ def floor(mib: int, work: Path, memhog: Path) -> Row:
 
 
 class RuncBench:
-    def __init__(self, work: Path):
+    """Two RuncMigrators ("hosts" A and B) with their own state directories. With
+    ``tmpfs`` their state (bundles, so the CRIU images) and work directories (the
+    extracted archive) are in a tmpfs, as the floor's images are."""
+
+    def __init__(self, work: Path, tmpfs: bool = True):
         from ctrmig.engines.runc import RuncMigrator
 
         self.work = work
-        self.a = RuncMigrator(state_dir=work / "runc-a", workdir=work)
-        self.b = RuncMigrator(state_dir=work / "runc-b", workdir=work)
+        self.mount: Path | None = None
+        base = work
+        if tmpfs:
+            base = self.mount = work / "runc-tmpfs"
+            base.mkdir(parents=True, exist_ok=True)
+            proc.run(["mount", "-t", "tmpfs", "-o", "size=8g,mode=0700", "tmpfs", str(base)],
+                     timeout=30)
+        self.a = RuncMigrator(state_dir=base / "runc-a", workdir=base)
+        self.b = RuncMigrator(state_dir=base / "runc-b", workdir=base)
 
     def setup(self) -> None:
         workload.ensure_image(self.work)
@@ -325,10 +336,127 @@ class RuncBench:
         return row
 
     def close(self) -> None:
+        from ctrmig.host import mounts
+
         for m in (self.a, self.b):
             for c in m.list():
                 with contextlib.suppress(Exception):
                     m.remove(c.name)
+        if self.mount is not None:
+            mounts.unmount_under(self.mount)
+            shutil.rmtree(self.mount, ignore_errors=True)
+
+
+# --- docker ------------------------------------------------------------------------------------
+
+
+class DockerBench:
+    """Two private dockerds (own data roots, no bridge) on this machine: docker's "hosts".
+
+    docker has no checkpoint export: its raw route is ``docker checkpoint create`` +
+    ``docker start --checkpoint`` on the same daemon (retried: containerd's start race).
+    """
+
+    def __init__(self, work: Path):
+        from ctrmig.host import services
+
+        self.work = work
+        tag = uuid.uuid4().hex[:6]
+        self.run_dir = Path(f"/run/ctrmig-bench-{tag}")
+        self.data_dir = Path(f"/var/lib/ctrmig-bench-{tag}")
+        self.socks = {h: self.run_dir / f"dk{h}.sock" for h in ("a", "b")}
+        self.services = [
+            services.dockerd_service(self.socks[h], data_root=self.data_dir / h,
+                                     exec_root=self.run_dir / f"dk{h}-exec",
+                                     state_dir=self.run_dir, bridge="none")
+            for h in ("a", "b")
+        ]
+
+    def cli(self, host: str, *args: str, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return proc.run(["docker", "-H", f"unix://{self.socks[host]}", *args],
+                        timeout=timeout, check=check)
+
+    def setup(self) -> None:
+        for svc in self.services:
+            svc.start()
+        ref = workload.ensure_image(self.work)
+        archive = images.podman_save(ref, self.work / "memhog-docker.tar")
+        for h in ("a", "b"):
+            self.cli(h, "load", "-q", "-i", str(archive))
+        archive.unlink()
+
+    def close(self) -> None:
+        from ctrmig.host import mounts
+
+        for svc in self.services:
+            svc.stop()
+        for d in (self.data_dir, self.run_dir):
+            mounts.unmount_under(d)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _logs(self, host: str, name: str) -> Callable[[], str]:
+        return lambda: self.cli(host, "logs", name, timeout=60).stdout.decode(errors="replace")
+
+    def _start(self, mib: int) -> tuple[str, workload.Health]:
+        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
+        self.cli("a", "run", "-d", "--name", name, "--network", "none", workload.IMAGE,
+                 *workload.command(mib))
+        logs = self._logs("a", name)
+        wait_until(lambda: workload.health(logs()).last_pass >= 1, 120, f"{name} filled")
+        return name, workload.health(logs())
+
+    def _rm(self, name: str) -> None:
+        for h in ("a", "b"):
+            self.cli(h, "rm", "-f", name, timeout=120, check=False)
+
+    def ctrmig(self, mib: int) -> Row:
+        import ctrmig
+        from ctrmig.engines.docker import DockerMigrator
+
+        row = Row(mib, "docker", "ctrmig")
+        name, before = self._start(mib)
+        try:
+            with DockerMigrator(f"unix://{self.socks['a']}") as src, \
+                    DockerMigrator(f"unix://{self.socks['b']}") as dst:
+                rep = ctrmig.migrate(name, source=cast(ctrmig.Migrator, src),
+                                     target=cast(ctrmig.Migrator, dst))
+            row.downtime_s, row.total_s = rep.downtime_s, rep.total_s
+            row.bytes_moved = rep.bytes_moved
+            row.detail = {"checkpoint_s": rep.checkpoint_s, "restore_s": rep.restore_s}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs("b", rep.target_name),
+                                                          before)
+        finally:
+            self._rm(name)
+        return row
+
+    def raw(self, mib: int) -> Row:
+        row = Row(mib, "docker", "raw")
+        name, before = self._start(mib)
+        try:
+            t0 = time.monotonic()
+            self.cli("a", "checkpoint", "create", name, "ck", timeout=1800)
+            t1 = time.monotonic()
+            attempts = 0
+            while True:
+                attempts += 1
+                res = self.cli("a", "start", "--checkpoint", "ck", name, timeout=1800,
+                               check=False)
+                if res.returncode == 0:
+                    break
+                if attempts >= 10:
+                    raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 3))
+                time.sleep(0.5)
+            t2 = time.monotonic()
+            row.downtime_s = row.total_s = t2 - t0
+            ck = self.data_dir / "a" / "containers"
+            row.bytes_moved = sum(dir_bytes(p) for p in ck.glob("*/checkpoints/ck"))
+            row.detail = {"checkpoint_s": t1 - t0, "start_s": t2 - t1,
+                          "start_attempts": attempts, "same_daemon": True}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs("a", name), before)
+        finally:
+            self._rm(name)
+        return row
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -430,7 +558,8 @@ Machine: {', '.join(f'{k}: {v}' for k, v in info.items())}
 
 
 def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str,
-              lazy: bool, tmpfs_spool: bool, out: Callable[[Row], None]) -> list[Row]:
+              lazy: bool, tmpfs_spool: bool, out: Callable[[Row], None],
+              docker_max: int = 1 << 30) -> list[Row]:
     rows: list[Row] = []
 
     def measure(row: Row, fn: Callable[..., Row], *args: Any, **kwargs: Any) -> None:
@@ -449,8 +578,13 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
             hosts = stack.enter_context(TwoHosts(work / "hosts"))
             podman = PodmanBench(hosts, work, compression, tmpfs_spool)
             podman.setup()
+        docker_bench: DockerBench | None = None
+        if "docker" in engines:
+            docker_bench = DockerBench(work)
+            stack.callback(docker_bench.close)
+            docker_bench.setup()
         if "runc" in engines:
-            runc = RuncBench(work)
+            runc = RuncBench(work, tmpfs_spool)
             stack.callback(runc.close)
             runc.setup()
         for mib in sizes:
@@ -462,6 +596,9 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
                 measure(Row(mib, "runc", "ctrmig"), runc.ctrmig, mib)
                 if lazy:
                     measure(Row(mib, "runc", "ctrmig-lazy"), runc.ctrmig, mib, lazy=True)
+            if docker_bench is not None and mib <= docker_max:
+                measure(Row(mib, "docker", "ctrmig"), docker_bench.ctrmig, mib)
+                measure(Row(mib, "docker", "raw"), docker_bench.raw, mib)
     return rows
 
 
@@ -470,12 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.migrate_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,256,1024", help="MiB of touched memory")
-    ap.add_argument("--engines", default="podman,runc", help="podman,runc")
+    ap.add_argument("--engines", default="podman,runc,docker", help="podman,runc,docker")
+    ap.add_argument("--docker-max", type=int, default=1 << 30,
+                    help="largest size (MiB) to run docker at (docker is slow here)")
     ap.add_argument("--compression", default="none", choices=("none", "zstd", "gzip"),
                     help="ctrmig's archive compression (the raw route uses podman's default)")
     ap.add_argument("--disk-spool", action="store_true",
-                    help="podman's services and ctrmig's target spool archives on disk "
-                         "(default: in a tmpfs)")
+                    help="podman's services and ctrmig's target spool archives on disk, "
+                         "runc's state and work dirs are on disk (default: in tmpfs)")
     ap.add_argument("--no-lazy", action="store_true", help="skip runc's lazy-pages route")
     ap.add_argument("--out", type=Path, default=None, help="markdown report (and .json)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
@@ -496,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = run_bench(sizes, engines, work, args.compression, not args.no_lazy,
-                         not args.disk_spool, show)
+                         not args.disk_spool, show, args.docker_max)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
