@@ -22,6 +22,7 @@ import builtins
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -174,10 +175,12 @@ class RuncMigrator(BaseMigrator):
 
     def list(self) -> list[ContainerInfo]:
         states = {s["id"]: s for s in self._runc_list()}
+        busy = self._in_flight()
         out = []
         for name in self._bundle_names():
             meta = self._meta(name)
             state = self._status(name, states) if meta else "broken"  # remove() clears it
+            state = busy.get(name, state)
             out.append(ContainerInfo(engine=self.engine, name=name, id=name,
                                      image=(meta or {}).get("image", ""), state=state))
         return out
@@ -537,13 +540,29 @@ class RuncMigrator(BaseMigrator):
                     f"workdir={bundle / 'diff/work'}")
             proc.run(["mount", "-t", "overlay", "-o", opts, "overlay", str(bundle / "rootfs")],
                      timeout=TOOL_TIMEOUT, what=f"mount overlay rootfs of {name}")
-            (bundle / "config.json").write_bytes(_json(self._spec(meta["process"])))
+            netns = self._netns(name)
+            proc.run(["ip", "netns", "add", netns], timeout=TOOL_TIMEOUT,
+                     what=f"create the network namespace of {name}")
+            proc.run(["ip", "-n", netns, "link", "set", "lo", "up"], timeout=TOOL_TIMEOUT,
+                     what=f"bring up loopback for {name}")
+            (bundle / "config.json").write_bytes(_json(self._spec(meta["process"], netns)))
         except BaseException:
             self._cleanup(name)
             raise
         return bundle
 
-    def _spec(self, process: dict[str, Any]) -> dict[str, Any]:
+    def _netns(self, name: str) -> str:
+        """The named network namespace we make for a container (unique per state dir).
+
+        Ours, not runc's: runc brings up loopback in a namespace it creates only on run,
+        not on restore, where CRIU then cannot reconnect TCP sockets ("Network is
+        unreachable"). A namespace with a path is also what runc treats as external on
+        checkpoint and joins on restore, as podman's own network namespaces are.
+        """
+        digest = hashlib.sha256(f"{self.state_dir}\0{name}".encode()).hexdigest()[:16]
+        return f"ctrmig-runc-{digest}"
+
+    def _spec(self, process: dict[str, Any], netns: str) -> dict[str, Any]:
         """config.json from the bundle template and the container's process settings."""
         if self.template == TEMPLATE and not TEMPLATE.exists():
             spec = self._runc_spec()  # installed without the repository's bundles/
@@ -561,6 +580,9 @@ class RuncMigrator(BaseMigrator):
         p["user"] = {"uid": int(process.get("uid", 0)), "gid": int(process.get("gid", 0))}
         spec["root"] = {"path": "rootfs", "readonly": False}
         spec["hostname"] = str(process.get("hostname") or "ctrmig")
+        namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
+        namespaces[:] = [ns for ns in namespaces if ns.get("type") != "network"]
+        namespaces.append({"type": "network", "path": f"/run/netns/{netns}"})
         return spec
 
     def _runc_spec(self) -> dict[str, Any]:
@@ -670,6 +692,9 @@ class RuncMigrator(BaseMigrator):
                 time.sleep(0.1)
         if bundle.exists():
             shutil.rmtree(bundle)
+        netns = self._netns(name)
+        if Path("/run/netns", netns).exists():
+            proc.run(["ip", "netns", "delete", netns], timeout=TOOL_TIMEOUT, check=False)
         self._log_path(name).unlink(missing_ok=True)
 
     def _drained(self, name: str, timeout: float = 2.0) -> int | None:
@@ -702,6 +727,28 @@ class RuncMigrator(BaseMigrator):
         text = proc.output([*self._runc(), "list", "--format", "json"], timeout=TOOL_TIMEOUT)
         data = json.loads(text or "null")
         return data if isinstance(data, list) else []
+
+    def _in_flight(self) -> dict[str, str]:
+        """Containers that a ``runc checkpoint``/``runc restore`` on our root is working
+        on now -> "checkpointing"/"restoring". It may be the orphan of a killed ctrmig:
+        ``ctrmig recover`` waits for it instead of deciding on a state about to change."""
+        root = str(self.runc_root).encode()
+        verbs = {b"checkpoint": "checkpointing", b"restore": "restoring"}
+        found: dict[str, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            except OSError:
+                continue
+            if (len(argv) < 4 or os.path.basename(argv[0]) != b"runc"
+                    or argv[1:3] != [b"--root", root]):
+                continue
+            verb = next((verbs[a] for a in argv[3:] if a in verbs), None)
+            if verb:
+                found[argv[-1].decode(errors="replace")] = verb
+        return found
 
     def _runc_state(self, name: str) -> dict[str, Any] | None:
         res = proc.run([*self._runc(), "state", name], timeout=TOOL_TIMEOUT, check=False)
