@@ -664,7 +664,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="markdown report (and .json)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                     help="where the run's files go (local disk)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="only re-render --out from a JSON an earlier run wrote")
     args = ap.parse_args(argv)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        rows = [Row(**r) for r in data["rows"]]
+        print(table(rows))
+        if args.out:
+            write_report(args.out, rows, data["machine"], data["argv"])
+        return 0
     if os.geteuid() != 0:
         print("the benchmark needs root (CRIU, namespaces, mounts)", file=sys.stderr)
         return 2
