@@ -250,6 +250,28 @@ def _state(m: Migrator, name: str) -> str | None:
     return None
 
 
+# States an engine reports while an operation is under way (runc's for a checkpoint or
+# restore in progress, podman's and docker's transitions): not a state to decide on.
+TRANSIENT_STATES = frozenset({"checkpointing", "restoring", "stopping", "removing"})
+SETTLE_TIMEOUT = 900.0  # as long as an engine call may take
+
+
+def _settled_state(m: Migrator, name: str) -> str | None:
+    """The container's state once no operation is working on it any more.
+
+    A killed ctrmig can leave its engine calls running (a ``runc checkpoint`` in its own
+    session, a restore on the target host): deciding before they end could resume a
+    container that is about to stop, or keep one about to be stopped.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        state = _state(m, name)
+        if state not in TRANSIENT_STATES or time.monotonic() > deadline:
+            return state
+        log.info("%s is %s on %s; waiting for that to end", name, state, m.engine)
+        time.sleep(0.5)
+
+
 def recover(journal_dir: Path | None = None) -> list[str]:
     """Finish or roll back every migration whose ctrmig died; return what was done.
 
@@ -265,8 +287,11 @@ def recover(journal_dir: Path | None = None) -> list[str]:
             continue
         container, target_name = data["container"], data["name"]
         src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
-        target_state = _state(dst, target_name)
-        source_state = _state(src, container)
+        # The source first: a checkpoint still running there decides what the target gets.
+        source_state = _settled_state(src, container)
+        target_state = _settled_state(dst, target_name)
+        if target_state != "running":
+            source_state = _settled_state(src, container)
         if target_state == "running":
             if source_state is not None and not data.get("keep_source"):
                 src.remove(container)

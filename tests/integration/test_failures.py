@@ -47,11 +47,17 @@ TCP_CMD = ["/bin/sh", "-c", "sleep 100000 | nc -l -p 7000 > /dev/null & sleep 0.
            "sleep 100000 | nc 127.0.0.1 7000 > /dev/null & sleep 0.3; " + COUNTER]
 
 
-def big_cmd(mib: int) -> list[str]:
+# The counter beside 128 MiB of memory (tail holds its input until an EOF that never
+# comes): a CRIU dump that takes a moment, to be hit while it runs.
+MEMORY_CMD = ["/bin/sh", "-c", "(head -c 134217728 /dev/urandom; sleep 100000) | "
+              f"tail -c 134217728 > /dev/null & sleep 3; {COUNTER}"]
+
+
+def big_cmd(mib: int, path: str = "/big") -> list[str]:
     """The counter, after writing ``mib`` MiB of random data into its rootfs (the archive's
     rootfs diff): a transfer long enough to break in the middle."""
     return ["/bin/sh", "-c",
-            f"dd if=/dev/urandom of=/big bs=1048576 count={mib} 2>/dev/null; {COUNTER}"]
+            f"dd if=/dev/urandom of={path} bs=1048576 count={mib} 2>/dev/null; {COUNTER}"]
 
 
 # --- the two hosts, shared by the module --------------------------------------------------
@@ -405,6 +411,10 @@ PHASES = ["started", "transfer"]
 def _phase_reached(pair: Pair, phase: str, base: int) -> Callable[[], object]:
     if phase == "started":
         return pair.journals
+    if phase == "dump":
+        name = pair.names[-1]
+        keys = {name.encode()} | {c.id.encode() for c in pair.source.list() if c.name == name}
+        return lambda: _dumping(keys)
     if phase == "transfer":
         return lambda: tx_bytes(pair.hosts) - base > 16 << 20
     if phase == "restore":
@@ -432,10 +442,24 @@ def test_ctrl_c(pair: Pair, phase: str) -> None:
     assert pair.assert_exactly_once(name, before) == "A"
 
 
-@pytest.mark.parametrize("phase", [*PHASES, "restore"])
+def _dumping(keys: set[bytes]) -> bool:
+    """Whether a ``runc checkpoint`` of the container (by name or id) runs right now."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"checkpoint" in argv and keys & set(argv):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("phase", ["started", "dump", "transfer", "restore"])
 def test_killed_then_recover(pair: Pair, phase: str) -> None:
     """SIGKILL of ``ctrmig migrate``; ``ctrmig recover`` then finishes or rolls back."""
-    name, before = pair.start(big_cmd(64))
+    name, before = pair.start(MEMORY_CMD if phase == "dump" else big_cmd(64))
     base = tx_bytes(pair.hosts)
     with slow_link(pair.hosts):
         child = pair.spawn(pair.migrate_argv(name))
