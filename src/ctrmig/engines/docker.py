@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, ClassVar
 import docker
 import requests
 import tenacity
+import urllib3
 from docker.errors import DockerException
 from docker.utils import convert_port_bindings
 from docker.utils.ports import split_port
@@ -141,7 +142,8 @@ class DockerMigrator(BaseMigrator):
     ) -> contextlib.AbstractContextManager[None]:
         return http.api_errors(
             "docker", what, start_hint=START_HINT,
-            catch=(DockerException, requests.RequestException),
+            # urllib3: errors while reading a streamed body (res.raw) are not wrapped
+            catch=(DockerException, requests.RequestException, urllib3.exceptions.HTTPError),
             not_found=not_found, error=error,
         )
 
@@ -365,7 +367,7 @@ class DockerMigrator(BaseMigrator):
         spec = _oci_spec(data)
         name = f"ctrmig-{uuid.uuid4().hex[:12]}"
         started = time.monotonic()
-        self._checkpoint_create(record.id, name, exit=not opts.leave_running)
+        self._checkpoint_safely(record, name, exit=not opts.leave_running)
         self._made[record.id] = name
         seconds = round(time.monotonic() - started, 3)
         try:
@@ -398,6 +400,55 @@ class DockerMigrator(BaseMigrator):
             name = self._made.pop(record.id, None)
             if name is not None and opts.leave_running and not opts.keep:
                 self._drop_checkpoint(record.id, name)
+
+    def _checkpoint_safely(self, record: ContainerRecord, name: str, *, exit: bool) -> None:
+        """Checkpoint, dodging containerd's "content ... already exists" (moby#42900).
+
+        A checkpoint writes the container's spec to containerd's content store; while the
+        previous checkpoint's copy awaits garbage collection, the same blob fails the
+        commit. Seen here: a stopping checkpoint right after another one failed 6 times
+        in 12 and left the container stopped with no checkpoint, its state lost. Waiting
+        for dockerd's own containerd content store to be empty (0.04-0.5 s) made it 0 in
+        12. A container still running after the error is retried.
+        """
+        self._wait_for_content_gc()
+        for attempt in range(1, self.start_attempts + 1):
+            try:
+                self._checkpoint_create(record.id, name, exit=exit)
+                return
+            except CheckpointError as e:
+                if not _is_start_race(e):
+                    raise
+                if not (self._inspect(record.id).get("State") or {}).get("Running"):
+                    raise CheckpointError(
+                        f"docker container {record.name!r} stopped but dockerd kept no "
+                        "checkpoint (containerd: content already exists, moby#42900)",
+                        hint="its memory state is lost; start it afresh",
+                        stderr=e.stderr,
+                    ) from e
+                if attempt == self.start_attempts:
+                    raise
+                log.warning("checkpoint hit containerd's race (moby#42900), attempt %d; "
+                            "retrying", attempt)
+                self._wait_for_content_gc()
+                time.sleep(min(0.25 * 2 ** (attempt - 1), 4))
+
+    def _wait_for_content_gc(self, timeout: float = 60.0) -> None:
+        """Wait until dockerd's private containerd holds no content blob (they are only
+        checkpoint leftovers there). Unknown layouts (a system containerd): no wait."""
+        blobs = (self._data_root() / "containerd" / "daemon" /
+                 "io.containerd.content.v1.content" / "blobs" / "sha256")
+        if not blobs.is_dir():
+            log.debug("no private containerd content store at %s: not waiting", blobs)
+            return
+        start = time.monotonic()
+        while any(blobs.iterdir()):
+            if time.monotonic() - start > timeout:
+                log.warning("containerd still holds content after %g s; checkpointing anyway",
+                            timeout)
+                return
+            time.sleep(0.05)
+        log.debug("waited %.2f s for containerd's garbage collection", time.monotonic() - start)
 
     def _drop_checkpoint(self, cid: str, name: str) -> None:
         try:
