@@ -13,11 +13,12 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, NoReturn
+from typing import Any, BinaryIO, ClassVar, NoReturn, TypeVar
 
 import requests
+import tenacity
 from podman import PodmanClient
 from podman.errors import APIError
 
@@ -34,10 +35,11 @@ from ctrmig.errors import (
     NameInUseError,
     RestoreError,
 )
-from ctrmig.host import proc
+from ctrmig.host import http, proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_URL = "unix:///run/podman/podman.sock"
 RESPONSE_BUFFER = 4 * CHUNK
@@ -60,6 +62,13 @@ class PodmanMigrator(BaseMigrator):
         {"tcp_established", "file_locks", "keep", "ignore_rootfs", "ignore_volumes",
          "print_stats", "publish_ports", "allow_privileged"}
     )
+
+    #: Tries of an idempotent call (GET, DELETE) that failed transiently (5xx, dropped
+    #: connection), and the wait between them. Checkpoint and restore POSTs are never
+    #: retried: a call that failed half-way may have stopped or created a container.
+    retry_attempts: ClassVar[int] = 4
+    retry_wait: ClassVar[tenacity.wait.wait_base] = tenacity.wait_exponential(
+        multiplier=0.25, max=2)
 
     def __init__(self, url: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -97,11 +106,26 @@ class PodmanMigrator(BaseMigrator):
             raise ContainerNotFoundError(f"{what}: no such container", stderr=detail) from None
         raise error(f"{what} failed: {detail}", stderr=detail) from None
 
-    def _get(self, path: str, what: str, **params: Any) -> Any:
+    def _idempotent(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call``, an idempotent API call (a GET or DELETE) that raises podman-py's
+        errors, retrying transient failures a bounded number of times; translate the rest."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retry_attempts),
+            wait=self.retry_wait,
+            retry=tenacity.retry_if_exception(is_transient),
+            before_sleep=lambda state: _log_retry(what, state),
+            reraise=True,
+        )
         with self._api(what):
+            return retrying(call)
+
+    def _get(self, path: str, what: str, **params: Any) -> Any:
+        def call() -> Any:
             resp = self.client.api.get(path, params=params or None, timeout=60)
             resp.raise_for_status()
             return resp.json()
+
+        return self._idempotent(what, call)
 
     # --- protocol ------------------------------------------------------------------------------
 
@@ -122,23 +146,27 @@ class PodmanMigrator(BaseMigrator):
         ]
 
     def exists(self, container: str) -> bool:
-        with self._api("podman exists"):
+        def call() -> bool:
             resp = self.client.api.get(f"/containers/{container}/exists", timeout=60)
             if resp.status_code == 404:
                 return False
             resp.raise_for_status()
             return True
 
+        return self._idempotent("podman exists", call)
+
     def remove(self, container: str) -> None:
-        with self._api(f"podman rm {container}"):
+        def call() -> None:
             resp = self.client.api.delete(
                 f"/containers/{container}", params={"force": True, "v": True}, timeout=120
             )
-            if resp.status_code != 404:
+            if resp.status_code != 404:  # gone already (also: a retry after it went)
                 resp.raise_for_status()
 
+        self._idempotent(f"podman rm {container}", call)
+
     def logs(self, container: str) -> str:
-        with self._api(f"podman logs {container}"):
+        def call() -> str:
             resp = self.client.api.get(
                 f"/containers/{container}/logs", params={"stdout": True, "stderr": True},
                 timeout=60,
@@ -146,15 +174,21 @@ class PodmanMigrator(BaseMigrator):
             resp.raise_for_status()
             return _demux_logs(resp.content)
 
+        return self._idempotent(f"podman logs {container}", call)
+
     def close(self) -> None:
         self.client.close()  # type: ignore[no-untyped-call]
 
     # --- hooks -----------------------------------------------------------------------------------
 
     def _has_image(self, ref: str) -> bool:
-        with self._api(f"podman image exists {ref}"):
+        def call() -> bool:
             resp = self.client.api.get(f"/images/{ref}/exists", timeout=60)
+            if resp.status_code >= 500:
+                resp.raise_for_status()  # a daemon error is not "no such image"
             return bool(resp.status_code == 204)
+
+        return self._idempotent(f"podman image exists {ref}", call)
 
     def _export_image(self, ref: str, dest: Path) -> str:
         with self._api(f"podman image save {ref}", error=CheckpointError):
@@ -281,6 +315,26 @@ def _chunks(body: BinaryIO) -> Iterator[bytes]:
     8 KiB writes, which made importing 1 GiB ~5 s slower (measured)."""
     while chunk := body.read(CHUNK):
         yield chunk
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed API call is worth another try: the daemon answered 5xx, or the
+    connection dropped (reset, refused while the service restarts). Not 4xx, not timeouts
+    (the daemon may still be doing it), not ctrmig's own errors."""
+    code = http.status_code(exc)
+    if code is not None:
+        return code >= 500
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(isinstance(e, requests.Timeout) for e in chain):
+        return False
+    return any(isinstance(e, (requests.ConnectionError, ConnectionError)) for e in chain)
+
+
+def _log_retry(what: str, state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("podman API: %s failed (%s: %s), try %d; retrying in %.2f s", what,
+                type(error).__name__, error, state.attempt_number, wait)
 
 
 def _demux_logs(data: bytes) -> str:
