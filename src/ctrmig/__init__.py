@@ -21,7 +21,7 @@ from ctrmig.archive import verify as _verify
 from ctrmig.errors import CtrmigError
 from ctrmig.migrate import MigrationReport, migrate, recover
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, Migrator, RestoreOptions
-from ctrmig.registry import engines, migrator, register
+from ctrmig.registry import engine_names, migrator, register
 
 __version__ = "0.1.0"
 
@@ -48,7 +48,7 @@ __all__ = [
     "Migrator",
     "RestoreOptions",
     "__version__",
-    "engines",
+    "engine_names",
     "errors",
     "inspect",
     "migrate",

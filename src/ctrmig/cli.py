@@ -98,7 +98,7 @@ def _connect(engine: str, url: str | None) -> ctrmig.Migrator:
 def _holders(container: str, url: str | None) -> list[str]:
     """Engines that are reachable and hold ``container``."""
     found = []
-    for engine in ctrmig.engines():
+    for engine in ctrmig.engine_names():
         if url and engine not in API_ENGINES:
             continue
         try:
@@ -159,7 +159,7 @@ def _size(n: int) -> str:
 # --- the commands ------------------------------------------------------------------------------
 
 engine_option = click.option(
-    "--engine", "-e", type=click.Choice(ctrmig.engines()), envvar="CTRMIG_ENGINE",
+    "--engine", "-e", type=click.Choice(ctrmig.engine_names()), envvar="CTRMIG_ENGINE",
     help=ENGINE_HELP)
 url_option = click.option("--url", metavar="URL", help=URL_HELP)
 
@@ -350,7 +350,7 @@ def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> No
         return
     table = Table("engine", "name", "id", "image", "state")
     failed = False
-    for name in [engine] if engine else ctrmig.engines():
+    for name in [engine] if engine else ctrmig.engine_names():
         if url and not engine and name not in API_ENGINES:
             continue
         try:
@@ -374,7 +374,7 @@ _STATUS_STYLE = {"pass": "green", "fail": "red", "unavailable": "yellow"}
 
 
 @cli.command()
-@click.option("--engine", "-e", "engines", type=click.Choice(ctrmig.engines()), multiple=True,
+@click.option("--engine", "-e", "engines", type=click.Choice(ctrmig.engine_names()), multiple=True,
               help="Engine(s) to check [default: podman, docker, runc]; repeatable.")
 @click.option("--podman-url", metavar="URL", help="podman API URL [env: CTRMIG_PODMAN_URL].")
 @click.option("--docker-url", metavar="URL", help="docker API URL [env: DOCKER_HOST].")

@@ -15,7 +15,7 @@ from typing import Any
 from ctrmig.engines.remote import RemoteMigrator
 from ctrmig.errors import OptionError
 from ctrmig.protocol import Migrator
-from ctrmig.registry import engines, migrator
+from ctrmig.registry import engine_names, migrator
 
 API_ENGINES = {"podman": "url", "docker": "base_url"}
 
@@ -23,9 +23,10 @@ API_ENGINES = {"podman": "url", "docker": "base_url"}
 def split(spec: str) -> tuple[str, str | None]:
     """``"podman+tcp://h:1"`` -> ``("podman", "tcp://h:1")``."""
     engine, _, address = spec.partition("+")
-    if engine not in engines():
+    if engine not in engine_names():
+        names = ", ".join(engine_names())
         raise OptionError(f"unknown engine {engine!r} in {spec!r}",
-                          hint=f"write ENGINE[+ADDRESS] with ENGINE one of {', '.join(engines())}")
+                          hint=f"write ENGINE[+ADDRESS] with ENGINE one of {names}")
     return engine, address or None
 
 

@@ -26,7 +26,7 @@ def register(name: str, cls: str | type[Any], *, clobber: bool = False) -> None:
     _registry[name] = cls
 
 
-def engines() -> list[str]:
+def engine_names() -> list[str]:
     """Names of every registered engine."""
     return sorted(_registry)
 
@@ -36,7 +36,7 @@ def get_class(name: str) -> type[Any]:
         entry = _registry[name]
     except KeyError:
         raise UnknownEngineError(
-            f"unknown engine {name!r}", hint=f"choose one of: {', '.join(engines())}"
+            f"unknown engine {name!r}", hint=f"choose one of: {', '.join(engine_names())}"
         ) from None
     if isinstance(entry, str):
         module, _, attr = entry.partition(":")

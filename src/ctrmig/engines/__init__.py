@@ -1,0 +1,1 @@
+"""Engine adapters, one module per engine; each implements the Migrator protocol."""
