@@ -194,7 +194,12 @@ def _migrate(
         # checkpoint is then rolled back by the source adapter itself.
         pipe_in.close()
         producer.join()
-        if "checkpoint_error" in result and "manifest" not in result:
+        source_error = result.get("checkpoint_error")
+        if source_error is not None and "manifest" not in result:
+            if _source_failed_first(source_error, e):
+                # The target only saw the archive end early: the source's error says why.
+                log.debug("target failed after the source did: %s", e)
+                raise source_error from None
             log.warning("target failed (%s); the source rolled back its checkpoint", e)
         else:
             _roll_back(source, container, result, e)
@@ -222,6 +227,16 @@ def _migrate(
             log.warning("migrated, but removing the source container failed: %s", e)
             report.source_kept = True
     return report
+
+
+def _source_failed_first(source_error: BaseException, target_error: BaseException) -> bool:
+    """Both sides failed: was it the source (the target then read a cut-off archive), or
+    the target (the source then wrote into a closed pipe)?"""
+    if not isinstance(target_error, Exception):
+        return False  # Ctrl-C and the like: that is what happened
+    chain: list[BaseException | None] = [source_error, source_error.__cause__,
+                                         source_error.__context__]
+    return not any(isinstance(err, BrokenPipeError) for err in chain)
 
 
 def _drain(pipe_in: BinaryIO) -> None:
