@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, NoReturn, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import requests
 import tenacity
@@ -28,10 +28,7 @@ from ctrmig.archive.writer import CHUNK
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import (
     CheckpointError,
-    ContainerNotFoundError,
     EngineError,
-    EngineUnavailableError,
-    ImageNotFoundError,
     NameInUseError,
     RestoreError,
 )
@@ -77,34 +74,11 @@ class PodmanMigrator(BaseMigrator):
 
     # --- one place for every API call ---------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _api(self, what: str, *, error: type[EngineError] = EngineError) -> Iterator[None]:
+    def _api(self, what: str, *,
+             error: type[EngineError] = EngineError) -> contextlib.AbstractContextManager[None]:
         """Translate podman-py/requests failures of ``what`` into ctrmig errors."""
-        try:
-            yield
-        except APIError as e:
-            self._raise(e, what, error)
-        except requests.RequestException as e:
-            raise EngineUnavailableError(
-                f"podman API at {self.url} failed during {what}: {e}", hint=START_HINT
-            ) from None
-
-    def _raise(self, e: APIError, what: str, error: type[EngineError]) -> NoReturn:
-        cause = e.__cause__
-        if e.response is None and isinstance(cause, (OSError, requests.ConnectionError)):
-            raise EngineUnavailableError(
-                f"podman API is not reachable at {self.url}", hint=START_HINT
-            ) from None
-        detail = (e.explanation or str(e)).strip()
-        status = e.response.status_code if e.response is not None else None
-        if "name is already in use" in detail or "already in use" in detail:
-            raise NameInUseError(f"{what}: {detail}", stderr=detail,
-                                 hint="pick another --name or remove that container") from None
-        if status == 404:
-            if "image" in detail.lower():
-                raise ImageNotFoundError(f"{what}: {detail}", stderr=detail) from None
-            raise ContainerNotFoundError(f"{what}: no such container", stderr=detail) from None
-        raise error(f"{what} failed: {detail}", stderr=detail) from None
+        return http.api_errors("podman", what, start_hint=START_HINT,
+                               catch=(APIError, requests.RequestException), error=error)
 
     def _idempotent(self, what: str, call: Callable[[], T]) -> T:
         """Run ``call``, an idempotent API call (a GET or DELETE) that raises podman-py's

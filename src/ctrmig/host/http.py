@@ -126,7 +126,8 @@ def translate(
                 stderr=message,
             )
         return not_found(f"{engine}: {what}: {first}", stderr=message)
-    if code == 409 and any(fragment in lowered for fragment in _NAME_409):
+    # docker answers 409; podman's restore of a taken name answers 500 with the same words.
+    if any(fragment in lowered for fragment in _NAME_409):
         return NameInUseError(
             f"{engine}: {what}: {first}",
             hint="pick another name or remove that container",
