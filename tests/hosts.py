@@ -80,6 +80,17 @@ class Host:
             wait_tcp(self.netns, self.address, tcp_port)
             self.podman_tcp = uri
 
+    def start_dockerd(self) -> Path:
+        """A private dockerd in this host's namespace (own data root, no bridge)."""
+        sock = self.run_root / "docker.sock"
+        svc = services.dockerd_service(sock, data_root=self.root / "docker-data",
+                                       exec_root=self.run_root / "dx", state_dir=self.root,
+                                       bridge="none", netns=self.netns)
+        svc.start()
+        self.started.append(svc)
+        self.docker_socket = sock
+        return sock
+
     def start_sshd(self, port: int = 2222) -> list[str]:
         """sshd on this host's veth address, root login by a throwaway key only.
 
@@ -114,8 +125,10 @@ class Host:
         for svc in reversed(self.started):
             svc.stop()
         self.started.clear()
-        # conmon runs `podman container cleanup` when a container exits, and that can
-        # mount the storage again after we unmounted it: retry until nothing is left.
+        # conmon runs `podman container cleanup` when a container exits, and that mounts
+        # the storage again: wait (bounded) until no process works on this host's run
+        # dir, then unmount, retrying until nothing is left.
+        _wait_for_no_process_using(self.run_root, timeout=30)
         deadline = time.monotonic() + 20
         while True:
             for path in (self.root, self.run_root):
@@ -127,6 +140,25 @@ class Host:
             time.sleep(0.5)
         if left:
             raise RuntimeError(f"could not clean up {left}")
+
+
+def _wait_for_no_process_using(path: Path, timeout: float) -> None:
+    """Wait until no process (conmon, podman cleanup, ...) names ``path`` in its argv."""
+    marker = str(path).encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    busy = marker in (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if busy:
+                    break
+        if not busy:
+            return
+        time.sleep(0.2)
 
 
 def wait_tcp(netns: str, address: str, port: int, timeout: float = 30.0) -> None:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
 from podman import PodmanClient
 
@@ -119,3 +120,51 @@ def test_runc_migrates_over_ssh_to_a_host_without_the_image(
         for m in (src, dst):
             for c in m.list():
                 m.remove(c.name)
+
+
+@pytest.mark.docker
+def test_docker_migrates_over_ssh_to_a_host_without_the_image(
+    two_hosts: TwoHosts, test_image: str, session_dir: Path, tmp_path: Path
+) -> None:
+    """docker's restore writes into the target's data root: ctrmig on host B does it."""
+    for tool in ("dockerd", "sshd"):
+        need(tool)
+    a, b = two_hosts.a, two_hosts.b
+    sock_a, sock_b = a.start_dockerd(), b.start_dockerd()
+    ssh_options = b.start_sshd(port=2222)
+    src = docker.DockerClient(base_url=f"unix://{sock_a}", timeout=300)
+    dst = docker.DockerClient(base_url=f"unix://{sock_b}", timeout=300)
+    try:
+        archive = images.podman_save(test_image, tmp_path / "image.tar")
+        with archive.open("rb") as f:
+            src.images.load(f)
+        assert not dst.images.list(), "host B starts without any image"
+        name = unique()
+        src.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
+        logs_a = lambda: src.containers.get(name).logs().decode()  # noqa: E731
+        wait_for(lambda: last_count(logs_a()) >= 5, what="counter on host A")
+        env = {
+            "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
+            "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+            "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{sock_b} {CTRMIG}",
+        }
+        res = a.run([CTRMIG, "migrate", name, "--from", f"docker+unix://{sock_a}",
+                     "--to", f"docker+ssh://root@{b.address}:2222", "--json"], env=env)
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert report["target_name"] == name and report["bytes_moved"] > 0
+
+        assert name not in [c.name for c in src.containers.list(all=True)], "source removed"
+        restored = dst.containers.get(name)
+        assert restored.status == "running"
+        logs_b = lambda: dst.containers.get(name).logs().decode()  # noqa: E731
+        wait_for(lambda: last_count(logs_b()) > 5, what="counter on host B")
+        assert first_count(logs_b()) > 1, "the count went on, it did not start again"
+        code, out = restored.exec_run(["cat", "/state.txt"])
+        assert code == 0 and out.strip() == b"written-after-start"
+        assert dst.images.list(), "the image came along in the archive"
+    finally:
+        for client in (src, dst):
+            for c in client.containers.list(all=True):
+                c.remove(force=True)
+            client.close()
