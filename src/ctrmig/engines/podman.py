@@ -64,6 +64,11 @@ class PodmanMigrator(BaseMigrator):
     #: connection), and the wait between them. Checkpoint and restore POSTs are never
     #: retried: a call that failed half-way may have stopped or created a container.
     retry_attempts: ClassVar[int] = 4
+    #: Seconds an upload (an archive to import, an image to load) may stall before the
+    #: link counts as broken. The whole call may take ``timeout``: podman answers only
+    #: once the restore is done. Without this, a link that dies without a reset held the
+    #: migration (and the stopped source) for the full ``timeout``.
+    send_timeout: ClassVar[float] = 60.0
     retry_wait: ClassVar[tenacity.wait.wait_base] = tenacity.wait_exponential(
         multiplier=0.25, max=2)
 
@@ -180,7 +185,7 @@ class PodmanMigrator(BaseMigrator):
         with self._api("podman image load", error=RestoreError), path.open("rb") as body:
             resp = self.client.api.post(
                 "/images/load", data=body, headers={"Content-Type": "application/x-tar"},
-                timeout=self.timeout,
+                timeout=(self.send_timeout, self.timeout),
             )
             resp.raise_for_status()
 
@@ -264,7 +269,8 @@ class PodmanMigrator(BaseMigrator):
             with self._api(what, error=RestoreError), source.open("rb") as body:
                 resp = self.client.api.post(
                     "/containers/import/restore", params=params, data=_chunks(body),  # type: ignore[arg-type]
-                    headers={"Content-Type": "application/x-tar"}, timeout=self.timeout,
+                    headers={"Content-Type": "application/x-tar"},
+                    timeout=(self.send_timeout, self.timeout),  # (connect+send, answer)
                 )
                 resp.raise_for_status()
         except NameInUseError:
