@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import tenacity
+
 from ctrmig import endpoints
 from ctrmig.archive import Compression, Manifest
 from ctrmig.errors import CtrmigError, NameInUseError
@@ -287,6 +289,29 @@ def _settled_state(m: Migrator, name: str) -> str | None:
         time.sleep(0.5)
 
 
+RESUME_PATIENCE = 120.0  # seconds recover() keeps trying to resume a stopped source
+
+
+def _resume_when_ready(m: Migrator, container: str) -> None:
+    """Resume a source that a killed migration stopped; retry while it is not ready.
+
+    The engine may still be saving the checkpoint the killed ctrmig asked for: dockerd
+    reports the container exited as soon as CRIU stopped it, and resuming before the
+    checkpoint is saved fails ("descriptors.json: no such file or directory"). A resume
+    that fails leaves the container stopped, so trying again is safe.
+    """
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(RESUME_PATIENCE),
+        wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+        retry=tenacity.retry_if_exception_type(CtrmigError),
+        before_sleep=lambda state: log.warning(
+            "resuming %s failed (%s); its checkpoint may still be being saved, retrying",
+            container, state.outcome.exception() if state.outcome else "?"),
+        reraise=True,
+    )
+    retrying(m.resume, container)
+
+
 def recover(journal_dir: Path | None = None) -> list[str]:
     """Finish or roll back every migration whose ctrmig died; return what was done.
 
@@ -317,7 +342,7 @@ def recover(journal_dir: Path | None = None) -> list[str]:
             if target_state is not None:
                 dst.remove(target_name)
             if source_state not in (None, "running"):
-                src.resume(container)
+                _resume_when_ready(src, container)
             done.append(f"{container}: rolled back; it runs on {data['from']}")
         path.unlink()
     return done

@@ -9,6 +9,8 @@ container on both hosts (exactly one) and checks that its counter still counts.
 
 podman: host A's podman over its unix socket -> host B's podman over TCP on the veth.
 runc: host A's runc -> ``runc+ssh://`` ctrmig on host B (sshd on B's veth address).
+docker: the session's dockerd -> a second private dockerd (own data root, no image),
+both over unix sockets: no link to break, so docker takes every failure but those.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docker
 import pytest
 
 import ctrmig
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.engines.runc import RuncMigrator
-from ctrmig.host import images, proc, services
+from ctrmig.host import images, mounts, proc, services
 from ctrmig.protocol import Migrator
 from tests.conftest import COUNTER_CMD, last_count, need, unique, wait_for
 from tests.hosts import TwoHosts, wait_tcp
@@ -117,6 +120,7 @@ class Pair:
 
     engine: str
     hosts: TwoHosts
+    netns: list[str]  # the command prefix that runs ctrmig where it reaches both ends
     source: Engine
     target: Engine
     src_spec: str
@@ -154,7 +158,7 @@ class Pair:
         return side
 
     def migrate_argv(self, name: str, *extra: str) -> list[str]:
-        return [*services.netns_prefix(self.hosts.a.netns), CTRMIG, "migrate", name,
+        return [*self.netns, CTRMIG, "migrate", name,
                 "--from", self.src_spec, "--to", self.dst_spec, *extra]
 
     def full_env(self, **more: str) -> dict[str, str]:
@@ -170,7 +174,7 @@ class Pair:
                                 stderr=subprocess.PIPE)
 
     def recover(self) -> subprocess.CompletedProcess[bytes]:
-        return self.ctrmig([*services.netns_prefix(self.hosts.a.netns), CTRMIG, "recover"])
+        return self.ctrmig([*self.netns, CTRMIG, "recover"])
 
     def journals(self) -> list[Path]:
         return sorted(self.journal.glob("*.json")) if self.journal.exists() else []
@@ -182,11 +186,36 @@ class Pair:
                     m.remove(c.name)
 
 
-@pytest.fixture(params=["podman", "runc"])
+@pytest.fixture(scope="module")
+def second_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A second private dockerd (experimental, no bridge) without the test image."""
+    need("dockerd")
+    run_dir = tmp_path_factory.mktemp("dockerd2")
+    tag = f"ctrmig-f-{os.getpid()}"
+    data_root = Path(f"/var/lib/ctrmig-test/{tag}")  # dockerd wants a real disk
+    sock = run_dir / "d.sock"
+    svc = services.dockerd_service(sock, data_root=data_root, exec_root=run_dir / "exec",
+                                   state_dir=run_dir, bridge="none")
+    svc.start()
+    try:
+        yield sock
+    finally:
+        svc.stop()
+        for path in (data_root, run_dir / "exec"):
+            mounts.unmount_under(path)
+            proc.run(["rm", "-rf", str(path)], timeout=120, check=False)
+
+
+ALL_ENGINES = ["podman", "runc", "docker"]
+LINKED = ["podman", "runc"]  # the engines that migrate across the veth
+
+
+@pytest.fixture(params=ALL_ENGINES)
 def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
          tmp_path: Path) -> Iterator[Pair]:
     engine: str = request.param
     a, b = hosts.a, hosts.b
+    in_a = services.netns_prefix(a.netns)
     if engine == "podman":
         request.applymarker(pytest.mark.podman)
         source = ctrmig.migrator("podman", url=f"unix://{a.podman_socket}")
@@ -198,8 +227,24 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
                          images.TEST_IMAGE, *cmd)
             return name
 
-        p = Pair(engine, hosts, source, target, f"podman+unix://{a.podman_socket}",
+        p = Pair(engine, hosts, in_a, source, target, f"podman+unix://{a.podman_socket}",
                  f"podman+{b.podman_tcp}", {}, run, tmp_path / "journal")
+    elif engine == "docker":
+        request.applymarker(pytest.mark.docker)
+        first: Path = request.getfixturevalue("dockerd_socket")
+        second: Path = request.getfixturevalue("second_dockerd")
+        source = ctrmig.migrator("docker", base_url=f"unix://{first}")
+        target = ctrmig.migrator("docker", base_url=f"unix://{second}")
+        client = docker.APIClient(base_url=f"unix://{first}", timeout=120)
+        request.addfinalizer(client.close)
+
+        def run(cmd: list[str]) -> str:
+            name = unique("ctrmig-f")
+            client.start(client.create_container(images.TEST_IMAGE, cmd, name=name)["Id"])
+            return name
+
+        p = Pair(engine, hosts, [], source, target, f"docker+unix://{first}",
+                 f"docker+unix://{second}", {}, run, tmp_path / "journal")
     else:
         request.applymarker(pytest.mark.runc)
         src = RuncMigrator(state_dir=a.root / "runc")
@@ -214,7 +259,8 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
             "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
             "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
         }
-        p = Pair(engine, hosts, src, dst, "runc", f"runc+ssh://root@{b.address}:{SSH_PORT}",
+        p = Pair(engine, hosts, in_a, src, dst, "runc",
+                 f"runc+ssh://root@{b.address}:{SSH_PORT}",
                  env, run, tmp_path / "journal")
     try:
         yield p
@@ -255,10 +301,12 @@ def test_dump_fails(pair: Pair) -> None:
     assert res.returncode == 1, err
     error = next(line for line in err.splitlines() if line.startswith("ctrmig: error:"))
     # The source's own error (CRIU's), not the target's view of a cut-off archive.
-    assert "checkpoint" in error and name in error, err
+    ids = {name} | {c.id[:12] for c in pair.source.list() if c.name == name}
+    assert "checkpoint" in error and any(i in error for i in ids), err
     assert pair.assert_exactly_once(name, before) == "A"
 
 
+@pytest.mark.parametrize("pair", LINKED, indirect=True)
 def test_transfer_breaks(pair: Pair, tmp_path: Path) -> None:
     """The veth goes down mid-transfer: the target gives up, the source runs again."""
     name, before = pair.start(big_cmd(96))
@@ -317,6 +365,7 @@ def tiny_tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
         path.rmdir()
 
 
+@pytest.mark.parametrize("pair", LINKED, indirect=True)
 def test_target_lacks_space(pair: Pair, tmp_path: Path) -> None:
     """The target's spool dir is a 4 MiB tmpfs and the archive holds 16 MiB."""
     name, before = pair.start(big_cmd(16))
@@ -355,6 +404,13 @@ def test_target_lacks_the_image(pair: Pair, tmp_path: Path) -> None:
         pair.hosts.b.podman_cli("rmi", "-f", "--ignore", images.TEST_IMAGE)
         name, before = pair.start()
         missing = images.TEST_IMAGE
+    elif pair.engine == "docker":
+        client = docker.APIClient(base_url=pair.dst_spec.removeprefix("docker+"), timeout=120)
+        with contextlib.suppress(docker.errors.NotFound):
+            client.remove_image(images.TEST_IMAGE, force=True)
+        client.close()
+        name, before = pair.start()
+        missing = images.TEST_IMAGE
     else:
         # The container runs from an OCI layout that is then removed: host B cannot find
         # the image anywhere (host A's container keeps running from its unpacked cache).
@@ -381,6 +437,8 @@ def test_target_name_taken_at_the_last_moment(pair: Pair, tmp_path: Path) -> Non
     the restore is refused, the other container is left alone, the source runs again."""
     if pair.engine == "podman":
         pair.hosts.load_test_image(pair.hosts.b, tmp_path)
+    elif pair.engine == "docker":
+        _docker_load_test_image(pair.dst_spec.removeprefix("docker+"), tmp_path)
     name, before = pair.start()
     child = pair.spawn(pair.migrate_argv(name))
     try:
@@ -391,6 +449,10 @@ def test_target_name_taken_at_the_last_moment(pair: Pair, tmp_path: Path) -> Non
             if pair.engine == "podman":
                 pair.hosts.b.podman_cli("create", "--name", name, images.TEST_IMAGE,
                                         "sleep", "100000")
+            elif pair.engine == "docker":
+                client = docker.APIClient(base_url=pair.dst_spec.removeprefix("docker+"))
+                client.create_container(images.TEST_IMAGE, ["sleep", "100000"], name=name)
+                client.close()
             else:
                 assert isinstance(pair.target, RuncMigrator)
                 # it exits at once: it holds the name, and is not an instance
@@ -409,7 +471,27 @@ def test_target_name_taken_at_the_last_moment(pair: Pair, tmp_path: Path) -> Non
     assert pair.assert_exactly_once(name, before) == "A"
 
 
-PHASES = ["started", "transfer"]
+def _docker_load_test_image(url: str, tmp_path: Path) -> None:
+    archive = images.podman_save(images.TEST_IMAGE, tmp_path / "image.tar")
+    client = docker.APIClient(base_url=url, timeout=300)
+    with archive.open("rb") as f:
+        for _ in client.load_image(f):
+            pass
+    client.close()
+    archive.unlink()
+
+
+def _cases(*phases: str) -> list[tuple[str, str]]:
+    """(engine, phase) pairs; "transfer" needs the veth, which docker's pair lacks."""
+    return [(engine, phase) for engine in ALL_ENGINES for phase in phases
+            if phase != "transfer" or engine in LINKED]
+
+
+def _workload(pair: Pair, phase: str) -> list[str]:
+    if phase == "dump":
+        return MEMORY_CMD  # a CRIU dump that takes a moment
+    # the veth engines: 64 MiB to move, a transfer that takes seconds at 80 Mbit/s
+    return big_cmd(64) if pair.engine in LINKED else COUNTER_CMD
 
 
 def _phase_reached(pair: Pair, phase: str, base: int) -> Callable[[], object]:
@@ -426,10 +508,10 @@ def _phase_reached(pair: Pair, phase: str, base: int) -> Callable[[], object]:
     raise AssertionError(phase)
 
 
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize(("pair", "phase"), _cases("started", "transfer"), indirect=["pair"])
 def test_ctrl_c(pair: Pair, phase: str) -> None:
     """SIGINT (Ctrl-C) to ``ctrmig migrate``: it rolls back and exits non-zero."""
-    name, before = pair.start(big_cmd(64))
+    name, before = pair.start(_workload(pair, phase))
     base = tx_bytes(pair.hosts)
     with slow_link(pair.hosts):
         child = pair.spawn(pair.migrate_argv(name))
@@ -460,10 +542,11 @@ def _dumping(keys: set[bytes]) -> bool:
     return False
 
 
-@pytest.mark.parametrize("phase", ["started", "dump", "transfer", "restore"])
+@pytest.mark.parametrize(("pair", "phase"), _cases("started", "dump", "transfer", "restore"),
+                         indirect=["pair"])
 def test_killed_then_recover(pair: Pair, phase: str) -> None:
     """SIGKILL of ``ctrmig migrate``; ``ctrmig recover`` then finishes or rolls back."""
-    name, before = pair.start(MEMORY_CMD if phase == "dump" else big_cmd(64))
+    name, before = pair.start(_workload(pair, phase))
     base = tx_bytes(pair.hosts)
     with slow_link(pair.hosts):
         child = pair.spawn(pair.migrate_argv(name))
