@@ -290,6 +290,7 @@ def _settled_state(m: Migrator, name: str) -> str | None:
 
 
 RESUME_PATIENCE = 120.0  # seconds recover() keeps trying to resume a stopped source
+RESUME_WAIT = tenacity.wait_exponential(multiplier=0.5, max=5)
 
 
 def _resume_when_ready(m: Migrator, container: str) -> None:
@@ -302,7 +303,7 @@ def _resume_when_ready(m: Migrator, container: str) -> None:
     """
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(RESUME_PATIENCE),
-        wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+        wait=RESUME_WAIT,
         retry=tenacity.retry_if_exception_type(CtrmigError),
         before_sleep=lambda state: log.warning(
             "resuming %s failed (%s); its checkpoint may still be being saved, retrying",
