@@ -17,7 +17,9 @@ from pathlib import Path
 
 import docker
 import pytest
+from podman import PodmanClient
 
+import ctrmig
 from ctrmig.host import images, services
 
 # A workload that keeps state in memory (the shell's counter) and in its filesystem (a
@@ -122,3 +124,25 @@ def dockerd_socket(test_image: str, session_dir: Path) -> Iterator[Path]:
         yield sock
     finally:
         svc.stop()  # the session dir, data root included, is removed after this
+
+
+@pytest.fixture
+def podman_counter(podman_socket: Path, test_image: str) -> Iterator[Callable[[], str]]:
+    """Start counter containers in podman; remove every container the test named."""
+    client = PodmanClient(base_url=f"unix://{podman_socket}")
+    names: list[str] = []
+
+    def start() -> str:
+        name = unique()
+        names.append(name)
+        client.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
+        m = ctrmig.migrator("podman", url=f"unix://{podman_socket}")
+        wait_for(lambda: last_count(m.logs(name)) >= 5, what=f"{name} counting")
+        m.close()
+        return name
+
+    yield start
+    for c in client.containers.list(all=True):
+        if any(c.name.startswith(n) for n in names):
+            c.remove(force=True)
+    client.close()

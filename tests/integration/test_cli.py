@@ -10,13 +10,12 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
 import pytest
 from click.testing import CliRunner, Result
-from podman import PodmanClient
 
 import ctrmig
 from ctrmig import cli
@@ -37,28 +36,6 @@ def podman_env(podman_socket: Path) -> dict[str, str]:
     """The CLI's environment: our podman service, and no docker daemon."""
     return {"CTRMIG_PODMAN_URL": f"unix://{podman_socket}", "DOCKER_HOST": DEAD,
             "CTRMIG_ENGINE": ""}
-
-
-@pytest.fixture
-def podman_counter(podman_socket: Path, test_image: str) -> Iterator[Callable[[], str]]:
-    """Start counter containers in podman; remove every container the test named."""
-    client = PodmanClient(base_url=f"unix://{podman_socket}")
-    names: list[str] = []
-
-    def start() -> str:
-        name = unique("ctrmig-cli")
-        names.append(name)
-        client.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
-        m = ctrmig.migrator("podman", url=f"unix://{podman_socket}")
-        wait_for(lambda: last_count(m.logs(name)) >= 5, what=f"{name} counting")
-        m.close()
-        return name
-
-    yield start
-    for c in client.containers.list(all=True):
-        if any(c.name.startswith(n) for n in names):
-            c.remove(force=True)
-    client.close()
 
 
 def test_podman_checkpoint_inspect_restore(podman_counter: Callable[[], str],

@@ -20,7 +20,7 @@ from ctrmig.errors import (
     NameInUseError,
     OptionError,
 )
-from tests.conftest import COUNTER_CMD, first_count, last_count, unique, wait_for
+from tests.conftest import first_count, last_count, wait_for
 
 
 @pytest.fixture
@@ -28,28 +28,6 @@ def podman(podman_socket: Path) -> Iterator[ctrmig.Migrator]:
     m = ctrmig.migrator("podman", url=f"unix://{podman_socket}")
     yield m
     m.close()
-
-
-@pytest.fixture
-def make_counter(
-    podman_socket: Path, test_image: str
-) -> Iterator[Callable[[], str]]:
-    """Start counter containers; remove every container the test touched afterwards."""
-    client = PodmanClient(base_url=f"unix://{podman_socket}")
-    names: list[str] = []
-
-    def start() -> str:
-        name = unique()
-        names.append(name)
-        client.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
-        wait_for(lambda: last_count(_logs(client, name)) >= 5, what="counter to count")
-        return name
-
-    yield start
-    for c in client.containers.list(all=True):
-        if any(c.name.startswith(n) for n in names):
-            c.remove(force=True)
-    client.close()
 
 
 def _logs(client: PodmanClient, name: str) -> str:
@@ -64,11 +42,11 @@ def _exec(client: PodmanClient, name: str, cmd: list[str]) -> str:
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_checkpoint_restore_continues_counter_and_keeps_file(
-    podman: ctrmig.Migrator, make_counter: Callable[[], str], podman_socket: Path,
+    podman: ctrmig.Migrator, podman_counter: Callable[[], str], podman_socket: Path,
     tmp_path: Path, compression: str,
 ) -> None:
     client = PodmanClient(base_url=f"unix://{podman_socket}")
-    name = make_counter()
+    name = podman_counter()
     archive = podman.checkpoint(name, tmp_path / "c.tar", compression=compression)  # type: ignore[arg-type]
     stopped_at = last_count(_logs(client, name))
     assert client.containers.get(name).status == "exited"
@@ -90,10 +68,10 @@ def test_checkpoint_restore_continues_counter_and_keeps_file(
 
 
 def test_podmans_own_import_accepts_a_ctrmig_archive(
-    podman: ctrmig.Migrator, make_counter: Callable[[], str], tmp_path: Path,
+    podman: ctrmig.Migrator, podman_counter: Callable[[], str], tmp_path: Path,
     podman_socket: Path,
 ) -> None:
-    name = make_counter()
+    name = podman_counter()
     archive = podman.checkpoint(name, tmp_path / "c.tar.zst", compression="zstd")
     new = name + "-cli"
     subprocess.run(
@@ -107,9 +85,9 @@ def test_podmans_own_import_accepts_a_ctrmig_archive(
 
 
 def test_inspect_needs_no_engine_and_tampering_is_refused_before_the_engine(
-    podman: ctrmig.Migrator, make_counter: Callable[[], str], tmp_path: Path
+    podman: ctrmig.Migrator, podman_counter: Callable[[], str], tmp_path: Path
 ) -> None:
-    name = make_counter()
+    name = podman_counter()
     archive = podman.checkpoint(name, tmp_path / "c.tar", compression="none")
     assert archive.path is not None
     dead = ctrmig.migrator("podman", url=f"unix://{tmp_path}/no-such.sock")
@@ -132,7 +110,7 @@ def test_inspect_needs_no_engine_and_tampering_is_refused_before_the_engine(
     assert not podman.exists("never-created")
 
 
-def test_clear_errors(podman: ctrmig.Migrator, make_counter: Callable[[], str],
+def test_clear_errors(podman: ctrmig.Migrator, podman_counter: Callable[[], str],
                       tmp_path: Path) -> None:
     with pytest.raises(ContainerNotFoundError):
         podman.checkpoint("no-such-container-xyz", tmp_path / "x.tar")
@@ -143,7 +121,7 @@ def test_clear_errors(podman: ctrmig.Migrator, make_counter: Callable[[], str],
     with pytest.raises(OptionError, match="unknown option"):
         podman.checkpoint("whatever", tmp_path / "x.tar", no_such_option=True)
 
-    name = make_counter()
+    name = podman_counter()
     archive = podman.checkpoint(name, tmp_path / "c.tar", leave_running=True)
     assert podman.exists(name)
     # The source still exists: restoring under its own name is a clear conflict, and the
