@@ -46,7 +46,7 @@ import yaml
 import zstandard
 
 from ctrmig.archive.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ctrmig.archive.writer import CHUNK, Compression, Progress
+from ctrmig.archive.writer import CHUNK, Compression, ForwardOnly, Progress
 from ctrmig.errors import (
     ArchiveCorruptError,
     ArchiveError,
@@ -189,7 +189,7 @@ class _Scan:
     def members(self) -> Iterator[tuple[str, tarfile.TarInfo, BinaryIO | None]]:
         """Yield (name, info, data) for files and directories; data is None for dirs."""
         try:
-            tar = tarfile.open(fileobj=self.stream, mode="r|", bufsize=CHUNK,
+            tar = tarfile.open(fileobj=cast(BinaryIO, ForwardOnly(self.stream)), mode="r:",
                                tarinfo=_SafeTarInfo)
         except _READ_ERRORS as e:
             raise ArchiveCorruptError(f"not a readable tar archive: {e}") from None
