@@ -164,9 +164,12 @@ class _Counting(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
-        data = self.raw.read(len(buf))
-        n = len(data)
-        buf[:n] = data
+        if hasattr(self.raw, "readinto"):  # no intermediate bytes object to copy
+            n = self.raw.readinto(buf) or 0
+        else:
+            data = self.raw.read(len(buf))
+            n = len(data)
+            buf[:n] = data
         self.count += n
         return n
 
