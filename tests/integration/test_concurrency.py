@@ -23,7 +23,6 @@ import ctrmig
 from ctrmig.engines import base
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.errors import BusyError
-from ctrmig.host import proc
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
 
 PARALLEL = 8
@@ -51,6 +50,8 @@ def podman_names(podman_socket: Path) -> Iterator[list[str]]:
         if c.name in names:
             c.remove(force=True)
     client.close()
+    for name in names:
+        (base.LOCK_DIR / f"podman-{name}.lock").unlink(missing_ok=True)
 
 
 def test_parallel_podman_cycles(podman_socket: Path, test_image: str, tmp_path: Path,
@@ -95,6 +96,7 @@ def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
     yield m
     for c in m.list():
         m.remove(c.name)
+        (base.LOCK_DIR / f"runc-{c.name}.lock").unlink(missing_ok=True)
     left = [e["id"] for e in m._runc_list()]
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if line.split()[4].startswith(str(m.state_dir))]
@@ -184,4 +186,3 @@ def test_same_container_twice_at_once(runc_state: RuncMigrator, test_image: str,
     m.remove(name)
     assert m.restore(first_archive) == name
     assert _counting(lambda: m.logs(name), above=before) > before
-    proc.run(["rm", "-f", str(lock)], timeout=30)

@@ -30,6 +30,7 @@ import docker
 import pytest
 
 import ctrmig
+from ctrmig.engines import base
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, mounts, proc, services
@@ -184,6 +185,8 @@ class Pair:
             for c in m.list():
                 if any(c.name.startswith(n) for n in self.names):
                     m.remove(c.name)
+        for name in self.names:  # the per-container lock files ctrmig made
+            (base.LOCK_DIR / f"{self.engine}-{name}.lock").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
