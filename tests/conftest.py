@@ -27,7 +27,8 @@ from ctrmig.host import images, services
 COUNTER_CMD = [
     "/bin/sh",
     "-c",
-    "echo written-after-start > /state.txt; i=0; "
+    # As PID 1 the shell ignores an untrapped SIGTERM: podman's rm -f would wait 10 s.
+    "trap 'exit 0' TERM; echo written-after-start > /state.txt; i=0; "
     "while true; do i=$((i+1)); echo count=$i; sleep 0.1; done",
 ]
 
