@@ -122,6 +122,12 @@ class Host:
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
 
     def stop(self) -> None:
+        if self.podman_socket is not None:
+            # Whatever a failed test left running here goes first: a container outlives
+            # the API service, and would run on with its storage gone.
+            flags = services.podman_root_args(self.podman_root, self.podman_runroot)
+            proc.run(["podman", *flags, "rm", "--all", "--force", "--time", "0"],
+                     timeout=120, check=False)
         for svc in reversed(self.started):
             svc.stop()
         self.started.clear()

@@ -51,6 +51,7 @@ def test_podman_migrates_to_a_host_without_the_image(
     name = unique()
     src = PodmanClient(base_url=f"unix://{a.podman_socket}")
     dst = PodmanClient(base_url=f"unix://{b.podman_socket}")
+    # Containers left by a failure are removed by the hosts' teardown (Host.stop).
     src.containers.run(images.TEST_IMAGE, COUNTER_CMD, name=name, detach=True,
                        network_mode="none")
     wait_for(lambda: last_count(_logs(src, name)) >= 5, what="counter on host A")
