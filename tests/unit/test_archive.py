@@ -162,3 +162,18 @@ def test_manifest_yaml_round_trip() -> None:
     again = Manifest.from_yaml(m.to_yaml())
     assert again.container == m.container
     assert again.options == {"leave_running": True}
+
+
+def test_too_little_disk_space_is_said_plainly(tmp_path: Path) -> None:
+    import shutil
+
+    from ctrmig.archive import Limits
+    from ctrmig.errors import ArchiveError
+
+    arc = tmp_path / "a.tar"
+    write_archive(arc)
+    dest = tmp_path / "x"
+    dest.mkdir()
+    everything_but_nothing = Limits(min_free_bytes=shutil.disk_usage(dest).free + (1 << 30))
+    with pytest.raises(ArchiveError, match="not enough free space"):
+        extract(arc, dest, limits=everything_but_nothing)

@@ -449,24 +449,41 @@ def extract(
     """
     dest = dest.resolve()
     free = shutil.disk_usage(dest).free - limits.min_free_bytes
+    disk_bound = max(free, 0) < limits.max_total_bytes
     limits = dataclasses.replace(limits, max_total_bytes=min(limits.max_total_bytes,
                                                              max(free, 0)))
     with _open(source) as raw:
         scan = _Scan(raw, limits, progress)
-        for name, info, data in scan.members():
-            target = dest / name
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if data is None:
-                    target.mkdir(exist_ok=True)
-                    continue
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             0o600 | (info.mode & 0o755))
-                with os.fdopen(fd, "wb") as out:
-                    scan.hash_into(name, info, data, out.write)
-            except OSError as e:
-                raise ArchiveError(f"cannot extract {name!r} into {dest}: {e.strerror}") from None
-        return scan.check()
+        try:
+            return _extract_members(scan, dest)
+        except UnsafeArchiveError:
+            if disk_bound and scan.total > limits.max_total_bytes:
+                raise ArchiveError(
+                    f"not enough free space in {dest} for this archive "
+                    f"({max(free, 0) >> 20} MiB usable, keeping "
+                    f"{limits.min_free_bytes >> 20} MiB spare)",
+                    hint="free some space, or point the work directory elsewhere "
+                         "(workdir=, or TMPDIR)",
+                ) from None
+            raise
+
+
+def _extract_members(scan: _Scan, dest: Path) -> Manifest:
+    """Write every member of ``scan`` below ``dest``; return the checked manifest."""
+    for name, info, data in scan.members():
+        target = dest / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if data is None:
+                target.mkdir(exist_ok=True)
+                continue
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600 | (info.mode & 0o755))
+            with os.fdopen(fd, "wb") as out:
+                scan.hash_into(name, info, data, out.write)
+        except OSError as e:
+            raise ArchiveError(f"cannot extract {name!r} into {dest}: {e.strerror}") from None
+    return scan.check()
 
 
 def copy_member(source: Path, name: str, out: Path) -> None:

@@ -53,7 +53,10 @@ class RemoteMigrator:
         self.address = address
         self.timeout = timeout
         self._dest = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
-        self._ssh = ["ssh", "-o", "BatchMode=yes", *ssh_options]
+        # Keep-alives: a link that dies without a reset would otherwise hang a migration
+        # (with its source stopped) until TCP gives up, many minutes later.
+        self._ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5",
+                     "-o", "ServerAliveCountMax=3", *ssh_options]
         if parts.port:
             self._ssh += ["-p", str(parts.port)]
         command = remote_command or os.environ.get("CTRMIG_REMOTE_COMMAND") or "ctrmig"
