@@ -80,8 +80,9 @@ def test_a_fresh_container_does_not_pass_for_a_restore(podman_socket: Path) -> N
                 return b"".join(c.logs()).decode(errors="replace")  # type: ignore[attr-defined]
 
             wait_for(lambda: (demo.train_column(logs(first)) or 99) <= 60, what="train")
-            first.stop(timeout=1)
+            # Read before stopping: a stopped sl clears the screen on its way out.
             before = logs(first)
+            first.stop(timeout=1)
             second = client.containers.run(demo.IMAGE, demo.COMMAND, name=names[1],
                                            detach=True, environment=demo.ENV)
             wait_for(lambda: demo.train_column(logs(second)) is not None, what="second train")
