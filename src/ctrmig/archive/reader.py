@@ -449,15 +449,15 @@ def extract(
     """
     dest = dest.resolve()
     free = shutil.disk_usage(dest).free - limits.min_free_bytes
-    disk_bound = max(free, 0) < limits.max_total_bytes
-    limits = dataclasses.replace(limits, max_total_bytes=min(limits.max_total_bytes,
-                                                             max(free, 0)))
+    cap = limits.max_total_bytes
+    limits = dataclasses.replace(limits, max_total_bytes=min(cap, max(free, 0)))
     with _open(source) as raw:
         scan = _Scan(raw, limits, progress)
         try:
             return _extract_members(scan, dest)
         except UnsafeArchiveError:
-            if disk_bound and scan.total > limits.max_total_bytes:
+            # Past the disk's room but within what any archive may hold: say "space".
+            if limits.max_total_bytes < scan.total <= cap:
                 raise ArchiveError(
                     f"not enough free space in {dest} for this archive "
                     f"({max(free, 0) >> 20} MiB usable, keeping "
