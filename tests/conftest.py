@@ -6,9 +6,11 @@ proves the engines really ran (set CTRMIG_ALLOW_SKIP=1 to skip instead, locally)
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 import time
 import uuid
@@ -147,3 +149,16 @@ def podman_counter(podman_socket: Path, test_image: str) -> Iterator[Callable[[]
         if any(c.name.startswith(n) for n in names):
             c.remove(force=True)
     client.close()
+
+
+def podman_read_file(client: PodmanClient, container: str, path: str) -> str:
+    """A file's content inside a podman container, through the archive endpoint.
+
+    Not exec: podman 4.3 leaves an exec session's conmon processes running after the
+    container is gone.
+    """
+    stream, _ = client.containers.get(container).get_archive(path)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.extractfile(tar.getmembers()[0])
+        assert member is not None
+        return member.read().decode()

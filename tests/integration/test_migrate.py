@@ -13,7 +13,15 @@ from podman import PodmanClient
 
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images
-from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
+from tests.conftest import (
+    COUNTER_CMD,
+    first_count,
+    last_count,
+    need,
+    podman_read_file,
+    unique,
+    wait_for,
+)
 from tests.hosts import TwoHosts
 
 MIGRATE_SCRIPT = """
@@ -70,8 +78,7 @@ def test_podman_migrates_to_a_host_without_the_image(
     # restart from 1.
     counts = [int(c) for c in _logs(dst, name).split("count=")[1:] if c.strip()]
     assert counts == list(range(first_count(_logs(dst, name)), counts[-1] + 1))
-    code, (out, _) = dst.containers.get(name).exec_run(["cat", "/state.txt"], demux=True)
-    assert code == 0 and out.strip() == b"written-after-start"
+    assert podman_read_file(dst, name, "/state.txt").strip() == "written-after-start"
     assert "ctrmig-busybox" in b.podman_cli("images", "--format", "{{.Repository}}")
     dst.containers.get(name).remove(force=True)
     src.close()

@@ -20,7 +20,7 @@ from ctrmig.errors import (
     NameInUseError,
     OptionError,
 )
-from tests.conftest import first_count, last_count, wait_for
+from tests.conftest import first_count, last_count, podman_read_file, wait_for
 
 
 @pytest.fixture
@@ -32,12 +32,6 @@ def podman(podman_socket: Path) -> Iterator[ctrmig.Migrator]:
 
 def _logs(client: PodmanClient, name: str) -> str:
     return b"".join(client.containers.get(name).logs()).decode()
-
-
-def _exec(client: PodmanClient, name: str, cmd: list[str]) -> str:
-    code, (out, err) = client.containers.get(name).exec_run(cmd, demux=True)
-    assert code == 0, err
-    return (out or b"").decode()
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -63,7 +57,7 @@ def test_checkpoint_restore_continues_counter_and_keeps_file(
     wait_for(lambda: last_count(_logs(client, new)) > stopped_at, what="restored counter")
     resumed = first_count(_logs(client, new).split(f"count={stopped_at}\n")[-1])
     assert resumed == stopped_at + 1, "the counter continued from where it stopped"
-    assert _exec(client, new, ["cat", "/state.txt"]).strip() == "written-after-start"
+    assert podman_read_file(client, new, "/state.txt").strip() == "written-after-start"
     client.close()
 
 
