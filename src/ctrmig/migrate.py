@@ -24,6 +24,7 @@ import tenacity
 from ctrmig import endpoints
 from ctrmig.archive import Compression, Manifest
 from ctrmig.errors import CtrmigError, NameInUseError
+from ctrmig.host import proc
 from ctrmig.protocol import Migrator
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,8 @@ def recover(journal_dir: Path | None = None) -> list[str]:
     done: list[str] = []
     for path in sorted((journal_dir or JOURNAL_DIR).glob("*.json")):
         data = json.loads(path.read_text())
-        if _alive(int(data.get("pid", 0))):
+        pid = int(data.get("pid", 0))
+        if pid != os.getpid() and proc.alive(pid):
             done.append(f"{data['container']}: still being migrated by pid {data['pid']}")
             continue
         container, target_name = data["container"], data["name"]
@@ -348,14 +350,3 @@ def recover(journal_dir: Path | None = None) -> list[str]:
         path.unlink()
     return done
 
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -704,7 +704,7 @@ class RuncMigrator(BaseMigrator):
         if not isinstance(pid, int) or not self._is_our_supervisor(pid, name):
             return None
         deadline = time.monotonic() + timeout
-        while proc._alive(pid):
+        while proc.alive(pid):
             if time.monotonic() > deadline:
                 return pid
             time.sleep(0.02)
