@@ -28,7 +28,7 @@ from ctrmig.errors import (
     RestoreError,
     UnsafeArchiveError,
 )
-from ctrmig.host import proc
+from ctrmig.host import mounts, proc
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
 
 
@@ -47,15 +47,6 @@ def _our_processes(marker: str) -> list[int]:
     return pids
 
 
-def _mounts_under(path: Path) -> list[str]:
-    mounts = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mountpoint = line.split()[4]
-        if mountpoint.startswith(str(path)):
-            mounts.append(mountpoint)
-    return mounts
-
-
 def _cleanup_state(m: RuncMigrator) -> list[str]:
     """Remove everything ``m`` made; return what had leaked past remove()."""
     for c in m.list():
@@ -67,9 +58,9 @@ def _cleanup_state(m: RuncMigrator) -> list[str]:
     for pid in _our_processes(str(m.state_dir)):
         leaks.append(f"process {pid}")
         os.kill(pid, signal.SIGKILL)
-    for mp in reversed(_mounts_under(m.state_dir)):
+    for mp in mounts.mounts_under(m.state_dir):  # deepest first
         leaks.append(f"mount {mp}")
-        proc.run(["umount", "-l", mp], timeout=60, check=False)
+        proc.run(["umount", "-l", str(mp)], timeout=60, check=False)
     shutil.rmtree(m.state_dir, ignore_errors=True)
     return leaks
 
@@ -317,7 +308,7 @@ def test_failed_restore_leaves_nothing(
     assert (kept / "restore.log").is_file()
     assert not m.exists("ctrmig-broken")
     assert not (m.bundles_dir / "ctrmig-broken").exists()
-    assert not _mounts_under(m.bundles_dir / "ctrmig-broken")
+    assert not mounts.mounts_under(m.bundles_dir / "ctrmig-broken")
     assert not _our_processes(str(m.logs_dir / "ctrmig-broken.log"))
     assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
 
@@ -488,5 +479,5 @@ def test_hostile_rootfs_diff_refused(
         m.restore(bad, name="ctrmig-evil")
     assert not Path("/tmp/ctrmig-escaped").exists()
     assert not m.exists("ctrmig-evil")
-    assert not _mounts_under(m.bundles_dir / "ctrmig-evil")
+    assert not mounts.mounts_under(m.bundles_dir / "ctrmig-evil")
     assert [c.name for c in m.list()] == [name]

@@ -56,7 +56,7 @@ from ctrmig.errors import (
     RestoreError,
     UnsafeArchiveError,
 )
-from ctrmig.host import criu, proc
+from ctrmig.host import criu, mounts, proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
@@ -682,7 +682,7 @@ class RuncMigrator(BaseMigrator):
             proc.stop_pid(pid, timeout=5)
         rootfs = bundle / "rootfs"
         for attempt in range(20):
-            if not _is_mounted(rootfs):
+            if not mounts.is_mounted(rootfs):
                 break
             res = proc.run(["umount", str(rootfs)], timeout=TOOL_TIMEOUT, check=False)
             if res.returncode != 0:
@@ -935,23 +935,6 @@ def _user(user: str) -> tuple[int, int]:
     if u.isdigit() and (not g or g.isdigit()):
         return int(u), int(g or 0)
     raise OptionError(f"image user {user!r} is not numeric; the runc engine needs uid[:gid]")
-
-
-def _is_mounted(path: Path) -> bool:
-    target = str(path.absolute())
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == target:
-            return True
-    return False
-
-
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
 def _criu_tail(text: str) -> str:

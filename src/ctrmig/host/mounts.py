@@ -1,23 +1,35 @@
-"""Mount bookkeeping: find and undo the mounts an engine left below a directory."""
+"""Mount bookkeeping: which mounts exist, and undoing those an engine left below a dir."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ctrmig.host import proc
 
 
+def mount_points() -> list[Path]:
+    """Every mount point of our mount namespace (mountinfo's octal escapes undone)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return [Path(_unescape(fields[4])) for fields in (ln.split() for ln in lines)
+            if len(fields) > 4]
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether ``path`` itself is a mount point."""
+    return Path(os.path.abspath(path)) in mount_points()
+
+
 def mounts_under(path: Path) -> list[Path]:
     """Mount points at or below ``path``, deepest first."""
-    root = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mountpoint = line.split()[4].encode().decode("unicode_escape")
-            if mountpoint == root or mountpoint.startswith(root + "/"):
-                found.append(Path(mountpoint))
-    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+    root = Path(os.path.realpath(path))
+    found = {mp for mp in mount_points() if mp == root or root in mp.parents}
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
 def unmount_under(path: Path) -> None:
@@ -26,3 +38,7 @@ def unmount_under(path: Path) -> None:
         res = proc.run(["umount", str(mountpoint)], timeout=60, check=False)
         if res.returncode != 0:
             proc.run(["umount", "-l", str(mountpoint)], timeout=60, check=False)
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
