@@ -46,7 +46,7 @@ class CheckpointOptions:
 
     def set_options(self) -> set[str]:
         """Names of the boolean options switched on."""
-        return {f.name for f in fields(self) if getattr(self, f.name) is True}
+        return _switched_on(self)
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,15 @@ class RestoreOptions:
     publish_ports: tuple[str, ...] = field(default_factory=tuple)
 
     def set_options(self) -> set[str]:
-        names = {f.name for f in fields(self) if getattr(self, f.name) is True}
+        """Names of the options switched on (publish_ports counts when given)."""
+        names = _switched_on(self)
         if self.publish_ports:
             names.add("publish_ports")
         return names
+
+
+def _switched_on(options: Any) -> set[str]:
+    return {f.name for f in fields(options) if getattr(options, f.name) is True}
 
 
 def build_options(cls: type[Any], kwargs: dict[str, Any]) -> Any:
