@@ -27,16 +27,26 @@ DEFAULT_PODMAN_SOCKET = Path("/run/podman/podman.sock")
 DEFAULT_DOCKER_SOCKET = Path("/var/run/docker.sock")
 
 
+def _http_get(sock: Path, path: str, timeout: float) -> tuple[bytes, bytes]:
+    """GET ``path`` over a unix socket (HTTP/1.0): (status line, body). Raises OSError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: d\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], body
+
+
 def _http_ping(sock: Path, path: str, timeout: float = 2.0) -> bool:
     """GET ``path`` over a unix socket; True on an HTTP 200."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(f"GET {path} HTTP/1.0\r\nHost: d\r\n\r\n".encode())
-            return s.recv(64).split(b" ")[1:2] == [b"200"]
-    except (OSError, IndexError):
+        status, _ = _http_get(sock, path, timeout)
+    except OSError:
         return False
+    return status.split(b" ")[1:2] == [b"200"]
 
 
 def podman_alive(sock: Path = DEFAULT_PODMAN_SOCKET) -> bool:
@@ -202,15 +212,8 @@ def dockerd_service(
 def docker_info(sock: Path = DEFAULT_DOCKER_SOCKET) -> dict[str, object]:
     """``GET /info`` of a dockerd, raw (used by doctor before the SDK is involved)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(sock))
-            s.sendall(b"GET /info HTTP/1.0\r\nHost: d\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+        _, body = _http_get(sock, "/info", timeout=5)
     except OSError as e:
         raise EngineUnavailableError(f"dockerd does not answer on {sock}: {e.strerror}") from None
-    body = data.split(b"\r\n\r\n", 1)[-1]
     info: dict[str, object] = json.loads(body)
     return info
