@@ -127,3 +127,7 @@ class EngineMismatchError(ArchiveError):
 
 class PrivilegeError(ArchiveError):
     """The archive asks for more privileges than allowed without an explicit flag."""
+
+
+class CriuImageError(ArchiveError):
+    """A CRIU image in the archive is malformed, truncated or implausibly large."""

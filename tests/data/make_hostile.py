@@ -7,6 +7,11 @@ reader must refuse with a specific error class before anything reaches an engine
 ``expected.json`` maps each file to its error class, what it tests, and any reader Limits
 the case needs (e.g. a low member cap, so that the file stays small).
 
+Cases of ``stage`` "restore" are well-formed tars that the reader accepts: what they hide
+is in a CRIU core image (capabilities the spec does not declare, or a malformed image),
+and the restore refuses them before any engine call. :func:`core_image` writes such
+images (CRIU's file layout and protobuf wire format, just the fields ctrmig reads).
+
 Absolute paths and link targets point into SENTINEL, a directory the test checks is never
 created. The decompression bombs are built at test time (see BOMBS), not committed.
 """
@@ -17,6 +22,7 @@ import gzip
 import hashlib
 import io
 import json
+import struct
 import sys
 import tarfile
 from collections.abc import Callable
@@ -43,6 +49,7 @@ class Case:
     what: str
     build: Callable[[], bytes]
     limits: dict[str, int] = field(default_factory=dict)
+    stage: str = "read"  # or "restore": the reader accepts it, restore refuses it
 
 
 # --- building blocks --------------------------------------------------------------------
@@ -414,6 +421,86 @@ def dir_with_data() -> bytes:
     return bytes(checksum(header)) + inner + tar(valid_members())
 
 
+# --- CRIU core images -------------------------------------------------------------------
+
+SPECS = HERE / "specs"
+#: podman's default bounding set (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID,
+#: SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, SETFCAP) as linux/capability.h bits.
+PODMAN_CAPS = sum(1 << b for b in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31))
+SYS_ADMIN = 1 << 21
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def pb_field(number: int, value: int | bytes) -> bytes:
+    """One protobuf field: a varint, or length-delimited bytes."""
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def creds_message(uid: int = 0, caps: int = PODMAN_CAPS, bounding: int | None = None,
+                  groups: tuple[int, ...] = ()) -> bytes:
+    """creds_entry (images/creds.proto); capability sets as two 32-bit words each."""
+    bounding = caps if bounding is None else bounding
+    out = b"".join(pb_field(n, uid if n in (1, 3, 5, 7) else 0) for n in range(1, 9))
+    for number, mask in ((9, 0), (10, caps), (11, caps), (12, bounding)):
+        out += pb_field(number, mask & 0xFFFFFFFF) + pb_field(number, mask >> 32)
+    out += pb_field(13, 0)
+    return out + b"".join(pb_field(14, g) for g in groups)
+
+
+def core_image(creds: bytes | None = None, *, magic: int = 0x55053847,
+               size: int | None = None) -> bytes:
+    """core-<pid>.img: CRIU's two magic words, the entry's length, core_entry with
+    thread_core.creds (images/core.proto); creds None for none."""
+    thread_core = pb_field(1, 0) + pb_field(2, 0)
+    if creds is not None:
+        thread_core += pb_field(10, creds)
+    entry = pb_field(1, 1) + pb_field(5, thread_core)  # mtype X86_64, thread_core
+    return struct.pack("<III", 0x54564319, magic, len(entry) if size is None else size) + entry
+
+
+def podman_archive(core: bytes) -> bytes:
+    """An ordinary podman archive (its real default spec and config) with ``core``."""
+    files = {"checkpoint/core-1.img": core, "checkpoint/pages-1.img": PAGES,
+             "config.dump": (SPECS / "podman-default.config.json").read_bytes(),
+             "spec.dump": (SPECS / "podman-default.spec.json").read_bytes()}
+    return with_manifest([file(n, d) for n, d in files.items()])
+
+
+def core_sys_admin() -> bytes:
+    return podman_archive(core_image(creds_message(caps=PODMAN_CAPS | SYS_ADMIN)))
+
+
+def core_bounding_all() -> bytes:
+    return podman_archive(core_image(creds_message(bounding=(1 << 41) - 1)))
+
+
+def core_truncated() -> bytes:
+    return podman_archive(core_image(creds_message(caps=PODMAN_CAPS | SYS_ADMIN))[:-3])
+
+
+def core_without_creds() -> bytes:
+    return podman_archive(core_image(None))
+
+
+def core_huge_length() -> bytes:
+    return podman_archive(core_image(creds_message(), size=0x7FFFFFFF))
+
+
+def core_endless_varint() -> bytes:
+    entry = pb_field(1, 1) + varint(5 << 3 | 2) + b"\xff" * 64
+    return podman_archive(struct.pack("<III", 0x54564319, 0x55053847, len(entry)) + entry)
+
+
 def long_name() -> bytes:
     return with_manifest([file("checkpoint/" + "n" * 300, b"x")], listed={})
 
@@ -522,6 +609,21 @@ CASES: list[Case] = [
     Case("long_name.tar", "UnsafeArchiveError", "a 300-character name component", long_name),
     Case("backslash_name.tar", "UnsafeArchiveError", r"a name with ..\..\ (backslashes)",
          backslash_name),
+    Case("core_sys_admin.tar", "PrivilegeError",
+         "an ordinary podman spec, but a core image whose task holds CAP_SYS_ADMIN",
+         core_sys_admin, stage="restore"),
+    Case("core_bounding_all.tar", "PrivilegeError",
+         "an ordinary podman spec, but every capability in a core image's bounding set",
+         core_bounding_all, stage="restore"),
+    Case("core_truncated.tar", "CriuImageError", "a core image cut inside its creds",
+         core_truncated, stage="restore"),
+    Case("core_without_creds.tar", "CriuImageError",
+         "a core image without credentials (CRIU would keep its own, root's)",
+         core_without_creds, stage="restore"),
+    Case("core_huge_length.tar", "CriuImageError",
+         "a core image whose entry claims 2 GiB", core_huge_length, stage="restore"),
+    Case("core_endless_varint.tar", "CriuImageError",
+         "a core image with a 64-byte varint", core_endless_varint, stage="restore"),
 ]
 
 #: Built at test time (too big to commit even compressed): name -> (bytes, limits).
@@ -546,6 +648,8 @@ def generate(out: Path) -> dict[str, dict[str, Any]]:
     for case in CASES:
         (out / case.name).write_bytes(case.build())
         expected[case.name] = {"error": case.error, "what": case.what, "limits": case.limits}
+        if case.stage != "read":
+            expected[case.name]["stage"] = case.stage
     (out / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
     return expected
 

@@ -1,7 +1,8 @@
 """Every archive of the hostile corpus (tests/data/hostile) is refused with its own error,
 by verify(), extract(), extracted() and BaseMigrator.restore alike (before any engine
 hook), and nothing is written outside the extraction directory, which extracted()
-removes."""
+removes. Cases of stage "restore" (a hostile CRIU core image in a well-formed tar) pass
+the reader and are refused by restore, still before any engine hook."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from tests.unit.test_privileges import ExtractingFake, FileFake, base
 DATA = Path(__file__).resolve().parents[1] / "data"
 CORPUS = DATA / "hostile"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text())
+READ_STAGE = sorted(n for n, c in EXPECTED.items() if c.get("stage", "read") == "read")
+RESTORE_STAGE = sorted(n for n, c in EXPECTED.items() if c.get("stage") == "restore")
 
 
 def _generator() -> ModuleType:
@@ -88,7 +91,7 @@ def _refused(box: Sandbox, error: type[errors.ArchiveError], limits: Limits) -> 
     box.assert_nothing_escaped()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", READ_STAGE)
 def test_hostile_archive_refused(name: str, sandbox: Sandbox) -> None:
     case = EXPECTED[name]
     shutil.copyfile(CORPUS / name, sandbox.archive)
@@ -129,7 +132,34 @@ def test_corpus_is_what_the_generator_writes(tmp_path: Path) -> None:
 def test_corpus_covers_every_archive_error() -> None:
     kinds = {case["error"] for case in EXPECTED.values()}
     assert kinds == {"UnsafeArchiveError", "ChecksumError", "ManifestError",
-                     "ArchiveCorruptError"}
+                     "ArchiveCorruptError", "PrivilegeError", "CriuImageError"}
+
+
+@pytest.mark.parametrize("name", RESTORE_STAGE)
+def test_restore_stage_cases_pass_the_reader(name: str, sandbox: Sandbox) -> None:
+    """Nothing wrong with the tar: only what the CRIU images hold gives them away."""
+    shutil.copyfile(CORPUS / name, sandbox.archive)
+    assert verify(sandbox.archive).engine == "podman"
+    with extracted(sandbox.archive, workdir=sandbox.work) as (root, _):
+        assert (root / "checkpoint" / "core-1.img").is_file()
+    sandbox.assert_nothing_escaped()
+
+
+@pytest.mark.parametrize("cls", [ExtractingFake, FileFake])
+def test_core_image_with_sys_admin_is_refused_with_the_hint(
+    cls: type[ExtractingFake | FileFake], sandbox: Sandbox,
+) -> None:
+    shutil.copyfile(CORPUS / "core_sys_admin.tar", sandbox.archive)
+    fake = cls()
+    fake.workdir = sandbox.work
+    with pytest.raises(errors.PrivilegeError) as caught:
+        fake.restore(sandbox.archive)
+    assert "task 1 holds CAP_SYS_ADMIN in its CRIU image" in str(caught.value)
+    assert caught.value.hint and "--allow-privileged" in caught.value.hint
+    assert fake.calls == []
+    assert fake.restore(sandbox.archive, allow_privileged=True) == "restored"
+    assert fake.calls == ["restore"]
+    sandbox.assert_nothing_escaped()
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in EXPECTED.items() if not c["limits"]))

@@ -14,15 +14,18 @@ from typing import Any, ClassVar
 import pytest
 
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, atomic_output
+from ctrmig.archive.criu_images import MAX_CORE_IMAGE_BYTES
+from ctrmig.archive.manifest import FileEntry
 from ctrmig.archive.privileges import (
     DEFAULT_CAPABILITIES,
     PrivilegeRequest,
     archive_privileges,
+    archive_requests,
     check,
     requests,
 )
 from ctrmig.engines.base import BaseMigrator
-from ctrmig.errors import ArchiveError, OptionError, PrivilegeError
+from ctrmig.errors import ArchiveError, CriuImageError, OptionError, PrivilegeError
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 base = importlib.import_module("ctrmig.engines.base")  # ctrmig.engines is also a function
@@ -243,10 +246,13 @@ def test_check_refuses_with_the_hint_and_allows_on_request(caplog: pytest.LogCap
 # --- from archives ----------------------------------------------------------------------------
 
 
-def write(path: Path, engine: str, name: str | None, compression: str = "none") -> Manifest:
+def write(path: Path, engine: str, name: str | None, compression: str = "none",
+          cores: dict[int, bytes] | None = None) -> Manifest:
     with atomic_output(path) as out:
         w = ArchiveWriter(out, compression)  # type: ignore[arg-type]
         w.add_bytes("checkpoint/inventory.img", b"inv")
+        for pid, core in (cores or {}).items():
+            w.add_bytes(f"checkpoint/core-{pid}.img", core)
         if name:
             spec, config = load(name)
             w.add_bytes("config.dump", json.dumps(config).encode())
@@ -264,12 +270,101 @@ def test_archive_privileges(tmp_path: Path, compression: str) -> None:
     assert archive_privileges(tmp_path / "n.tar") == []
 
 
-def test_runc_and_process_archives_take_nothing_from_the_archive(tmp_path: Path) -> None:
-    for engine in ("runc", "process"):
-        write(tmp_path / f"{engine}.tar", engine, "podman-privileged")
-        assert archive_privileges(tmp_path / f"{engine}.tar") == []
+def test_runc_and_process_archives_take_nothing_from_the_declared_config(tmp_path: Path
+                                                                          ) -> None:
+    write(tmp_path / "runc.tar", "runc", "podman-privileged")
+    assert archive_privileges(tmp_path / "runc.tar") == []
+    write(tmp_path / "process.tar", "process", "podman-privileged")
+    assert archive_privileges(tmp_path / "process.tar") == [
+        PrivilegeRequest("host process", "runs on the host")]
     write(tmp_path / "other.tar", "someengine", "podman-privileged")
     assert archive_privileges(tmp_path / "other.tar")
+
+
+# --- what the CRIU images hold ----------------------------------------------------------------
+
+SYS_ADMIN, NET_ADMIN = 1 << 21, 1 << 12
+CRIU = Path(__file__).resolve().parents[1] / "data" / "criu"
+
+
+def core(caps: int = 0, bounding: int | None = None, uid: int = 0) -> bytes:
+    from tests.unit.test_hostile_archives import make_hostile
+    return make_hostile.core_image(make_hostile.creds_message(
+        uid=uid, caps=make_hostile.PODMAN_CAPS | caps,
+        bounding=None if bounding is None else make_hostile.PODMAN_CAPS | bounding))
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker", "runc", "someengine"])
+def test_image_capabilities_are_judged_for_every_engine(tmp_path: Path, engine: str) -> None:
+    write(tmp_path / "a.tar", engine, "podman-default", cores={1: core(SYS_ADMIN), 7: core()})
+    assert archive_privileges(tmp_path / "a.tar") == [
+        PrivilegeRequest("capability", "task 1 holds CAP_SYS_ADMIN in its CRIU image")]
+
+
+def test_ordinary_image_capabilities_ask_for_nothing(tmp_path: Path) -> None:
+    docker_defaults = (1 << 13) | (1 << 27) | (1 << 29)  # NET_RAW, MKNOD, AUDIT_WRITE
+    write(tmp_path / "a.tar", "podman", "podman-default", "zstd",
+          cores={1: core(docker_defaults), 2: core(uid=1000)})
+    assert archive_privileges(tmp_path / "a.tar") == []
+
+
+def test_image_bounding_set_counts_and_tasks_are_grouped(tmp_path: Path) -> None:
+    write(tmp_path / "a.tar", "runc", None,
+          cores={1: core(bounding=SYS_ADMIN | NET_ADMIN), 2: core(bounding=SYS_ADMIN | NET_ADMIN),
+                 3: core(bounding=(1 << 41) - 1)})
+    assert archive_privileges(tmp_path / "a.tar") == [
+        PrivilegeRequest("capability",
+                         "tasks 1 and 2 hold CAP_SYS_ADMIN and CAP_NET_ADMIN in their CRIU images"),
+        PrivilegeRequest("capability", "task 3 holds all capabilities in its CRIU image")]
+
+
+def test_image_capabilities_the_config_declares_are_not_listed_twice(tmp_path: Path) -> None:
+    write(tmp_path / "p.tar", "podman", "podman-privileged", cores={1: core((1 << 41) - 1)})
+    found = archive_privileges(tmp_path / "p.tar")
+    assert found == requests(*load("podman-privileged"))  # --privileged says it all
+    spec, config = default()
+    spec["process"]["capabilities"]["bounding"].append("CAP_SYS_ADMIN")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "spec.dump").write_text(json.dumps(spec))
+    (tmp_path / "x" / "config.dump").write_text(json.dumps(config))
+    (tmp_path / "x" / "core-1.img").write_bytes(core(SYS_ADMIN | NET_ADMIN))
+    manifest = Manifest(engine="podman", container=ContainerRecord(name="c"),
+                        files={n: FileEntry(1, "") for n in ("spec.dump", "config.dump",
+                                                            "core-1.img")})
+    assert archive_requests(tmp_path / "x", manifest, extracted=True) == [
+        PrivilegeRequest("capability", "SYS_ADMIN"),
+        PrivilegeRequest("capability", "task 1 holds CAP_NET_ADMIN in its CRIU image")]
+
+
+def test_real_core_images(tmp_path: Path) -> None:
+    cores = {1: (CRIU / "core-netraw-sysadmin.img").read_bytes()}
+    write(tmp_path / "a.tar", "podman", "podman-default", cores=cores)
+    assert archive_privileges(tmp_path / "a.tar") == [
+        PrivilegeRequest("capability", "task 1 holds CAP_SYS_ADMIN in its CRIU image")]
+
+
+def test_process_archive_is_a_host_process(tmp_path: Path) -> None:
+    root = (CRIU / "core-root.img").read_bytes()
+    write(tmp_path / "p.tar", "process", None, cores={40: root})
+    assert archive_privileges(tmp_path / "p.tar") == [PrivilegeRequest(
+        "host process", "runs on the host as uid 0 with CAP_SYS_ADMIN, CAP_SYS_MODULE, "
+                        "CAP_SYS_RAWIO and 37 more")]
+    write(tmp_path / "q.tar", "process", None,
+          cores={40: core((1 << 41) - 1), 41: core(0, uid=1000)})
+    assert archive_privileges(tmp_path / "q.tar") == [PrivilegeRequest(
+        "host process", "runs on the host as uid 0 and 1000 with all capabilities")]
+    with pytest.raises(PrivilegeError, match="host process runs on the host as uid 0") as caught:
+        check(archive_privileges(tmp_path / "q.tar"), allow_privileged=False)
+    assert caught.value.hint and "--allow-privileged" in caught.value.hint
+
+
+def test_oversized_or_malformed_core_images_are_refused(tmp_path: Path) -> None:
+    write(tmp_path / "a.tar", "podman", None, cores={1: b"\0" * (MAX_CORE_IMAGE_BYTES + 1)})
+    with pytest.raises(CriuImageError, match="implausibly large"):
+        archive_privileges(tmp_path / "a.tar")
+    write(tmp_path / "b.tar", "podman", None, cores={1: core()[:-1]})
+    with pytest.raises(CriuImageError, match=r"core-1\.img"):
+        archive_privileges(tmp_path / "b.tar")
 
 
 def test_unreadable_spec_is_an_archive_error(tmp_path: Path) -> None:

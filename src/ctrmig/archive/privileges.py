@@ -33,6 +33,16 @@ caller passed ``allow_privileged``. The choices, deliberately:
 
 Which members count depends on the engine that restores (see :data:`RESTORE_MEMBERS`):
 what the engine actually builds the container from, nothing else.
+
+What an archive declares is not all: CRIU restores every task's credentials from its
+core-<pid>.img image, whatever the spec says (see :mod:`ctrmig.archive.criu_images`). So,
+for every engine:
+
+* **capability** (from the images): a task whose effective, permitted, inheritable or
+  bounding set holds a capability outside the default set, unless the declared config
+  asks for it already (a privileged container, or that capability).
+* **host process**: a plain-process archive (engine ``process``) always: it runs on the
+  host, outside any container, as whatever uid and capabilities its images hold.
 """
 
 from __future__ import annotations
@@ -46,9 +56,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ctrmig.archive.criu_images import (
+    ALL_CAPABILITIES,
+    CAPABILITY_NAMES,
+    MAX_CORE_IMAGE_BYTES,
+    Creds,
+    capability_names,
+    core_pid,
+    read_core_creds,
+)
 from ctrmig.archive.manifest import Manifest
 from ctrmig.archive.reader import MAX_MANIFEST_BYTES, read_manifest, read_members
-from ctrmig.errors import ArchiveError, PrivilegeError
+from ctrmig.errors import ArchiveError, CriuImageError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +96,12 @@ DEFAULT_CAPABILITIES = frozenset({
 # Capabilities that amount to root on the host, worst first (listed first in errors).
 _HOST_ROOT_CAPABILITIES = ("ALL", "SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_PTRACE",
                            "DAC_READ_SEARCH", "NET_ADMIN", "BPF", "SYS_BOOT")
+#: The same, as a bit mask of linux/capability.h bits.
+DEFAULT_CAPABILITY_MASK = sum(1 << CAPABILITY_NAMES.index(c) for c in DEFAULT_CAPABILITIES)
+#: All core images of one archive together (a task's is about 2 KiB).
+MAX_CORE_IMAGES_BYTES = 128 << 20
+#: Engines that restore a plain process on the host, not a container.
+HOST_ENGINES = frozenset({"process"})
 #: Namespaces a container must have of its own (missing = the host's).
 OWN_NAMESPACES = ("network", "pid", "ipc", "uts", "mount")
 #: (type, major, minor) of the device nodes every runtime creates.
@@ -126,8 +151,9 @@ def check(found: Iterable[PrivilegeRequest], allow_privileged: bool) -> None:
         return
     listed = summary(found)
     if not allow_privileged:
-        raise PrivilegeError(f"the archive's container asks for: {listed}", hint=HINT)
-    log.warning("restoring a container that asks for: %s (allowed)", listed)
+        raise PrivilegeError(f"the archive asks for more than an ordinary container: {listed}",
+                             hint=HINT)
+    log.warning("restoring an archive that asks for: %s (allowed)", listed)
 
 
 def summary(found: Iterable[PrivilegeRequest], per_kind: int = 6) -> str:
@@ -150,13 +176,93 @@ def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> li
     ``source`` is the extracted directory (``extracted``) or the archive file.
     """
     names = RESTORE_MEMBERS.get(manifest.engine, (SPEC_DUMP, CONFIG_DUMP))
+    cores = _core_members(manifest)
+    wanted = [n for n in names if n in manifest.files]
     if extracted:
-        raw = {n: _read_file(source / n) for n in names if n in manifest.files}
+        raw = {n: _read_file(source / n) for n in wanted}
+        images = {n: _read_file(source / n, MAX_CORE_IMAGE_BYTES) for n in cores}
     else:
-        raw = read_members(source, manifest, names)
+        both = read_members(source, manifest, [*wanted, *cores])
+        raw = {n: both[n] for n in wanted}
+        images = {n: both[n] for n in cores}
     spec = _json(SPEC_DUMP, raw[SPEC_DUMP]) if SPEC_DUMP in raw else {}
     config = _json(CONFIG_DUMP, raw[CONFIG_DUMP]) if CONFIG_DUMP in raw else None
-    return requests(spec, config)
+    declared = requests(spec, config)
+    creds = {n: read_core_creds(data, n) for n, data in images.items()}
+    return declared + image_requests(creds, manifest.engine, declared)
+
+
+def image_requests(creds: dict[str, Creds], engine: str,
+                   declared: Iterable[PrivilegeRequest] = ()) -> list[PrivilegeRequest]:
+    """What the tasks' credentials in the CRIU images (core image name -> creds) ask
+    beyond an ordinary container, less what the ``declared`` requests cover already."""
+    if engine in HOST_ENGINES:
+        return [PrivilegeRequest("host process", _host_process(creds))]
+    declared = list(declared)
+    if any(r.kind == "privileged" for r in declared):
+        return []  # a privileged container holds every capability anyway
+    covered = {r.detail for r in declared if r.kind == "capability"}
+    tasks: dict[tuple[str, ...], list[int]] = {}
+    for name, c in sorted(creds.items(), key=lambda item: (core_pid(item[0]) or 0, item[0])):
+        pid = core_pid(name) or 0
+        held = c.cap_eff | c.cap_prm | c.cap_inh | c.cap_bnd
+        caps = tuple(sorted(set(capability_names(held & ~DEFAULT_CAPABILITY_MASK)) - covered,
+                            key=_cap_order))
+        if caps and held & ALL_CAPABILITIES == ALL_CAPABILITIES:
+            caps = ("ALL",)
+        if caps:
+            tasks.setdefault(caps, []).append(pid)
+    found = []
+    for caps, pids in tasks.items():
+        who = (f"task {pids[0]} holds" if len(pids) == 1
+               else f"tasks {_listed([str(p) for p in pids], 'more')} hold")
+        where = "its CRIU image" if len(pids) == 1 else "their CRIU images"
+        what = "all capabilities" if caps == ("ALL",) else _caps(caps)
+        found.append(PrivilegeRequest("capability", f"{who} {what} in {where}"))
+    return found
+
+
+def _host_process(creds: dict[str, Creds]) -> str:
+    """"runs on the host as uid 0 with all capabilities", from every task's creds."""
+    if not creds:
+        return "runs on the host"
+    uids = sorted(set().union(*(c.uids for c in creds.values())))
+    held = 0
+    for c in creds.values():
+        held |= c.cap_prm | c.cap_eff
+    if held & ALL_CAPABILITIES == ALL_CAPABILITIES:
+        caps = "all capabilities"
+    elif not held:
+        caps = "no capabilities"
+    else:
+        caps = _caps(tuple(sorted(capability_names(held), key=_cap_order)))
+    return f"runs on the host as uid {_listed([str(u) for u in uids], 'more')} with {caps}"
+
+
+def _caps(caps: tuple[str, ...]) -> str:
+    return _listed([c if c.startswith("CAP_") else f"CAP_{c}" for c in caps], "more")
+
+
+def _listed(items: list[str], more: str, limit: int = 4) -> str:
+    """"a", "a and b", "a, b, c and 2 more"."""
+    if len(items) > limit:
+        return f"{', '.join(items[:limit - 1])} and {len(items) - limit + 1} {more}"
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _core_members(manifest: Manifest) -> list[str]:
+    """The archive's CRIU core images (any directory), bounded in size."""
+    names = sorted(n for n in manifest.files if core_pid(n) is not None)
+    total = 0
+    for name in names:
+        size = manifest.files[name].size
+        if size > MAX_CORE_IMAGE_BYTES:
+            raise CriuImageError(f"{name} is implausibly large ({size} bytes)")
+        total += size
+    if total > MAX_CORE_IMAGES_BYTES:
+        raise CriuImageError(f"the archive's {len(names)} CRIU core images hold {total} bytes; "
+                             "implausibly many")
+    return names
 
 
 def archive_privileges(path: Path) -> list[PrivilegeRequest]:
@@ -326,10 +432,10 @@ def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, limit: int = MAX_MANIFEST_BYTES) -> bytes:
     with path.open("rb") as f:
-        data = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
+        data = f.read(limit + 1)
+    if len(data) > limit:
         raise ArchiveError(f"{path.name} is implausibly large")
     return data
 

@@ -168,10 +168,6 @@ class BaseMigrator(ABC):
                 root = stack.enter_context(self._spooled(archive))
                 manifest = verify(root, progress=progress)
             self._check_archive(manifest, root, opts)
-            privileges.check(
-                privileges.archive_requests(root, manifest, extracted=self.needs_extracted),
-                opts.allow_privileged,
-            )
             self._ensure_image(manifest, root)
             target = opts.name or manifest.container.name
             stack.enter_context(container_lock(self.engine, target))
@@ -243,12 +239,20 @@ class BaseMigrator(ABC):
         self.resume(record.id or record.name)
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
-        """Refuse an archive this engine must not restore (another engine's, by default)."""
+        """Refuse an archive this engine must not restore: another engine's, or one that
+        asks for privileges (declared, or held in its CRIU images) unless allowed.
+
+        Adapters extend this and call it first: the archive is judged before the engine
+        is asked anything."""
         if manifest.engine != self.engine:
             raise EngineMismatchError(
                 f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
                 hint=f"restore it with --engine {manifest.engine}",
             )
+        privileges.check(
+            privileges.archive_requests(source, manifest, extracted=self.needs_extracted),
+            opts.allow_privileged,
+        )
 
     def _has_image(self, ref: str) -> bool:
         """Whether the engine holds image ``ref`` (default: unknown, so True)."""

@@ -1,0 +1,217 @@
+"""Read the credentials CRIU restores each task with, from its core-<pid>.img images.
+
+CRIU restores every thread's uids, gids, capability sets and groups from
+``core_entry.thread_core.creds`` (images/core.proto, images/creds.proto), whatever the
+archive's spec says; so the privilege check must judge them. There is no ``crit`` here:
+this is a minimal protobuf wire-format decoder for just those fields.
+
+An image file is two little-endian magic words (CRIU's common magic, then the image's),
+then one entry: a 4-byte little-endian length and that many bytes of protobuf message.
+Everything is bounded (the image size, varint length, the number of capability words
+and groups) and anything malformed raises :class:`CriuImageError`, never another error.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ctrmig.errors import CriuImageError
+
+IMG_COMMON_MAGIC = 0x54564319
+CORE_MAGIC = 0x55053847
+#: A real core image is 2 KiB or so; anything past this is refused unread.
+MAX_CORE_IMAGE_BYTES = 1 << 20
+#: Capability sets are written as 32-bit words (two today).
+MAX_CAP_WORDS = 8
+MAX_GROUPS = 65536  # NGROUPS_MAX
+CORE_NAME = re.compile(r"core-(\d{1,10})\.img")
+
+# Field numbers, from CRIU's images/core.proto and images/creds.proto.
+_CORE_THREAD_CORE = 5  # core_entry.thread_core
+_THREAD_CORE_CREDS = 10  # thread_core_entry.creds
+_CREDS_IDS = {1: "uid", 2: "gid", 3: "euid", 4: "egid", 5: "suid", 6: "sgid", 7: "fsuid",
+              8: "fsgid", 13: "secbits"}
+_CREDS_CAPS = {9: "cap_inh", 10: "cap_prm", 11: "cap_eff", 12: "cap_bnd"}
+_CREDS_GROUPS = 14
+
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_U32 = 0xFFFFFFFF
+
+#: linux/capability.h, in bit order.
+CAPABILITY_NAMES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+    "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN",
+    "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE",
+    "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME",
+    "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+    "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+#: Every capability the names above cover.
+ALL_CAPABILITIES = (1 << len(CAPABILITY_NAMES)) - 1
+
+
+def capability_name(bit: int) -> str:
+    """``SYS_ADMIN`` for bit 21; ``CAP_<n>`` for a bit this table does not know."""
+    return CAPABILITY_NAMES[bit] if 0 <= bit < len(CAPABILITY_NAMES) else f"CAP_{bit}"
+
+
+def capability_names(mask: int) -> list[str]:
+    """The names of the bits set in ``mask``, in bit order."""
+    return [capability_name(bit) for bit in range(mask.bit_length()) if mask >> bit & 1]
+
+
+@dataclass(frozen=True)
+class Creds:
+    """One thread's credentials as CRIU will restore them; capability sets as bit masks."""
+
+    uid: int
+    gid: int
+    euid: int
+    egid: int
+    suid: int
+    sgid: int
+    fsuid: int
+    fsgid: int
+    cap_inh: int
+    cap_prm: int
+    cap_eff: int
+    cap_bnd: int
+    secbits: int
+    groups: tuple[int, ...]
+
+    @property
+    def uids(self) -> set[int]:
+        return {self.uid, self.euid, self.suid, self.fsuid}
+
+
+def core_pid(name: str) -> int | None:
+    """The PID in a ``core-<pid>.img`` member name (any directory), else None."""
+    match = CORE_NAME.fullmatch(name.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def read_core_creds(data: bytes, name: str = "core image") -> Creds:
+    """The credentials in the core image ``data`` (the file's bytes); CriuImageError if it
+    is not a well-formed core image or carries none (CRIU would then restore the task
+    with its own, root's, credentials)."""
+    if len(data) > MAX_CORE_IMAGE_BYTES:
+        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
+    if len(data) < 12:
+        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
+    common, magic, size = struct.unpack_from("<III", data)
+    if common != IMG_COMMON_MAGIC or magic != CORE_MAGIC:
+        raise CriuImageError(f"{name} is not a CRIU core image (magic {common:#x} {magic:#x})")
+    if size != len(data) - 12:
+        raise CriuImageError(f"{name} holds {len(data) - 12} bytes after its header, "
+                             f"which claims {size}")
+    try:
+        thread_core = _submessage(memoryview(data)[12:], _CORE_THREAD_CORE)
+        creds = _submessage(thread_core, _THREAD_CORE_CREDS) if thread_core is not None else None
+        if creds is None:
+            raise CriuImageError(f"{name} carries no credentials",
+                                 hint="it was not written by a CRIU this ctrmig reads")
+        return _creds(creds, name)
+    except _Malformed as e:
+        raise CriuImageError(f"{name} is malformed: {e}") from None
+
+
+class _Malformed(Exception):
+    """Internal: the wire format is broken (turned into CriuImageError with the name)."""
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise _Malformed("truncated varint")
+        if shift >= 70:
+            raise _Malformed("varint longer than 10 bytes")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            if value >> 64:
+                raise _Malformed("varint past 64 bits")
+            return value, pos
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) of each field of one message; skips fixed ones."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("field number 0")
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value
+        elif wire == _LEN:
+            length, pos = _varint(buf, pos)
+            if length > len(buf) - pos:
+                raise _Malformed(f"field {number} runs past its message")
+            yield number, wire, buf[pos:pos + length]
+            pos += length
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+            if pos > len(buf):
+                raise _Malformed(f"field {number} runs past its message")
+        else:
+            raise _Malformed(f"field {number} has wire type {wire}")
+
+
+def _submessage(buf: memoryview, number: int) -> memoryview | None:
+    """Field ``number`` of ``buf`` as a message; protobuf merges repeated occurrences of
+    an embedded message, which is the same as parsing their concatenation."""
+    parts: list[memoryview] = []
+    for num, wire, value in _fields(buf):
+        if num == number:
+            if not isinstance(value, memoryview):
+                raise _Malformed(f"field {number} is not a message (wire type {wire})")
+            parts.append(value)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+
+
+def _uint32s(value: int | memoryview) -> Iterator[int]:
+    """A repeated uint32's values: one varint, or a packed run of them."""
+    if isinstance(value, int):
+        yield value & _U32
+        return
+    pos = 0
+    while pos < len(value):
+        item, pos = _varint(value, pos)
+        yield item & _U32
+
+
+def _creds(buf: memoryview, name: str) -> Creds:
+    ids: dict[str, int] = {}
+    caps: dict[str, list[int]] = {v: [] for v in _CREDS_CAPS.values()}
+    groups: list[int] = []
+    for number, _wire, value in _fields(buf):
+        if number in _CREDS_IDS:
+            if not isinstance(value, int):
+                raise _Malformed(f"creds field {number} is not a number")
+            ids[_CREDS_IDS[number]] = value & _U32  # uint32: the low bits, as protobuf-c
+        elif number in _CREDS_CAPS:
+            words = caps[_CREDS_CAPS[number]]
+            for word in _uint32s(value):
+                words.append(word)
+                if len(words) > MAX_CAP_WORDS:
+                    raise _Malformed(f"more than {MAX_CAP_WORDS} words in a capability set")
+        elif number == _CREDS_GROUPS:
+            for group in _uint32s(value):
+                groups.append(group)
+                if len(groups) > MAX_GROUPS:
+                    raise _Malformed(f"more than {MAX_GROUPS} groups")
+    missing = sorted(set(_CREDS_IDS.values()) - set(ids))
+    if missing:
+        raise CriuImageError(f"{name} has credentials without {', '.join(missing)}")
+    masks = {key: sum(w << (32 * i) for i, w in enumerate(words)) for key, words in caps.items()}
+    return Creds(**ids, **masks, groups=tuple(groups))
