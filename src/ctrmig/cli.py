@@ -35,6 +35,7 @@ import ctrmig
 from ctrmig import demo as _demo
 from ctrmig import doctor as _doctor
 from ctrmig.archive import COMPRESSIONS, Manifest
+from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.writer import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
 from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError
@@ -299,17 +300,30 @@ def inspect(archive: str, as_json: bool) -> None:
     pids = _pids(mf)
     sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
              "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
+    asks = _privileges(Path(archive)) if checksums == "ok" else "not judged (checksums)"
     if as_json:
-        data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums}
+        listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]
+        data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums,
+                               "privileges": listed}
         click.echo(json.dumps(data, indent=2, default=str))
     else:
-        _print_inspect(mf, sizes, pids, checksums)
+        shown = asks if isinstance(asks, str) else summary(asks) or "none"
+        _print_inspect(mf, sizes, pids, checksums, shown)
     if checksums != "ok":
         raise click.exceptions.Exit(1)
 
 
+def _privileges(archive: Path) -> list[PrivilegeRequest] | str:
+    """What the archive asks beyond an ordinary container (what restore would refuse
+    without --allow-privileged), or why that cannot be told."""
+    try:
+        return archive_privileges(archive)
+    except CtrmigError as e:
+        return f"unreadable: {e.message}"
+
+
 def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
-                   checksums: str) -> None:
+                   checksums: str, privileges: str) -> None:
     """inspect's tables: the facts, then the files."""
     c = mf.container
     table = Table(show_header=False, box=None)
@@ -324,6 +338,7 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
                   f"({_size(sizes['archive_bytes'])} on disk)"),
         ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
         ("checksums", checksums),
+        ("privileges", privileges),
     ):
         table.add_row(f"[bold]{key}[/]", str(value) or "-")
     files = Table("file", "size")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -57,10 +58,12 @@ def test_podman_checkpoint_inspect_restore(podman_counter: Callable[[], str],
     assert 1 in data["pids"]
     assert data["sizes"]["memory_bytes"] > 0
     assert data["criu_version"]
+    assert data["privileges"] == []  # an ordinary container, its CRIU images included
 
     res = ctrmig_cli("inspect", str(archive))
     assert res.exit_code == 0, res.output
     assert name in res.output and "checksums" in res.output
+    assert re.search(r"privileges\s+none", res.output)
 
     # The engine of a restore comes from the archive's manifest.
     new = f"{name}-restored"

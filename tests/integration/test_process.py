@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import io
+import json
 import os
 import re
 import select
@@ -26,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import ctrmig
+from ctrmig import cli
+from ctrmig.archive.privileges import archive_privileges
 from ctrmig.engines import process
 from ctrmig.errors import (
     CheckpointError,
     ContainerNotFoundError,
     NameInUseError,
     OptionError,
+    PrivilegeError,
     RestoreError,
 )
 from ctrmig.host import criu, proc
@@ -206,7 +211,7 @@ def test_pipe_stdout_count_continues_after_restore(
         names = set(result.manifest.files)
         assert {"config.dump", "checkpoint/pstree.img", f"checkpoint/core-{p.pid}.img"} <= names
 
-        restored = procs.adopt(m.restore(archive))
+        restored = procs.adopt(m.restore(archive, allow_privileged=True))
         os.close(w)
         w = -1
         assert restored == p.pid  # CRIU restores a plain process under its own PID
@@ -238,7 +243,7 @@ def test_pipe_stdout_goes_to_log_file_by_default(
     p.wait(timeout=5)
     before = counts(old.until(lambda _: False))
 
-    restored = procs.adopt(m.restore(archive))
+    restored = procs.adopt(m.restore(archive, allow_privileged=True))
     log = state / f"{restored}.log"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(m.logs(restored).splitlines()) < 3:
@@ -264,7 +269,7 @@ def test_unix_socket_stdout_is_reconnected(
         assert result.manifest.extra["stdio"]["1"] == "socket"
         p.wait(timeout=5)
         before = counts(old.until(lambda _: False))
-        procs.adopt(m.restore(tmp_path / "sock.tar"))
+        procs.adopt(m.restore(tmp_path / "sock.tar", allow_privileged=True))
         new_theirs.close()
         assert_continues(before, counts(Reader(new_ours.fileno()).until(n_counts(3))))
 
@@ -287,7 +292,7 @@ def test_shell_job_whose_session_leader_is_outside_the_tree(
         sh.wait(timeout=5)  # its job is gone, so sh's wait returned and it exited
         reap(pid)
         before = counts(old.until(lambda _: False))
-        assert m.restore(tmp_path / "job.tar") == str(pid)
+        assert m.restore(tmp_path / "job.tar", allow_privileged=True) == str(pid)
         os.close(w)
         w = -1
         assert_continues(before, counts(Reader(r).until(n_counts(3))))
@@ -323,8 +328,9 @@ def test_terminal_job_restored_onto_a_new_pty(
         # A terminal can only be replaced by a terminal: without one, refuse up front.
         monkeypatch.setattr(process, "_own_terminal", lambda: None)
         with pytest.raises(OptionError, match="no terminal to restore it onto"):
-            ctrmig.migrator("process", state_dir=state).restore(tmp_path / "tty.tar")
-        pid = procs.adopt(m.restore(tmp_path / "tty.tar"))
+            ctrmig.migrator("process", state_dir=state).restore(tmp_path / "tty.tar",
+                                                                allow_privileged=True)
+        pid = procs.adopt(m.restore(tmp_path / "tty.tar", allow_privileged=True))
         assert pid == p.pid
         tty_nr = int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[4])
         assert tty_nr == os.fstat(new_slave).st_rdev  # its controlling terminal is the new pty
@@ -384,7 +390,8 @@ def test_failed_migration_rolls_back_to_the_kept_checkpoint(
         source = ctrmig.migrator("process", stdout=w, state_dir=state)
         refusing = ctrmig.migrator("process", state_dir=state)
         with pytest.raises(OptionError, match="original PID"):
-            ctrmig.migrate(str(p.pid), source=source, target=refusing, name="elsewhere")
+            ctrmig.migrate(str(p.pid), source=source, target=refusing, name="elsewhere",
+                           restore_options={"allow_privileged": True})
         before = counts(old.until(lambda _: False))
         os.close(w)
         w = -1
@@ -454,7 +461,7 @@ def test_file_stdout_keeps_growing_after_restore(
         with open(out, "a") as f:
             f.write("MARKER written while the process was checkpointed\n")
 
-    restored = procs.adopt(m.restore(tmp_path / "file.tar"))
+    restored = procs.adopt(m.restore(tmp_path / "file.tar", allow_privileged=True))
     wait_for(lambda: len(out.read_text().splitlines()) >= len(before) + grow + 4)
     lines = out.read_text().splitlines()
     assert counts(lines[: len(before)]) == before  # nothing overwritten
@@ -501,7 +508,7 @@ def test_refuses_a_changed_executable(
     with open(binary, "ab") as f:
         f.write(b"\0")  # still runs, but it is not the binary that was checkpointed
     with pytest.raises(RestoreError, match=r"executable .* differs") as e:
-        m.restore(archive)
+        m.restore(archive, allow_privileged=True)
     assert "same binary" in (e.value.hint or "")
     assert not m.exists(str(pid))  # refused before CRIU ran
 
@@ -512,7 +519,7 @@ def test_refuses_a_missing_executable(
     m, archive, _, pid = checkpointed_to_file(binary, procs, state, tmp_path)
     binary.unlink()
     with pytest.raises(ctrmig.errors.ImageNotFoundError, match=r"executable .* missing"):
-        m.restore(archive)
+        m.restore(archive, allow_privileged=True)
     assert not m.exists(str(pid))
 
 
@@ -522,11 +529,11 @@ def test_refuses_a_missing_open_file(
     m, archive, out, pid = checkpointed_to_file(binary, procs, state, tmp_path)
     out.unlink()
     with pytest.raises(RestoreError, match=f"held open is missing: {out}") as e:
-        m.restore(archive)
+        m.restore(archive, allow_privileged=True)
     assert "touch" in (e.value.hint or "")
     assert not m.exists(str(pid))
     out.touch()  # the hint works: a fresh, empty output file is accepted
-    assert procs.adopt(m.restore(archive)) == pid
+    assert procs.adopt(m.restore(archive, allow_privileged=True)) == pid
     wait_for(lambda: len(out.read_text().splitlines()) >= 2)
     assert counts(out.read_text().splitlines())[0] > 2  # resumed, not started afresh
 
@@ -563,12 +570,12 @@ def test_refuses_a_changed_input_file_and_carries_a_deleted_one(
 
     data.write_text("2")  # same size, other content
     with pytest.raises(RestoreError, match=f"{data} changed since the checkpoint"):
-        m.restore(tmp_path / "h.tar")
+        m.restore(tmp_path / "h.tar", allow_privileged=True)
     data.write_text("1")
     r, w = os.pipe()
     try:
         m = ctrmig.migrator("process", stdout=w, state_dir=state)
-        procs.adopt(m.restore(tmp_path / "h.tar"))
+        procs.adopt(m.restore(tmp_path / "h.tar", allow_privileged=True))
         os.close(w)
         w = -1
         lines = Reader(r).until(n_counts(2))
@@ -588,7 +595,7 @@ def test_refuses_while_the_source_still_runs(
     n = len(reader.lines)
     reader.until(n_counts(n + 2))  # leave_running: it goes on counting
     with pytest.raises(NameInUseError, match=f"PID {p.pid}.* taken") as e:
-        m.restore(tmp_path / "live.tar")
+        m.restore(tmp_path / "live.tar", allow_privileged=True)
     assert "stop it first" in (e.value.hint or "")
     assert p.poll() is None  # untouched by the refused restore
 
@@ -597,7 +604,7 @@ def test_refuses_while_the_source_still_runs(
     monkeypatch.setattr(process.ProcessMigrator, "_check_pids_free",
                         staticmethod(lambda config: None))
     with pytest.raises(NameInUseError, match="taken") as e:
-        m.restore(tmp_path / "live.tar")
+        m.restore(tmp_path / "live.tar", allow_privileged=True)
     assert "Can't fork for" in (e.value.stderr or "")
     assert "stop it first" in (e.value.hint or "")
     n = len(reader.lines)
@@ -610,7 +617,7 @@ def test_refuses_another_name_and_unknown_pids(
 ) -> None:
     m, archive, _, pid = checkpointed_to_file(binary, procs, state, tmp_path)
     with pytest.raises(OptionError, match="original PID"):
-        m.restore(archive, name="web")
+        m.restore(archive, name="web", allow_privileged=True)
     with pytest.raises(ContainerNotFoundError):
         m.checkpoint("not-a-pid", tmp_path / "x.tar")
     with pytest.raises(ContainerNotFoundError):
@@ -618,3 +625,32 @@ def test_refuses_another_name_and_unknown_pids(
     assert not (tmp_path / "x.tar").exists()
     with pytest.raises(ContainerNotFoundError):
         m.logs(str(pid))
+
+
+def test_refused_without_allow_privileged_and_inspect_says_why(
+    binary: Path, procs: Procs, state: Path, tmp_path: Path
+) -> None:
+    """A plain process runs on the host, outside any container: restoring one always
+    needs the flag, whatever it holds; inspect lists the same request."""
+    m, archive, out, pid = checkpointed_to_file(binary, procs, state, tmp_path)
+    with pytest.raises(PrivilegeError) as e:
+        m.restore(archive)
+    assert "host process runs on the host as uid 0 with" in str(e.value)
+    assert "--allow-privileged" in (e.value.hint or "")
+    assert not m.exists(str(pid))  # refused before CRIU ran
+
+    found = archive_privileges(archive)
+    assert [r.kind for r in found] == ["host process"]
+    assert found[0].detail.startswith("runs on the host as uid 0 with ")
+    res = CliRunner().invoke(cli.cli, ["inspect", str(archive)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "host process runs on the host as uid 0" in res.output
+    res = CliRunner().invoke(cli.cli, ["inspect", "--json", str(archive)])
+    assert json.loads(res.output)["privileges"] == [
+        {"kind": "host process", "detail": found[0].detail}]
+
+    res = CliRunner().invoke(cli.cli, ["restore", str(archive), "--engine", "process"])
+    assert res.exit_code == 1
+    assert "host process" in res.output and "--allow-privileged" in res.output
+    assert procs.adopt(m.restore(archive, allow_privileged=True)) == pid
+    wait_for(lambda: counts(out.read_text().splitlines())[-1] > 3)
