@@ -10,9 +10,12 @@ import pytest
 from podman import PodmanClient
 
 import ctrmig
-from ctrmig.archive.privileges import archive_privileges
+from ctrmig.archive import ArchiveWriter, atomic_output, extracted
+from ctrmig.archive.criu_images import capability_names, core_pid, read_core_creds
+from ctrmig.archive.privileges import DEFAULT_CAPABILITIES, archive_privileges
 from ctrmig.errors import PrivilegeError
 from tests.conftest import COUNTER_CMD, last_count, unique, wait_for
+from tests.unit.test_hostile_archives import make_hostile
 
 
 @pytest.fixture
@@ -68,6 +71,46 @@ def test_ordinary_archive_restores_without_the_flag(
     with ctrmig.migrator("podman", url=f"unix://{podman_socket}") as podman:
         archive = podman.checkpoint(name, tmp_path / "plain.tar")
         assert archive_privileges(archive.path) == []  # type: ignore[arg-type]
+        # Its real CRIU images were read: podman's default capabilities, no more.
+        with extracted(archive.path) as (root, manifest):  # type: ignore[arg-type]
+            cores = [n for n in manifest.files if core_pid(n) is not None]
+            assert cores
+            for core in cores:
+                creds = read_core_creds((root / core).read_bytes(), core)
+                assert creds.cap_bnd, core
+                assert set(capability_names(creds.cap_bnd)) <= DEFAULT_CAPABILITIES
         client.containers.get(name).remove(force=True)
         assert podman.restore(archive.path) == name  # type: ignore[arg-type]
         assert client.containers.get(name).status == "running"
+
+
+def test_ordinary_spec_with_a_hostile_core_image_is_refused(
+    client: PodmanClient, podman_socket: Path, test_image: str, tmp_path: Path,
+) -> None:
+    """A real ordinary archive whose task's core image is swapped for one that holds
+    CAP_SYS_ADMIN (what spec.dump says is unchanged): refused before podman is asked."""
+    name = unique("ctrmig-priv-core")
+    client.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
+    wait_for(lambda: last_count(_logs(client, name)) >= 2, what="counter to count")
+    with ctrmig.migrator("podman", url=f"unix://{podman_socket}") as podman:
+        archive = podman.checkpoint(name, tmp_path / "plain.tar")
+        client.containers.get(name).remove(force=True)
+        hostile = tmp_path / "hostile.tar"
+        with extracted(archive.path) as (root, manifest):  # type: ignore[arg-type]
+            core = next(n for n in manifest.files if core_pid(n) == 1)
+            creds = read_core_creds((root / core).read_bytes(), core)
+            raised = make_hostile.creds_message(caps=creds.cap_prm | 1 << 21,
+                                                bounding=creds.cap_bnd | 1 << 21)
+            (root / core).write_bytes(make_hostile.core_image(raised))
+            with atomic_output(hostile) as out:
+                writer = ArchiveWriter(out)
+                for member in sorted(manifest.files):
+                    writer.add_file(member, root / member)
+                writer.finish(manifest)
+        assert [(r.kind, r.detail) for r in archive_privileges(hostile)] == [
+            ("capability", "task 1 holds CAP_SYS_ADMIN in its CRIU image")]
+        with pytest.raises(PrivilegeError, match="CAP_SYS_ADMIN") as caught:
+            podman.restore(hostile, name=unique("ctrmig-priv-core-restored"))
+        assert caught.value.hint and "--allow-privileged" in caught.value.hint
+        assert not any(c.name.startswith("ctrmig-priv-core-restored")
+                       for c in client.containers.list(all=True))

@@ -289,9 +289,9 @@ CRIU = Path(__file__).resolve().parents[1] / "data" / "criu"
 
 def core(caps: int = 0, bounding: int | None = None, uid: int = 0) -> bytes:
     from tests.unit.test_hostile_archives import make_hostile
-    return make_hostile.core_image(make_hostile.creds_message(
+    return bytes(make_hostile.core_image(make_hostile.creds_message(
         uid=uid, caps=make_hostile.PODMAN_CAPS | caps,
-        bounding=None if bounding is None else make_hostile.PODMAN_CAPS | bounding))
+        bounding=None if bounding is None else make_hostile.PODMAN_CAPS | bounding)))
 
 
 @pytest.mark.parametrize("engine", ["podman", "docker", "runc", "someengine"])
