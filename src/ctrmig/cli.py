@@ -38,6 +38,7 @@ from ctrmig.archive import COMPRESSIONS, Manifest
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.writer import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
+from ctrmig.engines.base import listing
 from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError
 
 log = logging.getLogger("ctrmig")
@@ -352,7 +353,8 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
 @cli.command("ls")
 @engine_option
 @url_option
-@click.option("--all", "-a", "show_all", is_flag=True, help="Also list stopped containers.")
+@click.option("--all", "-a", "show_all", is_flag=True,
+              help="Also list stopped containers (busy ones are always listed).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one engine: --engine).")
 def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> None:
     """List checkpointable (running) containers, per engine."""
@@ -360,7 +362,7 @@ def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> No
         if engine is None:
             raise click.UsageError("--json lists one engine: pass --engine")
         with contextlib.closing(_connect(engine, url)) as m:
-            rows = [r for r in m.list() if show_all or r.state.lower() == "running"]
+            rows = [r for r in listing(m) if show_all or _listed(r.state)]
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows]))
         return
     table = Table("engine", "name", "id", "image", "state")
@@ -370,12 +372,12 @@ def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> No
             continue
         try:
             with contextlib.closing(_connect(name, url)) as m:
-                rows = m.list()
+                rows = listing(m)
         except CtrmigError as e:
             table.add_row(name, f"[red]unreachable[/]: {e.message}", "", "", "")
             failed = True
             continue
-        shown = [r for r in rows if show_all or r.state.lower() == "running"]
+        shown = [r for r in rows if show_all or _listed(r.state)]
         for r in shown:
             table.add_row(r.engine, r.name, r.id[:12], r.image, r.state)
         if not shown:
@@ -383,6 +385,11 @@ def ls(engine: str | None, url: str | None, show_all: bool, as_json: bool) -> No
     _out().print(table)
     if failed and engine:
         raise click.exceptions.Exit(1)
+
+
+def _listed(state: str) -> bool:
+    """Shown without --all: running, or being checkpointed or restored by a ctrmig."""
+    return state.lower() in ("running", "checkpointing", "restoring")
 
 
 _STATUS_STYLE = {"pass": "green", "fail": "red", "unavailable": "yellow"}

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +24,7 @@ import tenacity
 
 from ctrmig import endpoints
 from ctrmig.archive import Compression, Manifest
+from ctrmig.engines.base import listing
 from ctrmig.errors import CtrmigError, NameInUseError
 from ctrmig.host import proc
 from ctrmig.protocol import Migrator
@@ -94,7 +96,12 @@ class Journal:
     def __init__(self, directory: Path, data: dict[str, Any]):
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{data['container']}-{uuid.uuid4().hex[:8]}.json"
-        self.data = {**data, "pid": os.getpid(), "started": time.time()}
+        self.data = {**data, **_process(os.getpid()), "started": time.time()}
+
+    def committed(self, helpers: Sequence[int]) -> None:
+        """The target may now finish on its own (see RestoreOptions.on_commit); ``helpers``
+        are local processes (ssh) that may carry the restore on after ctrmig died."""
+        self.phase("committed", helpers=[_process(pid) for pid in helpers])
 
     def phase(self, phase: str, **facts: Any) -> None:
         self.data.update(facts, phase=phase)
@@ -143,8 +150,11 @@ def migrate(
             f"the target {dst.engine} already has a container named {target_name!r}",
             hint="pick another name with --name, or remove that container",
         )
+    restore_options = dict(restore_options or {})
     if journal:
         journal.phase("migrating")
+        restore_options["on_commit"] = _chained(journal.committed,
+                                                restore_options.get("on_commit"))
     try:
         report = _migrate(container, src, dst, target_name, compression, keep_source,
                           checkpoint_options, restore_options)
@@ -232,6 +242,25 @@ def _migrate(
     return report
 
 
+def _process(pid: int) -> dict[str, Any]:
+    """A process as a journal names it: PID and start time (PIDs get reused)."""
+    return {"pid": pid, "start": proc.start_time(pid)}
+
+
+def _running(process: dict[str, Any]) -> bool:
+    pid = int(process.get("pid", 0))
+    return proc.alive(pid) and proc.start_time(pid) == process.get("start")
+
+
+def _chained(first: Callable[[Sequence[int]], None],
+             then: Callable[[Sequence[int]], None] | None) -> Callable[[Sequence[int]], None]:
+    def both(helpers: Sequence[int]) -> None:
+        first(helpers)
+        if then is not None:
+            then(helpers)
+    return both
+
+
 def _source_failed_first(source_error: BaseException, target_error: BaseException) -> bool:
     """Both sides failed: was it the source (the target then read a cut-off archive), or
     the target (the source then wrote into a closed pipe)?"""
@@ -260,18 +289,19 @@ def _roll_back(source: Migrator, container: str, result: dict[str, Any],
         raise
 
 
-def _state(m: Migrator, name: str) -> str | None:
-    """The container's state on that engine, or None if it has none by that name."""
-    for c in m.list():
-        if name in (c.name, c.id):
-            return c.state.lower() or "unknown"
-    return None
-
-
 # States an engine reports while an operation is under way (runc's for a checkpoint or
 # restore in progress, podman's and docker's transitions): not a state to decide on.
 TRANSIENT_STATES = frozenset({"checkpointing", "restoring", "stopping", "removing"})
 SETTLE_TIMEOUT = 900.0  # as long as an engine call may take
+
+
+def _state(m: Migrator, name: str) -> str | None:
+    """The container's state on that engine (or the operation a live ctrmig is doing on
+    it there), or None if it has none by that name."""
+    for c in listing(m):
+        if name in (c.name, c.id):
+            return c.state.lower() or "unknown"
+    return None
 
 
 def _settled_state(m: Migrator, name: str) -> str | None:
@@ -314,25 +344,59 @@ def _resume_when_ready(m: Migrator, container: str) -> None:
     retrying(m.resume, container)
 
 
+# How long recover() watches for a target that may still be importing an archive it
+# received whole before ctrmig died (podman's API service goes on alone): podman imports
+# 1 GiB in about 10 s here.
+COMMIT_GRACE = float(os.environ.get("CTRMIG_RECOVER_GRACE", "60"))
+
+
+def _wait_for_helpers(helpers: list[dict[str, Any]], container: str) -> None:
+    """Wait (bounded) for the ssh sessions a killed ctrmig left carrying a restore."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while any(_running(h) for h in helpers) and time.monotonic() < deadline:
+        log.info("%s: an ssh session (pid %s) still carries its restore; waiting for it",
+                 container, ", ".join(str(h["pid"]) for h in helpers if _running(h)))
+        time.sleep(0.5)
+
+
+def _appearing_state(m: Migrator, name: str, grace: float) -> str | None:
+    """The target's settled state, watching up to ``grace`` seconds for it to appear."""
+    deadline = time.monotonic() + grace
+    log.info("%s: the target got the whole archive and may still be restoring it; "
+             "watching for it up to %.0f s", name, grace)
+    while (state := _settled_state(m, name)) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return state
+
+
 def recover(journal_dir: Path | None = None) -> list[str]:
     """Finish or roll back every migration whose ctrmig died; return what was done.
 
     A migration whose target container runs is finished (the source removed unless it was
     to be kept); otherwise any half-made target is removed and a stopped source resumed.
-    So the container ends up running exactly once.
+    So the container ends up running exactly once. Before deciding, recover() waits for
+    whatever may still change the answer: a checkpoint or restore under way on either
+    side, an ssh session still carrying the archive, a target engine still importing an
+    archive it received whole.
     """
     done: list[str] = []
     for path in sorted((journal_dir or JOURNAL_DIR).glob("*.json")):
         data = json.loads(path.read_text())
-        pid = int(data.get("pid", 0))
-        if pid != os.getpid() and proc.alive(pid):
+        if data.get("pid") != os.getpid() and _running(data):
             done.append(f"{data['container']}: still being migrated by pid {data['pid']}")
             continue
         container, target_name = data["container"], data["name"]
         src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
+        committed = data.get("phase") == "committed"
+        helpers = data.get("helpers") or []
+        _wait_for_helpers(helpers, container)
         # The source first: a checkpoint still running there decides what the target gets.
         source_state = _settled_state(src, container)
         target_state = _settled_state(dst, target_name)
+        if target_state is None and committed and not helpers:
+            # An API engine (podman) that got every byte goes on alone; over ssh, the
+            # session ended above and the remote lock showed no restore: nothing can come.
+            target_state = _appearing_state(dst, target_name, COMMIT_GRACE)
         if target_state != "running":
             source_state = _settled_state(src, container)
         if target_state == "running":
@@ -349,4 +413,3 @@ def recover(journal_dir: Path | None = None) -> list[str]:
             done.append(f"{container}: rolled back; it runs on {data['from']}")
         path.unlink()
     return done
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -63,6 +64,12 @@ class RestoreOptions:
     lazy_pages: bool = False
     allow_privileged: bool = False
     publish_ports: tuple[str, ...] = field(default_factory=tuple)
+    #: Called right before the target can finish the restore without the caller (the
+    #: archive's last bytes leave for an engine that restores on its own, or the engine's
+    #: final call is made), with the PIDs of local helper processes that may still carry
+    #: it on (an ssh session). :func:`ctrmig.migrate` journals it for :func:`ctrmig.recover`.
+    on_commit: Callable[[Sequence[int]], None] | None = field(
+        default=None, compare=False, repr=False)
 
     def set_options(self) -> set[str]:
         """Names of the options switched on (publish_ports counts when given)."""
@@ -70,6 +77,11 @@ class RestoreOptions:
         if self.publish_ports:
             names.add("publish_ports")
         return names
+
+    def commit(self, helpers: Sequence[int] = ()) -> None:
+        """Report the point of no return to ``on_commit``, if anyone asked."""
+        if self.on_commit is not None:
+            self.on_commit(list(helpers))
 
 
 def _switched_on(options: Any) -> set[str]:

@@ -20,7 +20,7 @@ import pytest
 from podman import PodmanClient
 
 import ctrmig
-from ctrmig.engines import base
+from ctrmig import locks
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.errors import BusyError
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
@@ -51,7 +51,7 @@ def podman_names(podman_socket: Path) -> Iterator[list[str]]:
             c.remove(force=True)
     client.close()
     for name in names:
-        (base.LOCK_DIR / f"podman-{name}.lock").unlink(missing_ok=True)
+        locks.lock_path("podman", name, f"unix://{podman_socket}").unlink(missing_ok=True)
 
 
 def test_parallel_podman_cycles(podman_socket: Path, test_image: str, tmp_path: Path,
@@ -96,7 +96,7 @@ def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
     yield m
     for c in m.list():
         m.remove(c.name)
-        (base.LOCK_DIR / f"runc-{c.name}.lock").unlink(missing_ok=True)
+        locks.lock_path("runc", c.name, m.lock_scope).unlink(missing_ok=True)
     left = [e["id"] for e in m._runc_list()]
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if line.split()[4].startswith(str(m.state_dir))]
@@ -152,10 +152,10 @@ def test_same_container_twice_at_once(runc_state: RuncMigrator, test_image: str,
     m = runc_state
     name = m.run(test_image, name=unique("ctrmig-busy"), command=MEMORY_CMD)
     before = _counting(lambda: m.logs(name))
-    lock = base.LOCK_DIR / f"runc-{name}.lock"
+    lock = locks.lock_path("runc", name, m.lock_scope)
     first_archive = tmp_path / "first.tar"
     env = {**os.environ, "CTRMIG_RUNC_STATE_DIR": str(m.state_dir),
-           "CTRMIG_LOCK_DIR": str(base.LOCK_DIR)}
+           "CTRMIG_LOCK_DIR": str(locks.lock_dir())}
     first = subprocess.Popen([CTRMIG, "checkpoint", name, "-o", str(first_archive),
                               "--engine", "runc"], env=env, stderr=subprocess.PIPE)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import docker
 import pytest
 
 import ctrmig
-from ctrmig.engines import base
+from ctrmig import locks
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, mounts, proc, services
@@ -185,8 +186,9 @@ class Pair:
             for c in m.list():
                 if any(c.name.startswith(n) for n in self.names):
                     m.remove(c.name)
-        for name in self.names:  # the per-container lock files ctrmig made
-            (base.LOCK_DIR / f"{self.engine}-{name}.lock").unlink(missing_ok=True)
+        for name in self.names:  # the lock files a killed ctrmig left (any scope)
+            for path in locks.lock_dir().glob(f"{self.engine}-*{name}.lock"):
+                path.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -572,3 +574,122 @@ def test_killed_then_recover(pair: Pair, phase: str) -> None:
         assert name in out, out
     assert pair.journals() == []
     pair.assert_exactly_once(name, before)
+
+
+def _journal_phase(pair: Pair) -> str:
+    for path in pair.journals():
+        with contextlib.suppress(OSError, ValueError):
+            return str(json.loads(path.read_text()).get("phase", ""))
+    return ""
+
+
+SLOW_REMOTE = """#!/bin/sh
+# host B's ctrmig, except that a restore first takes in the whole archive, says so, and
+# waits before it starts: the moment after the last byte left host A.
+if [ "$1" = restore ]; then
+    cat > {spool}
+    touch {arrived}
+    sleep 4
+    exec {command} "$@" < {spool}
+fi
+exec {command} "$@"
+"""
+
+
+@pytest.mark.parametrize("pair", LINKED, indirect=True)
+def test_killed_after_the_archive_arrived(pair: Pair, tmp_path: Path) -> None:
+    """SIGKILL of ``ctrmig migrate`` once the target holds the whole archive but has not
+    made the container yet; then ``ctrmig recover``. The target goes on alone (host B's
+    podman service, or ctrmig on host B behind the ssh session the killed ctrmig left),
+    so recover must wait for it and finish, not resume the source beside it."""
+    name, before = pair.start(big_cmd(32))
+    env: dict[str, str] = {}
+    arrived = tmp_path / "arrived"
+    if pair.engine == "runc":
+        script = tmp_path / "slow-ctrmig"
+        script.write_text(SLOW_REMOTE.format(spool=tmp_path / "spool.tar", arrived=arrived,
+                                             command=pair.env["CTRMIG_REMOTE_COMMAND"]))
+        script.chmod(0o755)
+        env["CTRMIG_REMOTE_COMMAND"] = str(script)
+    # podman: host B's API service (the one on the veth), paused once the upload is out, so
+    # that recover asks it while it has yet to import what it got.
+    service = pair.hosts.b.started[1].pid() if pair.engine == "podman" else None
+    child = pair.spawn(pair.migrate_argv(name), **env)
+    recovering = None
+    try:
+        if service is None:
+            reached = wait_until(child, arrived.exists, "the whole archive on host B")
+        else:
+            reached = wait_until(child, lambda: _journal_phase(pair) == "committed",
+                                 "the upload's last piece")
+            os.kill(service, signal.SIGSTOP)
+            time.sleep(0.3)  # the last piece leaves, into the paused service's socket
+        assert reached, "the migration ended before the archive arrived"
+        child.kill()
+        code, _ = wait_exit(child)
+        assert code == -signal.SIGKILL
+        assert _journal_phase(pair) == "committed"
+        recovering = pair.spawn([*pair.netns, CTRMIG, "recover"], **env)
+        if service is not None:
+            time.sleep(2)  # recover is waiting for host B's answer
+    finally:
+        if service is not None:
+            os.kill(service, signal.SIGCONT)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert recovering is not None
+    stdout, stderr = recovering.communicate(timeout=300)
+    res_code, out = recovering.returncode, (stdout + stderr).decode(errors="replace")
+    print(f"\n{pair.engine}: {out.strip()}")
+    assert res_code == 0, out
+    assert f"{name}: finished" in out, out
+    assert pair.journals() == []
+    assert pair.assert_exactly_once(name, before) == "B"
+
+
+SLOW_RUNC = """#!/bin/sh
+# runc, except that a restore says so and waits first: ctrmig on host B holds the whole
+# archive and its lock, and the container is not made yet.
+for arg in "$@"; do
+    if [ "$arg" = restore ]; then touch {arrived}; sleep 4; break; fi
+done
+exec {runc} "$@"
+"""
+
+
+@pytest.mark.parametrize("pair", ["runc"], indirect=True)
+def test_killed_with_its_ssh_while_the_target_restores(pair: Pair, tmp_path: Path) -> None:
+    """``ctrmig migrate`` and its ssh session are both killed (as systemd stops a unit's
+    cgroup) while ctrmig on host B restores: nothing local is left to wait for, so recover
+    must see the restore through host B's lock (``ctrmig ls`` says "restoring")."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    arrived = tmp_path / "arrived"
+    (shims / "runc").write_text(SLOW_RUNC.format(arrived=arrived, runc=shutil.which("runc")))
+    (shims / "runc").chmod(0o755)
+    remote = pair.env["CTRMIG_REMOTE_COMMAND"].replace(
+        "env ", f"env PATH={shims}:{os.environ['PATH']} ", 1)
+    name, before = pair.start()
+    child = subprocess.Popen(pair.migrate_argv(name), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True,
+                             env=pair.full_env(CTRMIG_REMOTE_COMMAND=remote))
+    try:
+        assert wait_until(child, arrived.exists, "runc restore on host B")
+        journal = json.loads(pair.journals()[0].read_text())
+        assert journal["phase"] == "committed"
+        for helper in journal["helpers"]:  # the ssh session, in a session of its own
+            os.kill(helper["pid"], signal.SIGKILL)
+        child.kill()
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    res = pair.recover()
+    out = res.stdout.decode() + res.stderr.decode()
+    print(f"\nrunc: {out.strip()}")
+    assert res.returncode == 0, out
+    assert f"{name}: finished" in out, out
+    assert pair.journals() == []
+    assert pair.assert_exactly_once(name, before) == "B"

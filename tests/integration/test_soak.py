@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from bench import workload
 
-from ctrmig.engines import base
+from ctrmig import locks
 from ctrmig.engines.runc import RuncMigrator
 from tests.conftest import need, unique, wait_for
 
@@ -58,7 +58,7 @@ def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
     yield m
     for c in m.list():
         m.remove(c.name)
-        (base.LOCK_DIR / f"runc-{c.name}.lock").unlink(missing_ok=True)
+        locks.lock_path("runc", c.name, m.lock_scope).unlink(missing_ok=True)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ hook that refuses it before any engine call."""
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import json
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from ctrmig import locks
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, atomic_output
 from ctrmig.archive.criu_images import MAX_CORE_IMAGE_BYTES
 from ctrmig.archive.manifest import FileEntry
@@ -28,7 +28,6 @@ from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import ArchiveError, CriuImageError, OptionError, PrivilegeError
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
-base = importlib.import_module("ctrmig.engines.base")  # ctrmig.engines is also a function
 SPECS = Path(__file__).resolve().parents[1] / "data" / "specs"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -433,7 +432,7 @@ def test_restore_refuses_privileged_archive_before_the_engine(
     tmp_path: Path, cls: type[FakeMigrator], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(base, "LOCK_DIR", tmp_path / "locks")
+    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
     arc = tmp_path / "p.tar.zst"
     write(arc, "podman", "podman-privileged", "zstd")
     m = cls()
@@ -453,7 +452,7 @@ def test_allow_privileged_is_honoured_by_every_engine(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The base handles allow_privileged, so an adapter need not list it; others still
     refuse what they do not list."""
-    monkeypatch.setattr(base, "LOCK_DIR", tmp_path / "locks")
+    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
     write(tmp_path / "d.tar", "podman", "podman-default")
     assert FileFake().restore(tmp_path / "d.tar", allow_privileged=True) == "restored"
     with pytest.raises(OptionError, match="tcp_established"):

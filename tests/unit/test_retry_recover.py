@@ -4,11 +4,15 @@ migrate()'s choice of error when both sides failed (pure logic, fake migrators).
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import tenacity
 
 from ctrmig.errors import ArchiveCorruptError, BusyError, CheckpointError, RestoreError
+from ctrmig.protocol import ContainerInfo
 
 mig = importlib.import_module("ctrmig.migrate")  # the module: ctrmig.migrate is a function
 
@@ -57,3 +61,99 @@ def test_the_side_that_failed_first_is_reported() -> None:
     assert not mig._source_failed_first(wrapped, RestoreError("name in use"))
     # Ctrl-C is what happened, whatever the source said after it.
     assert not mig._source_failed_first(BusyError("busy"), KeyboardInterrupt())
+
+
+# --- recover() after the point of no return ----------------------------------------------
+
+
+class Host:
+    """A fake engine whose containers' states change on a schedule of list() calls."""
+
+    def __init__(self, engine: str, states: dict[str, list[str | None]]):
+        self.engine = engine
+        self.states = states
+        self.removed: list[str] = []
+        self.resumed: list[str] = []
+
+    def list(self) -> list[ContainerInfo]:
+        rows = []
+        for name, schedule in self.states.items():
+            state = schedule.pop(0) if len(schedule) > 1 else schedule[0]
+            if state is not None:
+                rows.append(ContainerInfo(self.engine, name, name, "img", state))
+        return rows
+
+    def remove(self, container: str) -> None:
+        self.removed.append(container)
+
+    def resume(self, container: str) -> None:
+        self.resumed.append(container)
+
+
+def _journal(tmp_path: Path, **data: object) -> Path:
+    path = tmp_path / "web-1234.json"
+    path.write_text(json.dumps({"container": "web", "name": "web", "from": "src", "to": "dst",
+                                "keep_source": False, "pid": 999999999, "start": 1,
+                                "phase": "migrating", **data}))
+    return tmp_path
+
+
+def _hosts(monkeypatch: pytest.MonkeyPatch, source: Host, target: Host) -> None:
+    monkeypatch.setattr(mig.endpoints, "connect",
+                        lambda spec: {"src": source, "dst": target}[spec])
+    monkeypatch.setattr(mig.time, "sleep", lambda s: None)
+
+
+def test_a_committed_target_that_appears_late_is_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman got the whole upload: recover watches for the container instead of resuming
+    the source beside it."""
+    source = Host("podman", {"web": ["exited"]})
+    target = Host("podman", {"web": [None, None, None, "running"]})
+    _hosts(monkeypatch, source, target)
+    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    assert done == ["web: finished; it runs on dst as web"]
+    assert source.removed == ["web"] and source.resumed == [] and target.removed == []
+
+
+def test_a_committed_target_that_never_appears_is_rolled_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = Host("podman", {"web": ["exited"]})
+    target = Host("podman", {"web": [None]})
+    _hosts(monkeypatch, source, target)
+    monkeypatch.setattr(mig, "COMMIT_GRACE", 0.0)
+    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    assert done == ["web: rolled back; it runs on src"]
+    assert source.resumed == ["web"]
+
+
+def test_before_the_commit_an_absent_target_is_not_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = Host("podman", {"web": ["exited"]})
+    target = Host("podman", {"web": [None, "running"]})  # would come, were it committed
+    _hosts(monkeypatch, source, target)
+    done = mig.recover(_journal(tmp_path, phase="migrating"))
+    assert done == ["web: rolled back; it runs on src"]
+
+
+def test_an_ssh_session_still_carrying_the_restore_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The killed ctrmig's ssh lives until ctrmig on the target host has restored."""
+    ssh = subprocess.Popen(["sleep", "0.5"])
+    source = Host("runc", {"web": ["stopped"]})
+    target = Host("runc", {"web": [None]})
+    _hosts(monkeypatch, source, target)
+
+    def ssh_alive(pid: int) -> bool:
+        if ssh.poll() is None:
+            return True
+        target.states["web"] = ["running"]  # what the remote ctrmig made meanwhile
+        return False
+
+    monkeypatch.setattr(mig.proc, "alive", ssh_alive)
+    monkeypatch.setattr(mig.proc, "start_time", lambda pid: 42)
+    journal = _journal(tmp_path, phase="committed", helpers=[{"pid": ssh.pid, "start": 42}])
+    done = mig.recover(journal)
+    ssh.wait()
+    assert done == ["web: finished; it runs on dst as web"]
+    assert source.removed == ["web"] and source.resumed == []

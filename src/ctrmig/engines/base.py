@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
-import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -36,7 +34,6 @@ from ctrmig.archive import (
 from ctrmig.archive.reader import copy_member
 from ctrmig.archive.writer import CHUNK, Progress
 from ctrmig.errors import (
-    BusyError,
     CheckpointError,
     EngineMismatchError,
     ImageNotFoundError,
@@ -44,6 +41,7 @@ from ctrmig.errors import (
     OptionError,
 )
 from ctrmig.host import criu
+from ctrmig.locks import container_lock, operations
 from ctrmig.protocol import (
     ArchivePath,
     ArchiveSource,
@@ -57,48 +55,6 @@ from ctrmig.protocol import (
 log = logging.getLogger(__name__)
 
 IMAGE_DIR = "image"  # archive folder of a carried image (self-contained archives)
-LOCK_DIR = Path(os.environ.get("CTRMIG_LOCK_DIR", "/run/ctrmig/locks"))
-
-
-@contextlib.contextmanager
-def container_lock(engine: str, container: str) -> Iterator[None]:
-    """Hold an exclusive lock on one container; BusyError if another ctrmig holds it.
-
-    The lock file is removed on release. Whoever locks a file that was removed meanwhile
-    (its inode is no longer the one at the path) retries, so two holders never overlap.
-    """
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", container)[:200]
-    try:
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        lock_dir = LOCK_DIR
-    except OSError:
-        lock_dir = Path(tempfile.gettempdir()) / "ctrmig-locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_dir / f"{engine}-{safe}.lock"
-    while True:
-        f = open(path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise BusyError(
-                f"{engine} container {container!r} is busy: another ctrmig operation holds it",
-                hint="wait for it to finish, then try again",
-            ) from None
-        try:
-            current = os.stat(path).st_ino
-        except FileNotFoundError:
-            current = -1
-        if current == os.fstat(f.fileno()).st_ino:
-            break
-        f.close()  # we locked a file its previous holder had already removed
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        f.close()
-
-
 class BaseMigrator(ABC):
     """Shared implementation of the Migrator protocol; adapters fill in the hooks."""
 
@@ -108,6 +64,10 @@ class BaseMigrator(ABC):
     #: Boolean/list options (beyond leave_running) this engine honours.
     checkpoint_options: ClassVar[frozenset[str]] = frozenset()
     restore_options: ClassVar[frozenset[str]] = frozenset()
+    #: True: ``_restore`` calls ``opts.commit()`` itself, right before the engine can
+    #: finish without ctrmig (podman: before the upload's last bytes). False: the base
+    #: commits just before ``_restore``.
+    commits_in_restore: ClassVar[bool] = False
 
     def __init__(self, *, workdir: str | os.PathLike[str] | None = None, timeout: float = 900.0):
         self.workdir = Path(workdir) if workdir is not None else None
@@ -135,7 +95,7 @@ class BaseMigrator(ABC):
                                  self.checkpoint_options, "checkpoint")
         if opts.include_image and type(self)._export_image is BaseMigrator._export_image:
             raise OptionError(f"the {self.engine} engine cannot carry images in archives")
-        with container_lock(self.engine, container):
+        with self._lock(container, "checkpointing"):
             record = self._describe(container)
             if isinstance(archive, (str, os.PathLike)):
                 path = as_path(archive)
@@ -160,6 +120,10 @@ class BaseMigrator(ABC):
                                  self.restore_options, "restore")
         # Verify (or extract) first: a bad archive is refused before any engine call.
         with contextlib.ExitStack() as stack:
+            if opts.name is not None:
+                # Locked from the start: while the archive still arrives, `ctrmig ls` (and so
+                # a `ctrmig recover` elsewhere) sees the container as being restored.
+                stack.enter_context(self._lock(opts.name, "restoring"))
             if self.needs_extracted:
                 root, manifest = stack.enter_context(
                     extracted(self._source(archive), workdir=self.workdir, progress=progress)
@@ -169,12 +133,27 @@ class BaseMigrator(ABC):
                 manifest = verify(root, progress=progress)
             self._check_archive(manifest, root, opts)
             self._ensure_image(manifest, root)
-            target = opts.name or manifest.container.name
-            stack.enter_context(container_lock(self.engine, target))
-            if opts.name is not None:
+            if opts.name is None:
+                stack.enter_context(self._lock(manifest.container.name, "restoring"))
+            else:
                 self._check_name_free(opts.name)
+            if not self.commits_in_restore:
+                opts.commit()
             return self._restore(root, manifest, opts)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def lock_scope(self) -> str:
+        """Which instance of the engine this is (an API address, a state dir): two podman
+        hosts may both hold a container ``web``, and each gets its own lock."""
+        return ""
+
+    def operations(self) -> dict[str, str]:
+        """Containers a live ctrmig is checkpointing or restoring here: name -> operation."""
+        return operations(self.engine, self.lock_scope)
+
+    def _lock(self, container: str, operation: str) -> contextlib.AbstractContextManager[None]:
+        return container_lock(self.engine, container, self.lock_scope, operation)
 
     def criu_version(self) -> str:
         """The CRIU version the engine uses (the local one unless overridden)."""
@@ -361,3 +340,13 @@ class BaseMigrator(ABC):
         finally:
             os.unlink(name)
 
+
+
+def listing(m: Any) -> list[ContainerInfo]:
+    """``m.list()``, with the state of each container a live ctrmig is checkpointing or
+    restoring here replaced by that operation (and a row for one still arriving)."""
+    rows = m.list()
+    busy = m.operations() if isinstance(m, BaseMigrator) else {}
+    shown = [dataclasses.replace(r, state=busy.pop(r.name, r.state)) for r in rows]
+    shown += [ContainerInfo(m.engine, name, "", "", op) for name, op in sorted(busy.items())]
+    return shown

@@ -303,6 +303,11 @@ class DockerMigrator(BaseMigrator):
 
     # --- plain container calls -------------------------------------------------------------
 
+    @property
+    def lock_scope(self) -> str:
+        """This instance of docker: the API address."""
+        return self.base_url
+
     def version(self) -> str:
         with self._errors("version"):
             return str(self.api.version()["Version"])

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, ClassVar
 
 from ctrmig.archive import Archive, ArchiveWriter, ContainerRecord, Manifest
-from ctrmig.engines.base import BaseMigrator, container_lock
+from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import (
     ArchiveError,
     CheckpointError,
@@ -596,7 +596,7 @@ class ProcessMigrator(BaseMigrator):
         if not (kept / IMAGES_DIR / "inventory.img").is_file():
             raise CheckpointError(f"no checkpoint of PID {pid} is kept here",
                                   hint="restore it from its archive instead")
-        with container_lock(self.engine, str(pid)):
+        with self._lock(str(pid), "restoring"):
             config = self._config(kept)
             self._check_config(config)
             self._criu_restore(kept, config, tcp_established=False)

@@ -19,7 +19,7 @@ import os
 import shlex
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -137,7 +137,13 @@ class RemoteMigrator:
         progress: Progress | None = None,
         **options: Any,
     ) -> str:
-        """Stream the archive to ctrmig on the remote host, which verifies and restores it."""
+        """Stream the archive to ctrmig on the remote host, which verifies and restores it.
+
+        ``on_commit`` (see :class:`~ctrmig.protocol.RestoreOptions`) is told the ssh
+        client's PID before the archive's last bytes go: from then on the remote ctrmig may
+        finish the restore even if this process dies, and that ssh lives until it has.
+        """
+        on_commit = options.pop("on_commit", None)
         args = ["restore", "-", "--json"]
         if name:
             args += ["--name", name]
@@ -146,9 +152,11 @@ class RemoteMigrator:
             args += ["--publish", port]
         if isinstance(archive, (str, os.PathLike)):
             with open(archive, "rb") as f:
-                out = self._stream(args, stdin=f, stdout=None, progress=progress)
+                out = self._stream(args, stdin=f, stdout=None, progress=progress,
+                                   before_last=on_commit)
         else:
-            out = self._stream(args, stdin=archive, stdout=None, progress=progress)
+            out = self._stream(args, stdin=archive, stdout=None, progress=progress,
+                               before_last=on_commit)
         try:
             return str(json.loads(out)["name"])
         except (ValueError, KeyError):
@@ -161,8 +169,10 @@ class RemoteMigrator:
     # --- streaming ---------------------------------------------------------------------------
 
     def _stream(self, args: builtins.list[str], *, stdin: BinaryIO | None, stdout: BinaryIO | None,
-                progress: Progress | None) -> str:
-        """Run a remote ctrmig with an archive flowing through stdin or stdout."""
+                progress: Progress | None,
+                before_last: Callable[[Sequence[int]], None] | None = None) -> str:
+        """Run a remote ctrmig with an archive flowing through stdin or stdout;
+        ``before_last`` gets the ssh PID before the last piece of stdin is written."""
         argv = self._argv(*args)
         child = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            stdin=subprocess.PIPE if stdin is not None else None)
@@ -176,10 +186,15 @@ class RemoteMigrator:
             if stdin is not None:
                 assert child.stdin is not None
                 try:
-                    while chunk := stdin.read(CHUNK):
+                    chunk = stdin.read(CHUNK)
+                    while chunk:
+                        following = stdin.read(CHUNK)
+                        if not following and before_last is not None:
+                            before_last([child.pid])
                         child.stdin.write(chunk)
                         if progress:
                             progress(len(chunk))
+                        chunk = following
                 except BrokenPipeError:
                     pass  # the remote side stopped reading: its error explains why
                 child.stdin.close()

@@ -131,6 +131,11 @@ class RuncMigrator(BaseMigrator):
 
     # --- public API ----------------------------------------------------------------------
 
+    @property
+    def lock_scope(self) -> str:
+        """This instance of runc: the state dir."""
+        return str(self.state_dir)
+
     def version(self) -> str:
         text = proc.output(["runc", "--version"], timeout=TOOL_TIMEOUT)
         return text.splitlines()[0] if text else ""

@@ -207,6 +207,16 @@ def stop_pid(pid: int, *, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot): with the PID, it names one
+    process, not whichever process reuses the number later. None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie does not; a child of ours is reaped)."""
     if pid <= 0:
@@ -226,6 +236,6 @@ def alive(pid: int) -> bool:
         pass  # exists, owned by someone else
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
     except OSError:
         return False
