@@ -554,10 +554,13 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
 @click.option("--include-image/--no-include-image", default=True, show_default=True,
               help="Carry the image in the archive, for a target that lacks it.")
 @click.option("--tcp-established", is_flag=True, help="Move established TCP connections.")
+@click.option("--allow-privileged", is_flag=True,
+              help="Let the target restore what asks for more than a default container "
+                   "(needed for plain processes, which run on the host).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, name: str | None, keep_source: bool,
             compression: str, include_image: bool, tcp_established: bool,
-            as_json: bool) -> None:
+            allow_privileged: bool, as_json: bool) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
@@ -571,7 +574,8 @@ def migrate(container: str, source: str, target: str, name: str | None, keep_sou
         container, source=source, target=target, name=name, keep_source=keep_source,
         compression=check_compression(compression),
         checkpoint_options={"include_image": include_image, "tcp_established": tcp_established},
-        restore_options={"tcp_established": tcp_established} if tcp_established else None,
+        restore_options={"tcp_established": tcp_established,
+                         "allow_privileged": allow_privileged},
     )
     if as_json:
         data = dataclasses.asdict(report)
