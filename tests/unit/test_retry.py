@@ -1,4 +1,4 @@
-"""The podman adapter's retry policy, against a fake HTTP layer (pure logic).
+"""The adapters' one retry policy (host/http.py), against fake HTTP layers (pure logic).
 
 Idempotent calls (GETs, DELETE) are retried on 5xx and dropped connections, a bounded
 number of times, each retry logged; 4xx, timeouts and checkpoint/restore POSTs are not.
@@ -17,13 +17,15 @@ import tenacity
 from podman.api.client import APIResponse
 from podman.errors import APIError
 
-from ctrmig.engines.podman import PodmanMigrator, is_transient
+from ctrmig.engines.docker import DockerMigrator
+from ctrmig.engines.podman import PodmanMigrator
 from ctrmig.errors import (
     CheckpointError,
     ContainerNotFoundError,
     EngineError,
     EngineUnavailableError,
 )
+from ctrmig.host.http import is_transient
 
 
 def response(status: int, body: Any = None) -> APIResponse:
@@ -86,7 +88,7 @@ def test_5xx_then_success_is_retried_and_logged(
     fake: Callable[..., tuple[PodmanMigrator, FakeAPI]], caplog: pytest.LogCaptureFixture
 ) -> None:
     m, api = fake(response(503), response(500), response(200, {"Version": "4.3.1"}))
-    with caplog.at_level(logging.WARNING, logger="ctrmig.engines.podman"):
+    with caplog.at_level(logging.WARNING, logger="ctrmig.host.http"):
         assert m.version() == "4.3.1"
     assert len(api.calls) == 3
     retries = [r.getMessage() for r in caplog.records]
@@ -154,3 +156,86 @@ def test_a_timeout_is_not_transient() -> None:
         assert not is_transient(e)
     assert is_transient(reset())
     assert not is_transient(ValueError("a bug"))
+
+
+# --- docker: the same policy through docker-py ----------------------------------------------
+
+
+class FakeDockerClient:
+    """docker-py's APIClient, answering each call from a script (value or exception)."""
+
+    def __init__(self, *script: object):
+        self.script = list(script)
+        self.calls: list[str] = []
+
+    def _answer(self, call: str) -> Any:
+        self.calls.append(call)
+        item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def containers(self, all: bool = False) -> Any:
+        return self._answer("containers")
+
+    def remove_container(self, container: str, force: bool = False) -> Any:
+        return self._answer("remove")
+
+    def close(self) -> None:
+        pass
+
+
+def docker_error(status: int) -> BaseException:
+    import docker.errors
+
+    r = requests.Response()
+    r.status_code = status
+    return docker.errors.APIError("boom", response=r, explanation="daemon said no")
+
+
+@pytest.fixture
+def fake_docker(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[DockerMigrator,
+                                                                        FakeDockerClient]]:
+    def make(*script: object) -> tuple[DockerMigrator, FakeDockerClient]:
+        m = DockerMigrator(base_url="unix:///nonexistent/docker.sock")
+        client = FakeDockerClient(*script)
+        m._client = client  # type: ignore[assignment]
+        monkeypatch.setattr(DockerMigrator, "retry_wait", tenacity.wait_none())
+        return m, client
+
+    return make
+
+
+def test_docker_reset_and_5xx_are_retried_and_logged(
+    fake_docker: Callable[..., tuple[DockerMigrator, FakeDockerClient]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reset_error = requests.ConnectionError(ConnectionResetError(104, "Connection reset"))
+    m, client = fake_docker(reset_error, docker_error(502), [])
+    with caplog.at_level(logging.WARNING, logger="ctrmig.host.http"):
+        assert m.list() == []
+    assert client.calls == ["containers"] * 3
+    retries = [r.getMessage() for r in caplog.records]
+    assert len(retries) == 2 and "docker API: list containers failed" in retries[0]
+
+
+def test_docker_retries_are_bounded_and_4xx_is_not_retried(
+    fake_docker: Callable[..., tuple[DockerMigrator, FakeDockerClient]],
+) -> None:
+    m, client = fake_docker(docker_error(500))
+    with pytest.raises(EngineError, match="daemon said no"):
+        m.list()
+    assert len(client.calls) == DockerMigrator.retry_attempts == 4
+    m, client = fake_docker(docker_error(409))
+    with pytest.raises(EngineError):
+        m.list()
+    assert len(client.calls) == 1
+
+
+def test_docker_remove_retried_after_a_reset_finds_it_gone(
+    fake_docker: Callable[..., tuple[DockerMigrator, FakeDockerClient]],
+) -> None:
+    reset_error = requests.ConnectionError(ConnectionResetError(104, "Connection reset"))
+    m, client = fake_docker(reset_error, docker_error(404))
+    m.remove("c")
+    assert client.calls == ["remove", "remove"]

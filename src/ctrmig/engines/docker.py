@@ -25,9 +25,9 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import docker
 import requests
@@ -54,6 +54,7 @@ from ctrmig.host import http, proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_URL = "unix:///var/run/docker.sock"
 START_HINT = ("start dockerd (systemctl start docker, or scripts/setup-host), or point "
@@ -106,6 +107,10 @@ class DockerMigrator(BaseMigrator):
 
     #: Make every checkpoint upload to containerd unique (see _start_retrying).
     unique_uploads: bool = True
+    #: Tries of an idempotent call (a GET, a forced DELETE) that failed transiently (5xx,
+    #: dropped connection). Checkpoint, create and start are never retried blindly.
+    retry_attempts: ClassVar[int] = http.RETRY_ATTEMPTS
+    retry_wait: ClassVar[tenacity.wait.wait_base] = http.RETRY_WAIT
 
     def __init__(
         self,
@@ -164,9 +169,15 @@ class DockerMigrator(BaseMigrator):
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
-            with self._errors("info"):
-                self._info = dict(self.api.info())
+            self._info = dict(self._idempotent("info", lambda: self.api.info()))
         return self._info
+
+    def _idempotent(self, what: str, call: Callable[[], T], *,
+                    not_found: type[EngineError] = ContainerNotFoundError) -> T:
+        """Run an idempotent API call, retrying transient failures; translate the rest."""
+        with self._errors(what, not_found=not_found):
+            return http.idempotent("docker", what, call, attempts=self.retry_attempts,
+                                   wait=self.retry_wait)
 
     def _data_root(self) -> Path:
         root = Path(str(self.info().get("DockerRootDir") or "/var/lib/docker"))
@@ -188,8 +199,8 @@ class DockerMigrator(BaseMigrator):
         self._data_root()
 
     def _inspect(self, container: str) -> dict[str, Any]:
-        with self._errors(f"inspect {container}"):
-            return dict(self.api.inspect_container(container))
+        return dict(self._idempotent(f"inspect {container}",
+                                     lambda: self.api.inspect_container(container)))
 
     # --- raw Engine API: the calls docker-py lacks, with explicit timeouts -----------------
 
@@ -203,10 +214,9 @@ class DockerMigrator(BaseMigrator):
 
     def _checkpoint_names(self, cid: str) -> list[str]:
         api = self.api
-        with self._errors(f"list checkpoints of {cid[:12]}"):
-            rows = api._result(api._get(
-                api._url("/containers/{0}/checkpoints", cid), timeout=self.api_timeout,
-            ), json=True)
+        rows = self._idempotent(f"list checkpoints of {cid[:12]}", lambda: api._result(api._get(
+            api._url("/containers/{0}/checkpoints", cid), timeout=self.api_timeout,
+        ), json=True))
         return [str(row["Name"]) for row in rows or []]
 
     def _checkpoint_delete(self, cid: str, name: str) -> None:
@@ -229,10 +239,9 @@ class DockerMigrator(BaseMigrator):
     def _changes(self, cid: str) -> list[dict[str, Any]]:
         """GET /containers/{id}/changes (docker diff), which walks the whole layer."""
         api = self.api
-        with self._errors(f"diff of {cid[:12]}"):
-            changes = api._result(api._get(
-                api._url("/containers/{0}/changes", cid), timeout=self.timeout,
-            ), json=True)
+        changes = self._idempotent(f"diff of {cid[:12]}", lambda: api._result(api._get(
+            api._url("/containers/{0}/changes", cid), timeout=self.timeout,
+        ), json=True))
         return list(changes or [])
 
     def _get_archive(self, cid: str, path: str) -> requests.Response:
@@ -285,8 +294,8 @@ class DockerMigrator(BaseMigrator):
 
     def _has_image(self, ref: str) -> bool:
         try:
-            with self._errors(f"inspect image {ref}", not_found=ImageNotFoundError):
-                self.api.inspect_image(ref)
+            self._idempotent(f"inspect image {ref}", lambda: self.api.inspect_image(ref),
+                             not_found=ImageNotFoundError)
         except ImageNotFoundError:
             return False
         return True
@@ -309,12 +318,10 @@ class DockerMigrator(BaseMigrator):
         return self.base_url
 
     def version(self) -> str:
-        with self._errors("version"):
-            return str(self.api.version()["Version"])
+        return str(self._idempotent("version", lambda: self.api.version())["Version"])
 
     def list(self) -> list[ContainerInfo]:
-        with self._errors("list containers"):
-            rows = self.api.containers(all=True)
+        rows = self._idempotent("list containers", lambda: self.api.containers(all=True))
         return [
             ContainerInfo(
                 engine=self.engine,
@@ -334,12 +341,14 @@ class DockerMigrator(BaseMigrator):
         return True
 
     def remove(self, container: str) -> None:
-        with contextlib.suppress(ContainerNotFoundError), self._errors(f"remove {container}"):
-            self.api.remove_container(container, force=True)
+        # A retry after the first DELETE went through finds it gone: that is done too.
+        with contextlib.suppress(ContainerNotFoundError):
+            self._idempotent(f"remove {container}",
+                             lambda: self.api.remove_container(container, force=True))
 
     def logs(self, container: str) -> str:
-        with self._errors(f"logs of {container}"):
-            data: bytes = self.api.logs(container, stdout=True, stderr=True)
+        data: bytes = self._idempotent(
+            f"logs of {container}", lambda: self.api.logs(container, stdout=True, stderr=True))
         return data.decode(errors="replace")
 
     # --- checkpoint ------------------------------------------------------------------------

@@ -64,14 +64,13 @@ class PodmanMigrator(BaseMigrator):
     #: Tries of an idempotent call (GET, DELETE) that failed transiently (5xx, dropped
     #: connection), and the wait between them. Checkpoint and restore POSTs are never
     #: retried: a call that failed half-way may have stopped or created a container.
-    retry_attempts: ClassVar[int] = 4
+    retry_attempts: ClassVar[int] = http.RETRY_ATTEMPTS
     #: Seconds an upload (an archive to import, an image to load) may stall before the
     #: link counts as broken. The whole call may take ``timeout``: podman answers only
     #: once the restore is done. Without this, a link that dies without a reset held the
     #: migration (and the stopped source) for the full ``timeout``.
     send_timeout: ClassVar[float] = 60.0
-    retry_wait: ClassVar[tenacity.wait.wait_base] = tenacity.wait_exponential(
-        multiplier=0.25, max=2)
+    retry_wait: ClassVar[tenacity.wait.wait_base] = http.RETRY_WAIT
 
     def __init__(self, url: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -89,15 +88,9 @@ class PodmanMigrator(BaseMigrator):
     def _idempotent(self, what: str, call: Callable[[], T]) -> T:
         """Run ``call``, an idempotent API call (a GET or DELETE) that raises podman-py's
         errors, retrying transient failures a bounded number of times; translate the rest."""
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.retry_attempts),
-            wait=self.retry_wait,
-            retry=tenacity.retry_if_exception(is_transient),
-            before_sleep=lambda state: _log_retry(what, state),
-            reraise=True,
-        )
         with self._api(what):
-            return retrying(call)
+            return http.idempotent("podman", what, call, attempts=self.retry_attempts,
+                                   wait=self.retry_wait)
 
     def _get(self, path: str, what: str, **params: Any) -> Any:
         def call() -> Any:
@@ -311,26 +304,6 @@ def _chunks(body: BinaryIO, before_last: Callable[[], None]) -> Iterator[bytes]:
             before_last()
         yield chunk
         chunk = following
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a failed API call is worth another try: the daemon answered 5xx, or the
-    connection dropped (reset, refused while the service restarts). Not 4xx, not timeouts
-    (the daemon may still be doing it), not ctrmig's own errors."""
-    code = http.status_code(exc)
-    if code is not None:
-        return code >= 500
-    chain = [exc, exc.__cause__, exc.__context__]
-    if any(isinstance(e, requests.Timeout) for e in chain):
-        return False
-    return any(isinstance(e, (requests.ConnectionError, ConnectionError)) for e in chain)
-
-
-def _log_retry(what: str, state: tenacity.RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    wait = state.next_action.sleep if state.next_action else 0.0
-    log.warning("podman API: %s failed (%s: %s), try %d; retrying in %.2f s", what,
-                type(error).__name__, error, state.attempt_number, wait)
 
 
 def _demux_logs(data: bytes) -> str:

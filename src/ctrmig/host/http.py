@@ -12,16 +12,21 @@ errors; an adapter wraps every API call in :func:`api_errors` so that nothing fr
 - 409 about a name -> NameInUseError;
 - anything else the API refused -> the caller's ``error`` class (EngineError by default),
   the daemon's own message as ``stderr``.
+
+Idempotent calls (GETs, a forced DELETE) go through :func:`idempotent`, which retries
+transient failures (5xx, a dropped connection) a bounded number of times, each logged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
-from typing import Any
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import requests
+import tenacity
 
 from ctrmig.errors import (
     ContainerNotFoundError,
@@ -159,3 +164,46 @@ def api_errors(
             e, engine=engine, what=what, start_hint=start_hint, not_found=not_found,
             error=error,
         ) from e
+
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Tries of an idempotent call that failed transiently, and the wait between them.
+RETRY_ATTEMPTS = 4
+RETRY_WAIT: tenacity.wait.wait_base = tenacity.wait_exponential(multiplier=0.25, max=2)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed API call is worth another try: the daemon answered 5xx, or the
+    connection dropped (reset, refused while the service restarts). Not 4xx, not timeouts
+    (the daemon may still be doing it), not ctrmig's own errors."""
+    code = status_code(exc)
+    if code is not None:
+        return code >= 500
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(isinstance(e, requests.Timeout) for e in chain):
+        return False
+    return any(isinstance(e, (requests.ConnectionError, ConnectionError)) for e in chain)
+
+
+def idempotent(engine: str, what: str, call: Callable[[], T], *,
+               attempts: int = RETRY_ATTEMPTS,
+               wait: tenacity.wait.wait_base | None = None) -> T:
+    """Run ``call``, an idempotent API call, retrying transient failures (bounded,
+    logged); the last failure is raised as it came (wrap this in :func:`api_errors`).
+    Never use it for a call that may have half-happened (a checkpoint, a restore)."""
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        pause = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s API: %s failed (%s: %s), try %d; retrying in %.2f s", engine, what,
+                    type(error).__name__, error, state.attempt_number, pause)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=wait if wait is not None else RETRY_WAIT,
+        retry=tenacity.retry_if_exception(is_transient),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    return retrying(call)
