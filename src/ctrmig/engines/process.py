@@ -7,6 +7,10 @@ outside its memory: the executable (path and sha256), argv, cwd, the regular fil
 holds open or has mapped (path, size, sha256 when small enough), and how its stdio was
 connected.
 
+A process archive always needs ``allow_privileged`` (``--allow-privileged``) to restore:
+it runs on the host with the uid and capabilities its CRIU images record, outside any
+container (see :mod:`ctrmig.archive.privileges`).
+
 Restore checks those facts before CRIU runs: it refuses a changed executable, a missing
 file, a file whose size changed under a saved offset, and PIDs already taken (CRIU
 restores a plain process under its original PIDs). Stdio that pointed outside the tree
