@@ -570,13 +570,15 @@ def migrate(container: str, source: str, target: str, name: str | None, keep_sou
     """
     if compression == "auto":
         compression = "zstd" if "+ssh://" in target or "+ssh://" in source else "none"
-    report = ctrmig.migrate(
-        container, source=source, target=target, name=name, keep_source=keep_source,
-        compression=check_compression(compression),
-        checkpoint_options={"include_image": include_image, "tcp_established": tcp_established},
-        restore_options={"tcp_established": tcp_established,
-                         "allow_privileged": allow_privileged},
-    )
+    with _progress(f"migrate {container}") as progress:
+        report = ctrmig.migrate(
+            container, source=source, target=target, name=name, keep_source=keep_source,
+            compression=check_compression(compression), progress=progress,
+            checkpoint_options={"include_image": include_image,
+                                "tcp_established": tcp_established},
+            restore_options={"tcp_established": tcp_established,
+                             "allow_privileged": allow_privileged},
+        )
     if as_json:
         data = dataclasses.asdict(report)
         data.pop("manifest", None)
@@ -587,7 +589,14 @@ def migrate(container: str, source: str, target: str, name: str | None, keep_sou
 
 @cli.command()
 def recover() -> None:
-    """Finish or roll back migrations whose ctrmig was killed (reads their journals)."""
+    """Finish or roll back migrations whose ctrmig was killed.
+
+    Reads their journals ($CTRMIG_JOURNAL_DIR, default /var/lib/ctrmig/migrations). It
+    first waits for whatever may still change the outcome: a checkpoint or restore under
+    way on either side, an ssh session still carrying an archive, and, up to
+    $CTRMIG_RECOVER_GRACE seconds (60), a target that got the whole archive and may still
+    be importing it.
+    """
     done = ctrmig.recover()
     for line in done:
         _out().print(line)

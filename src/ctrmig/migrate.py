@@ -24,6 +24,7 @@ import tenacity
 
 from ctrmig import endpoints
 from ctrmig.archive import Compression, Manifest
+from ctrmig.archive.writer import Progress
 from ctrmig.engines.base import listing
 from ctrmig.errors import CtrmigError, NameInUseError
 from ctrmig.host import proc
@@ -127,6 +128,7 @@ def migrate(
     checkpoint_options: dict[str, Any] | None = None,
     restore_options: dict[str, Any] | None = None,
     journal_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> MigrationReport:
     """Checkpoint ``container`` on ``source`` and restore it on ``target``.
 
@@ -135,6 +137,7 @@ def migrate(
     :func:`recover` finish or roll back a migration whose ctrmig was killed.
     On success the source container is removed (or kept, stopped, with ``keep_source``).
     On failure the source container is resumed and the error re-raised.
+    ``progress`` is called with the size of each piece of the archive as it goes.
     """
     journal = None
     if isinstance(source, str) and isinstance(target, str):
@@ -157,7 +160,7 @@ def migrate(
                                                 restore_options.get("on_commit"))
     try:
         report = _migrate(container, src, dst, target_name, compression, keep_source,
-                          checkpoint_options, restore_options)
+                          checkpoint_options, restore_options, progress)
     except BaseException:
         if journal:
             journal.close()  # rolled back (or the source never stopped)
@@ -176,6 +179,7 @@ def _migrate(
     keep_source: bool,
     checkpoint_options: dict[str, Any] | None,
     restore_options: dict[str, Any] | None,
+    progress: Progress | None = None,
 ) -> MigrationReport:
     report = MigrationReport(container, source.engine, target.engine, compression=compression)
     read_fd, write_fd = os.pipe()
@@ -187,7 +191,7 @@ def _migrate(
         try:
             archive = source.checkpoint(
                 container, pipe_out,  # type: ignore[arg-type]
-                compression=compression, **(checkpoint_options or {}),
+                compression=compression, progress=progress, **(checkpoint_options or {}),
             )
             result["manifest"] = archive.manifest
         except BaseException as e:  # handed to the main thread

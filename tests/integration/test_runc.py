@@ -347,9 +347,12 @@ def test_migrate_between_state_dirs(
     _counting(m, name)
     target = RuncMigrator(state_dir=tmp_path / "target", workdir=tmp_path)
     try:
-        report = ctrmig.migrate(name, source=m, target=target, compression="zstd")
+        pieces: list[int] = []
+        report = ctrmig.migrate(name, source=m, target=target, compression="zstd",
+                                progress=pieces.append)
         assert report.target_name == name
         assert report.bytes_moved > 0
+        assert sum(pieces) > 0 and len(pieces) > 1  # the CLI's progress bar is fed
         assert not m.exists(name)  # the source is gone, its bundle too
         assert not (m.bundles_dir / name).exists()
         wait_for(lambda: target.logs(name), what="the migrated container's output")
