@@ -9,8 +9,9 @@ container on both hosts (exactly one) and checks that its counter still counts.
 
 podman: host A's podman over its unix socket -> host B's podman over TCP on the veth.
 runc: host A's runc -> ``runc+ssh://`` ctrmig on host B (sshd on B's veth address).
-docker: the session's dockerd -> a second private dockerd (own data root, no image),
-both over unix sockets: no link to break, so docker takes every failure but those.
+docker: the session's dockerd (its unix socket, reached from A's netns) -> ``docker+ssh://``
+ctrmig on host B, which restores into host B's own dockerd (no image to start with).
+Every engine takes every failure point (and runc one of its own: its ssh killed too).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import ctrmig
 from ctrmig import locks
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.engines.runc import RuncMigrator
-from ctrmig.host import images, mounts, proc, services
+from ctrmig.host import images, proc, services
 from ctrmig.protocol import Migrator
 from tests.conftest import COUNTER_CMD, last_count, need, unique, wait_for
 from tests.hosts import TwoHosts, wait_tcp
@@ -127,6 +128,7 @@ class Pair:
     target: Engine
     src_spec: str
     dst_spec: str
+    target_url: str  # the target engine's API address, as the test reaches it directly
     env: dict[str, str]
     run: Callable[[list[str]], str]
     journal: Path
@@ -192,27 +194,14 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def second_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A second private dockerd (experimental, no bridge) without the test image."""
+def b_dockerd(hosts: TwoHosts) -> Path:
+    """Host B's own dockerd (no image); stopped with the hosts."""
     need("dockerd")
-    run_dir = tmp_path_factory.mktemp("dockerd2")
-    tag = f"ctrmig-f-{os.getpid()}"
-    data_root = Path(f"/var/lib/ctrmig-test/{tag}")  # dockerd wants a real disk
-    sock = run_dir / "d.sock"
-    svc = services.dockerd_service(sock, data_root=data_root, exec_root=run_dir / "exec",
-                                   state_dir=run_dir, bridge="none")
-    svc.start()
-    try:
-        yield sock
-    finally:
-        svc.stop()
-        for path in (data_root, run_dir / "exec"):
-            mounts.unmount_under(path)
-            proc.run(["rm", "-rf", str(path)], timeout=120, check=False)
+    return hosts.b.start_dockerd()
 
 
 ALL_ENGINES = ["podman", "runc", "docker"]
-LINKED = ["podman", "runc"]  # the engines that migrate across the veth
+LINKED = ["podman", "runc", "docker"]  # the engines that migrate across the veth
 
 
 @pytest.fixture(params=ALL_ENGINES)
@@ -233,11 +222,12 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
             return name
 
         p = Pair(engine, hosts, in_a, source, target, f"podman+unix://{a.podman_socket}",
-                 f"podman+{b.podman_tcp}", {}, run, tmp_path / "journal")
+                 f"podman+{b.podman_tcp}", f"unix://{b.podman_socket}", {}, run,
+                 tmp_path / "journal")
     elif engine == "docker":
         request.applymarker(pytest.mark.docker)
         first: Path = request.getfixturevalue("dockerd_socket")
-        second: Path = request.getfixturevalue("second_dockerd")
+        second: Path = request.getfixturevalue("b_dockerd")
         source = ctrmig.migrator("docker", base_url=f"unix://{first}")
         target = ctrmig.migrator("docker", base_url=f"unix://{second}")
         client = docker.APIClient(base_url=f"unix://{first}", timeout=120)
@@ -248,8 +238,15 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
             client.start(client.create_container(images.TEST_IMAGE, cmd, name=name)["Id"])
             return name
 
-        p = Pair(engine, hosts, [], source, target, f"docker+unix://{first}",
-                 f"docker+unix://{second}", {}, run, tmp_path / "journal")
+        # ctrmig on host B (over ssh on the veth) restores into B's dockerd.
+        env = {
+            "CTRMIG_SSH_OPTIONS": " ".join([*hosts.ssh_options,  # type: ignore[attr-defined]
+                                            *SSH_KEEPALIVE]),
+            "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{second} {CTRMIG}",
+        }
+        p = Pair(engine, hosts, in_a, source, target, f"docker+unix://{first}",
+                 f"docker+ssh://root@{b.address}:{SSH_PORT}", f"unix://{second}", env, run,
+                 tmp_path / "journal")
     else:
         request.applymarker(pytest.mark.runc)
         src = RuncMigrator(state_dir=a.root / "runc")
@@ -265,7 +262,7 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
             "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
         }
         p = Pair(engine, hosts, in_a, src, dst, "runc",
-                 f"runc+ssh://root@{b.address}:{SSH_PORT}",
+                 f"runc+ssh://root@{b.address}:{SSH_PORT}", "",  # no API
                  env, run, tmp_path / "journal")
     try:
         yield p
@@ -410,7 +407,7 @@ def test_target_lacks_the_image(pair: Pair, tmp_path: Path) -> None:
         name, before = pair.start()
         missing = images.TEST_IMAGE
     elif pair.engine == "docker":
-        client = docker.APIClient(base_url=pair.dst_spec.removeprefix("docker+"), timeout=120)
+        client = docker.APIClient(base_url=pair.target_url, timeout=120)
         with contextlib.suppress(docker.errors.NotFound):
             client.remove_image(images.TEST_IMAGE, force=True)
         client.close()
@@ -443,7 +440,7 @@ def test_target_name_taken_at_the_last_moment(pair: Pair, tmp_path: Path) -> Non
     if pair.engine == "podman":
         pair.hosts.load_test_image(pair.hosts.b, tmp_path)
     elif pair.engine == "docker":
-        _docker_load_test_image(pair.dst_spec.removeprefix("docker+"), tmp_path)
+        _docker_load_test_image(pair.target_url, tmp_path)
     name, before = pair.start()
     child = pair.spawn(pair.migrate_argv(name))
     try:
@@ -455,7 +452,7 @@ def test_target_name_taken_at_the_last_moment(pair: Pair, tmp_path: Path) -> Non
                 pair.hosts.b.podman_cli("create", "--name", name, images.TEST_IMAGE,
                                         "sleep", "100000")
             elif pair.engine == "docker":
-                client = docker.APIClient(base_url=pair.dst_spec.removeprefix("docker+"))
+                client = docker.APIClient(base_url=pair.target_url)
                 client.create_container(images.TEST_IMAGE, ["sleep", "100000"], name=name)
                 client.close()
             else:
@@ -487,7 +484,7 @@ def _docker_load_test_image(url: str, tmp_path: Path) -> None:
 
 
 def _cases(*phases: str) -> list[tuple[str, str]]:
-    """(engine, phase) pairs; "transfer" needs the veth, which docker's pair lacks."""
+    """(engine, phase) pairs; "transfer" needs the veth (every engine crosses it now)."""
     return [(engine, phase) for engine in ALL_ENGINES for phase in phases
             if phase != "transfer" or engine in LINKED]
 
@@ -605,7 +602,7 @@ def test_killed_after_the_archive_arrived(pair: Pair, tmp_path: Path) -> None:
     name, before = pair.start(big_cmd(32))
     env: dict[str, str] = {}
     arrived = tmp_path / "arrived"
-    if pair.engine == "runc":
+    if pair.engine != "podman":  # runc and docker: ctrmig on host B over ssh
         script = tmp_path / "slow-ctrmig"
         script.write_text(SLOW_REMOTE.format(spool=tmp_path / "spool.tar", arrived=arrived,
                                              command=pair.env["CTRMIG_REMOTE_COMMAND"]))
