@@ -177,3 +177,16 @@ def test_too_little_disk_space_is_said_plainly(tmp_path: Path) -> None:
     everything_but_nothing = Limits(min_free_bytes=shutil.disk_usage(dest).free + (1 << 30))
     with pytest.raises(ArchiveError, match="not enough free space"):
         extract(arc, dest, limits=everything_but_nothing)
+
+
+def test_read_manifest_of_a_compressed_archive_does_not_hash(tmp_path: Path) -> None:
+    """``ctrmig restore`` without --engine reads the manifest first: for a compressed
+    archive that walks the headers only; verify() still catches what is wrong."""
+    import zstandard
+
+    plain = (Path(__file__).parents[1] / "data" / "hostile" / "checksum_mismatch.tar")
+    packed = tmp_path / "a.tar.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    assert read_manifest(packed).engine
+    with pytest.raises(ChecksumError):
+        verify(packed)
