@@ -105,6 +105,7 @@ class DockerMigrator(BaseMigrator):
         {"keep", "ignore_rootfs", "publish_ports"}
     )
 
+    commits_in_restore: ClassVar[bool] = True  # before the start from the checkpoint
     #: Make every checkpoint upload to containerd unique (see _start_retrying).
     unique_uploads: bool = True
     #: Tries of an idempotent call (a GET, a forced DELETE) that failed transiently (5xx,
@@ -574,6 +575,7 @@ class DockerMigrator(BaseMigrator):
             target.parent.mkdir(parents=True, exist_ok=True)
             # The extracted copy is ours and used once: move it (a rename on one filesystem).
             shutil.move(source / CHECKPOINT_DIR, target)
+            opts.commit()  # dockerd finishes a start it got, whatever happens to us
             self._start_retrying(cid, checkpoint, target)
         except BaseException:
             with contextlib.suppress(Exception):

@@ -101,6 +101,7 @@ class RuncMigrator(BaseMigrator):
     """Run, checkpoint and restore runc containers from local images."""
 
     engine: ClassVar[str] = "runc"
+    commits_in_restore: ClassVar[bool] = True  # right before `runc restore`
     checkpoint_options: ClassVar[frozenset[str]] = frozenset({"tcp_established", "file_locks"})
     restore_options: ClassVar[frozenset[str]] = frozenset(
         {"tcp_established", "file_locks", "lazy_pages"})
@@ -409,6 +410,7 @@ class RuncMigrator(BaseMigrator):
                 if opts.lazy_pages:
                     argv.append("--lazy-pages")
                     lazy = self._start_lazy_pages(images, work)
+                opts.commit()  # runc restore runs on in its own session if we die
                 self._start(name, bundle, [*argv, name], work=work, error=RestoreError,
                             what=f"runc restore {name}")
                 if lazy is not None:
