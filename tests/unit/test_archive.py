@@ -20,6 +20,7 @@ from ctrmig.archive import (
 )
 from ctrmig.errors import (
     ArchiveCorruptError,
+    ArchiveError,
     ChecksumError,
     ManifestError,
     UnsafeArchiveError,
@@ -190,3 +191,53 @@ def test_read_manifest_of_a_compressed_archive_does_not_hash(tmp_path: Path) -> 
     assert read_manifest(packed).engine
     with pytest.raises(ChecksumError):
         verify(packed)
+
+
+def _engine_tar(members: list[tuple[str, bytes | None]]) -> bytes:
+    """An engine's own export: (name, data) files, (name, None) directories."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_copy_tar_repacks_an_engine_export(tmp_path: Path) -> None:
+    """podman's export re-packed: directories, odd sizes, a long (pax) name, empty files."""
+    long_name = "checkpoint/" + "x" * 150 + ".img"
+    members: list[tuple[str, bytes | None]] = [
+        ("checkpoint", None), ("checkpoint/pages-1.img", bytes(range(256)) * 4099),
+        (long_name, b"long"), ("empty", b""), ("spec.dump", b'{"ociVersion": "1.0"}')]
+    arc = tmp_path / "a.tar"
+    with atomic_output(arc) as out:
+        w = ArchiveWriter(out, "zstd")
+        w.copy_tar(io.BytesIO(_engine_tar(members)))
+        w.finish(_manifest())
+    verify(arc)
+    with extracted(arc) as (root, _):
+        for name, data in members:
+            if data is not None:
+                assert (root / name).read_bytes() == data
+
+
+@pytest.mark.parametrize("cut", [700, 5000, 600000])
+def test_copy_tar_refuses_a_cut_off_export(cut: int) -> None:
+    data = _engine_tar([("checkpoint/pages-1.img", b"\x07" * 1_000_000)])[:cut]
+    with pytest.raises(ArchiveError, match=r"cut off|expected"):
+        ArchiveWriter(io.BytesIO(), "none").copy_tar(io.BytesIO(data))
+
+
+def test_copy_tar_refuses_links() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("checkpoint/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
+        tar.addfile(info)
+    with pytest.raises(ArchiveError, match="not a plain file"):
+        ArchiveWriter(io.BytesIO(), "none").copy_tar(io.BytesIO(buf.getvalue()))
