@@ -18,7 +18,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, cast
 
 from ctrmig.archive import (
     Archive,
@@ -129,8 +129,7 @@ class BaseMigrator(ABC):
                     extracted(self._source(archive), workdir=self.workdir, progress=progress)
                 )
             else:
-                root = stack.enter_context(self._spooled(archive))
-                manifest = verify(root, progress=progress)
+                root, manifest = stack.enter_context(self._spooled(archive, progress))
             self._check_archive(manifest, root, opts)
             self._ensure_image(manifest, root)
             if opts.name is None:
@@ -327,20 +326,43 @@ class BaseMigrator(ABC):
         return archive
 
     @contextlib.contextmanager
-    def _spooled(self, archive: ArchiveSource) -> Iterator[Path]:
-        """A path for the archive; a stream is first saved to a private temp file."""
+    def _spooled(self, archive: ArchiveSource,
+                 progress: Progress | None) -> Iterator[tuple[Path, Manifest]]:
+        """The archive as a verified file, and its manifest. A stream is verified as it
+        is saved to a private temp file: one pass, hashing while the archive arrives."""
         if isinstance(archive, (str, os.PathLike)):
-            yield as_path(archive)
+            yield as_path(archive), verify(as_path(archive), progress=progress)
             return
         fd, name = tempfile.mkstemp(prefix="ctrmig-spool-", suffix=".tar", dir=self.workdir)
         try:
             with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(archive, out, CHUNK)
-            yield Path(name)
+                manifest = verify(cast(BinaryIO, _Tee(archive, out)), progress=progress)
+                shutil.copyfileobj(archive, out, CHUNK)  # any zero padding after the end
+            yield Path(name), manifest
         finally:
             os.unlink(name)
 
 
+class _Tee:
+    """A read stream that also writes what it reads to ``copy``."""
+
+    def __init__(self, src: BinaryIO, copy: BinaryIO):
+        self.src, self.copy = src, copy
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        self.copy.write(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        if hasattr(self.src, "readinto"):
+            n = self.src.readinto(buf) or 0
+        else:
+            data = self.src.read(len(buf))
+            n = len(data)
+            buf[:n] = data
+        self.copy.write(memoryview(buf)[:n])
+        return n
 
 def listing(m: Any) -> list[ContainerInfo]:
     """``m.list()``, with the state of each container a live ctrmig is checkpointing or
