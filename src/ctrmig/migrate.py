@@ -22,11 +22,11 @@ from typing import Any, BinaryIO
 
 import tenacity
 
-from ctrmig import endpoints
+from ctrmig import endpoints, locks
 from ctrmig.archive import Compression, Manifest
 from ctrmig.archive.writer import Progress
 from ctrmig.engines.base import listing
-from ctrmig.errors import CtrmigError, NameInUseError
+from ctrmig.errors import BusyError, CtrmigError, NameInUseError
 from ctrmig.host import proc
 from ctrmig.protocol import Migrator
 
@@ -383,37 +383,50 @@ def recover(journal_dir: Path | None = None) -> list[str]:
     side, an ssh session still carrying the archive, a target engine still importing an
     archive it received whole.
     """
+    directory = journal_dir or JOURNAL_DIR
     done: list[str] = []
-    for path in sorted((journal_dir or JOURNAL_DIR).glob("*.json")):
-        data = json.loads(path.read_text())
-        if data.get("pid") != os.getpid() and _running(data):
-            done.append(f"{data['container']}: still being migrated by pid {data['pid']}")
-            continue
-        container, target_name = data["container"], data["name"]
-        src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
-        committed = data.get("phase") == "committed"
-        helpers = data.get("helpers") or []
-        _wait_for_helpers(helpers, container)
-        # The source first: a checkpoint still running there decides what the target gets.
-        source_state = _settled_state(src, container)
-        target_state = _settled_state(dst, target_name)
-        if target_state is None and committed and not helpers:
-            # An API engine (podman) that got every byte goes on alone; over ssh, the
-            # session ended above and the remote lock showed no restore: nothing can come.
-            target_state = _appearing_state(dst, target_name, COMMIT_GRACE)
-        if target_state != "running":
-            source_state = _settled_state(src, container)
-        if target_state == "running":
-            if source_state is not None and not data.get("keep_source"):
-                src.remove(container)
-            done.append(f"{container}: finished; it runs on {data['to']} as {target_name}")
-        elif source_state is None and target_state is None:
-            done.append(f"{container}: found on neither host; nothing to recover")
-        else:
-            if target_state is not None:
-                dst.remove(target_name)
-            if source_state not in (None, "running"):
-                _resume_when_ready(src, container)
-            done.append(f"{container}: rolled back; it runs on {data['from']}")
-        path.unlink()
+    for path in sorted(directory.glob("*.json")):
+        try:
+            # Two recovers at once must not both act on one migration.
+            with locks.container_lock("journal", path.stem, str(directory.absolute()),
+                                      "recovering"):
+                if path.exists():  # the other recover may have just finished it
+                    done.append(_recover_one(path))
+        except BusyError:
+            done.append(f"{path.stem}: being recovered by another ctrmig")
     return done
+
+
+def _recover_one(path: Path) -> str:
+    """Finish or roll back the migration the journal at ``path`` describes; say what."""
+    data = json.loads(path.read_text())
+    if data.get("pid") != os.getpid() and _running(data):
+        return f"{data['container']}: still being migrated by pid {data['pid']}"
+    container, target_name = data["container"], data["name"]
+    src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
+    committed = data.get("phase") == "committed"
+    helpers = data.get("helpers") or []
+    _wait_for_helpers(helpers, container)
+    # The source first: a checkpoint still running there decides what the target gets.
+    source_state = _settled_state(src, container)
+    target_state = _settled_state(dst, target_name)
+    if target_state is None and committed and not helpers:
+        # An API engine (podman) that got every byte goes on alone; over ssh, the
+        # session ended above and the remote lock showed no restore: nothing can come.
+        target_state = _appearing_state(dst, target_name, COMMIT_GRACE)
+    if target_state != "running":
+        source_state = _settled_state(src, container)
+    if target_state == "running":
+        if source_state is not None and not data.get("keep_source"):
+            src.remove(container)
+        said = f"{container}: finished; it runs on {data['to']} as {target_name}"
+    elif source_state is None and target_state is None:
+        said = f"{container}: found on neither host; nothing to recover"
+    else:
+        if target_state is not None:
+            dst.remove(target_name)
+        if source_state not in (None, "running"):
+            _resume_when_ready(src, container)
+        said = f"{container}: rolled back; it runs on {data['from']}"
+    path.unlink()
+    return said

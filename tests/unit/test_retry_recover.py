@@ -91,6 +91,7 @@ class Host:
 
 
 def _journal(tmp_path: Path, **data: object) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "web-1234.json"
     path.write_text(json.dumps({"container": "web", "name": "web", "from": "src", "to": "dst",
                                 "keep_source": False, "pid": 999999999, "start": 1,
@@ -157,3 +158,19 @@ def test_an_ssh_session_still_carrying_the_restore_is_waited_for(
     ssh.wait()
     assert done == ["web: finished; it runs on dst as web"]
     assert source.removed == ["web"] and source.resumed == []
+
+
+def test_two_recovers_never_act_on_one_migration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrmig import locks
+
+    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
+    source = Host("podman", {"web": ["exited"]})
+    target = Host("podman", {"web": [None]})
+    _hosts(monkeypatch, source, target)
+    journal = _journal(tmp_path / "journal")
+    with locks.container_lock("journal", "web-1234", str(journal.absolute()), "recovering"):
+        assert mig.recover(journal) == ["web-1234: being recovered by another ctrmig"]
+    assert source.resumed == [] and (journal / "web-1234.json").exists()
+    assert mig.recover(journal) == ["web: rolled back; it runs on src"]
+    assert source.resumed == ["web"]
