@@ -316,11 +316,14 @@ def _settled_state(m: Migrator, name: str) -> str | None:
     container that is about to stop, or keep one about to be stopped.
     """
     deadline = time.monotonic() + SETTLE_TIMEOUT
+    said = None
     while True:
         state = _state(m, name)
         if state not in TRANSIENT_STATES or time.monotonic() > deadline:
             return state
-        log.info("%s is %s on %s; waiting for that to end", name, state, m.engine)
+        if state != said:
+            log.info("%s is %s on %s; waiting for that to end", name, state, m.engine)
+            said = state
         time.sleep(0.5)
 
 
@@ -357,9 +360,11 @@ COMMIT_GRACE = float(os.environ.get("CTRMIG_RECOVER_GRACE", "60"))
 def _wait_for_helpers(helpers: list[dict[str, Any]], container: str) -> None:
     """Wait (bounded) for the ssh sessions a killed ctrmig left carrying a restore."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while any(_running(h) for h in helpers) and time.monotonic() < deadline:
+    live = [str(h["pid"]) for h in helpers if _running(h)]
+    if live:
         log.info("%s: an ssh session (pid %s) still carries its restore; waiting for it",
-                 container, ", ".join(str(h["pid"]) for h in helpers if _running(h)))
+                 container, ", ".join(live))
+    while any(_running(h) for h in helpers) and time.monotonic() < deadline:
         time.sleep(0.5)
 
 
