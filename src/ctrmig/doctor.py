@@ -18,6 +18,7 @@ from typing import Any, Literal
 import ctrmig
 from ctrmig.errors import CtrmigError
 from ctrmig.host import criu, proc, services
+from ctrmig.migrate import JOURNAL_DIR, still_running
 
 Status = Literal["pass", "fail", "unavailable"]
 ENGINES = ("podman", "docker", "runc")
@@ -166,6 +167,25 @@ def check_docker(url: str | None = None) -> list[Check]:
     return checks
 
 
+def check_migrations(journal_dir: Path | None = None) -> list[Check]:
+    """Migrations whose ctrmig died: their containers wait, stopped, for ``ctrmig recover``.
+    Listed for the operator; they make no engine unusable."""
+    directory = journal_dir or JOURNAL_DIR
+    waiting = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not still_running(data):
+            waiting.append(str(data.get("container", path.stem)))
+    if not waiting:
+        return [Check("unfinished migrations", "pass", "none")]
+    return [Check("unfinished migrations", "fail",
+                  f"{len(waiting)} left by a ctrmig that died: {', '.join(waiting[:5])}",
+                  "ctrmig recover")]
+
+
 def diagnose(
     engines: Iterable[str] = ENGINES,
     *,
@@ -174,7 +194,7 @@ def diagnose(
 ) -> Report:
     """Run the checks the given engines need (CRIU's always) and report."""
     asked = tuple(dict.fromkeys(engines))
-    steps: list[Callable[[], list[Check]]] = [check_criu]
+    steps: list[Callable[[], list[Check]]] = [check_criu, check_migrations]
     if "runc" in asked:
         steps.append(check_tools)
     if "podman" in asked:

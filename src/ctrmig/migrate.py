@@ -251,7 +251,8 @@ def _process(pid: int) -> dict[str, Any]:
     return {"pid": pid, "start": proc.start_time(pid)}
 
 
-def _running(process: dict[str, Any]) -> bool:
+def still_running(process: dict[str, Any]) -> bool:
+    """Whether the process a journal names (``pid`` and ``start``) still runs."""
     pid = int(process.get("pid", 0))
     return proc.alive(pid) and proc.start_time(pid) == process.get("start")
 
@@ -360,11 +361,11 @@ COMMIT_GRACE = float(os.environ.get("CTRMIG_RECOVER_GRACE", "60"))
 def _wait_for_helpers(helpers: list[dict[str, Any]], container: str) -> None:
     """Wait (bounded) for the ssh sessions a killed ctrmig left carrying a restore."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    live = [str(h["pid"]) for h in helpers if _running(h)]
+    live = [str(h["pid"]) for h in helpers if still_running(h)]
     if live:
         log.info("%s: an ssh session (pid %s) still carries its restore; waiting for it",
                  container, ", ".join(live))
-    while any(_running(h) for h in helpers) and time.monotonic() < deadline:
+    while any(still_running(h) for h in helpers) and time.monotonic() < deadline:
         time.sleep(0.5)
 
 
@@ -405,7 +406,7 @@ def recover(journal_dir: Path | None = None) -> list[str]:
 def _recover_one(path: Path) -> str:
     """Finish or roll back the migration the journal at ``path`` describes; say what."""
     data = json.loads(path.read_text())
-    if data.get("pid") != os.getpid() and _running(data):
+    if data.get("pid") != os.getpid() and still_running(data):
         return f"{data['container']}: still being migrated by pid {data['pid']}"
     container, target_name = data["container"], data["name"]
     src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
