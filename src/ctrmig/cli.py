@@ -181,12 +181,13 @@ def cli(ctx: click.Context, verbose: int) -> None:
       ctrmig inspect web.ckpt.tar
     """
     ctx.obj = {"verbose": verbose}
-    # -v: ctrmig's own debug log (the commands it runs); -vv: every library's too.
+    # ctrmig's own notes (what it waits for, an image it loaded) show by default; -v adds
+    # its debug log (the commands it runs); -vv every library's too.
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.WARNING, format="%(message)s",
         handlers=[RichHandler(console=_err(), show_path=False)], force=True,
     )
-    log.setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @cli.command()
