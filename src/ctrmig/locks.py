@@ -101,6 +101,6 @@ def operations(engine: str, scope: str = "") -> dict[str, str]:
             continue  # being written, or not ours
         if path.name != lock_path(engine, container, scope).name:
             continue  # another instance of the engine (a glob of "podman-" finds all)
-        if proc.alive(pid) and proc.start_time(pid) == start:
+        if proc.running(pid, start):
             found[container] = operation
     return found

@@ -253,8 +253,7 @@ def _process(pid: int) -> dict[str, Any]:
 
 def still_running(process: dict[str, Any]) -> bool:
     """Whether the process a journal names (``pid`` and ``start``) still runs."""
-    pid = int(process.get("pid", 0))
-    return proc.alive(pid) and proc.start_time(pid) == process.get("start")
+    return proc.running(int(process.get("pid", 0)), process.get("start"))
 
 
 def _chained(first: Callable[[Sequence[int]], None],

@@ -217,6 +217,12 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+def running(pid: int, start: int | None) -> bool:
+    """Whether the process that was ``pid``, started at ``start`` (:func:`start_time`),
+    still runs: not a zombie, and not another process that reuses the number."""
+    return alive(pid) and start_time(pid) == start
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie does not; a child of ours is reaped)."""
     if pid <= 0:
