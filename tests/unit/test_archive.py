@@ -241,3 +241,15 @@ def test_copy_tar_refuses_links() -> None:
         tar.addfile(info)
     with pytest.raises(ArchiveError, match="not a plain file"):
         ArchiveWriter(io.BytesIO(), "none").copy_tar(io.BytesIO(buf.getvalue()))
+
+
+def test_pieces_announce_the_last_one_before_handing_it_out() -> None:
+    """The upload's point of no return: the hook runs once, before the last piece."""
+    from ctrmig.archive.writer import CHUNK, pieces
+
+    seen: list[str] = []
+    for piece in pieces(io.BytesIO(b"x" * (2 * CHUNK + 5)), lambda: seen.append("last")):
+        seen.append(str(len(piece)))
+    assert seen == [str(CHUNK), str(CHUNK), "last", "5"]
+    assert list(pieces(io.BytesIO(b""), lambda: seen.append("never"))) == []
+    assert "never" not in seen

@@ -52,6 +52,18 @@ class ForwardOnly:
         return self.pos
 
 
+def pieces(src: BinaryIO, before_last: Callable[[], None] | None = None) -> Iterator[bytes]:
+    """``src`` in CHUNK pieces; ``before_last`` runs before the last piece is handed out
+    (one piece is read ahead to know it): an upload's point of no return."""
+    chunk = src.read(CHUNK)
+    while chunk:
+        following = src.read(CHUNK)
+        if not following and before_last is not None:
+            before_last()
+        yield chunk
+        chunk = following
+
+
 def member_name(path: str) -> str:
     """Normalise a member path: no leading '/' or './', no '.' components."""
     return "/".join(p for p in path.split("/") if p not in ("", "."))

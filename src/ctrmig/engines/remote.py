@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from ctrmig.archive import Archive, Compression, read_manifest
-from ctrmig.archive.writer import CHUNK, Progress, atomic_output
+from ctrmig.archive.writer import CHUNK, Progress, atomic_output, pieces
 from ctrmig.errors import CommandError, EngineError, OptionError, RestoreError
 from ctrmig.host import proc
 from ctrmig.protocol import ArchivePath, ArchiveSource, ContainerInfo, as_path
@@ -185,16 +185,12 @@ class RemoteMigrator:
         try:
             if stdin is not None:
                 assert child.stdin is not None
+                last = None if before_last is None else lambda: before_last([child.pid])
                 try:
-                    chunk = stdin.read(CHUNK)
-                    while chunk:
-                        following = stdin.read(CHUNK)
-                        if not following and before_last is not None:
-                            before_last([child.pid])
+                    for chunk in pieces(stdin, last):
                         child.stdin.write(chunk)
                         if progress:
                             progress(len(chunk))
-                        chunk = following
                 except BrokenPipeError:
                     pass  # the remote side stopped reading: its error explains why
                 child.stdin.close()
