@@ -46,7 +46,7 @@ import yaml
 import zstandard
 
 from ctrmig.archive.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ctrmig.archive.writer import CHUNK, Compression, ForwardOnly, Progress
+from ctrmig.archive.writer import CHUNK, Compression, ForwardOnly, Progress, read_into
 from ctrmig.errors import (
     ArchiveCorruptError,
     ArchiveError,
@@ -164,12 +164,7 @@ class _Counting(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
-        if hasattr(self.raw, "readinto"):  # no intermediate bytes object to copy
-            n = self.raw.readinto(buf) or 0
-        else:
-            data = self.raw.read(len(buf))
-            n = len(data)
-            buf[:n] = data
+        n = read_into(self.raw, buf)
         self.count += n
         return n
 

@@ -14,7 +14,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, cast
 
 import zstandard
 
@@ -50,6 +50,16 @@ class ForwardOnly:
         while self.pos < pos and self.read(min(CHUNK, pos - self.pos)):
             pass
         return self.pos
+
+
+def read_into(src: BinaryIO, buf: Any) -> int:
+    """Fill ``buf`` from ``src`` as far as one read goes: through ``readinto`` when the
+    stream has it (no intermediate bytes object to copy), else through ``read``."""
+    if hasattr(src, "readinto"):
+        return src.readinto(buf) or 0
+    data = src.read(len(buf))
+    buf[:len(data)] = data
+    return len(data)
 
 
 def pieces(src: BinaryIO, before_last: Callable[[], None] | None = None) -> Iterator[bytes]:

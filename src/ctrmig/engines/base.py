@@ -32,7 +32,7 @@ from ctrmig.archive import (
     verify,
 )
 from ctrmig.archive.reader import copy_member
-from ctrmig.archive.writer import CHUNK, Progress
+from ctrmig.archive.writer import CHUNK, Progress, read_into
 from ctrmig.errors import (
     CheckpointError,
     EngineMismatchError,
@@ -355,12 +355,7 @@ class _Tee:
         return data
 
     def readinto(self, buf: Any) -> int:
-        if hasattr(self.src, "readinto"):
-            n = self.src.readinto(buf) or 0
-        else:
-            data = self.src.read(len(buf))
-            n = len(data)
-            buf[:n] = data
+        n = read_into(self.src, buf)
         self.copy.write(memoryview(buf)[:n])
         return n
 
