@@ -119,6 +119,11 @@ class ArchiveWriter:
     def add_stream(self, name: str, src: BinaryIO, size: int, mode: int = 0o644) -> None:
         """Add a regular file of ``size`` bytes read from ``src``."""
         name = self._record(name)
+        self._files[name] = self._member(name, src, size, mode, self.progress)
+
+    def _member(self, name: str, src: BinaryIO, size: int, mode: int,
+                progress: Progress | None) -> FileEntry:
+        """Write one regular member (header, data, padding); return its size and sha256."""
         info = tarfile.TarInfo(name)
         info.size, info.mode = size, mode
         self._header(info)
@@ -132,11 +137,11 @@ class ArchiveWriter:
             sha.update(chunk)
             self._write(chunk)
             left -= len(chunk)
-            if self.progress:
-                self.progress(len(chunk))
+            if progress:
+                progress(len(chunk))
         if size % tarfile.BLOCKSIZE:
             self._write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
-        self._files[name] = FileEntry(size=size, sha256=sha.hexdigest())
+        return FileEntry(size=size, sha256=sha.hexdigest())
 
     def _write(self, data: bytes) -> None:
         self._out.write(data)
@@ -207,12 +212,7 @@ class ArchiveWriter:
         """Append manifest.yaml (with every member's size and sha256) and close."""
         manifest.files = dict(self._files)
         data = manifest.to_yaml().encode()
-        info = tarfile.TarInfo(MANIFEST_NAME)
-        info.size, info.mode = len(data), 0o644
-        self._header(info)
-        self._write(data)
-        if len(data) % tarfile.BLOCKSIZE:
-            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+        self._member(MANIFEST_NAME, io.BytesIO(data), len(data), 0o644, None)
         self.close()
         return manifest
 
