@@ -7,7 +7,6 @@ the fixture check the error paths that need no daemon (dead socket, retry predic
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -462,55 +461,43 @@ def test_version_and_list(dk: Docker) -> None:
     via_registry.close()
 
 
-@pytest.fixture
-def plain_dockerd(dockerd_socket: Path) -> Iterator[str]:
-    """A second private dockerd with experimental features off (a few seconds)."""
-    tag = f"dockerd-plain-{os.getpid()}"
-    run_dir = dockerd_socket.parent
+@contextlib.contextmanager
+def _private_dockerd(run_dir: Path, tag: str, *, experimental: bool = True) -> Iterator[Path]:
+    """A private dockerd (own data root, no bridge) on ``run_dir/tag.sock``, removed after."""
     sock = run_dir / f"{tag}.sock"
     data_root = Path(f"/var/lib/ctrmig-test/{tag}")
-    config = run_dir / f"{tag}.daemon.json"
-    config.write_text(json.dumps({"experimental": False}))
-    argv = ["dockerd", "-H", f"unix://{sock}", "--pidfile", str(run_dir / f"{tag}.dockerd-pid"),
-            "--config-file", str(config), "--data-root", str(data_root),
-            "--exec-root", str(run_dir / f"{tag}-exec"), "--bridge", "none",
-            "--iptables=false", "--ip-masq=false"]
-    svc = services.Service("dockerd (experimental off)", sock, argv, run_dir / f"{tag}.log",
-                           run_dir / f"{tag}.pid")
+    svc = services.dockerd_service(sock, data_root=data_root, exec_root=run_dir / f"{tag}-exec",
+                                   state_dir=run_dir, bridge="none", experimental=experimental)
     svc.start()
     try:
-        yield f"unix://{sock}"
+        yield sock
     finally:
         svc.stop()
         shutil.rmtree(data_root, ignore_errors=True)
         shutil.rmtree(run_dir / f"{tag}-exec", ignore_errors=True)
         sock.unlink(missing_ok=True)
-        config.unlink(missing_ok=True)
+        (run_dir / f"{tag}.daemon.json").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def plain_dockerd(dockerd_socket: Path) -> Iterator[str]:
+    """A second private dockerd with experimental features off (a few seconds)."""
+    with _private_dockerd(dockerd_socket.parent, f"dockerd-plain-{os.getpid()}",
+                          experimental=False) as sock:
+        yield f"unix://{sock}"
 
 
 @pytest.fixture
 def second_dockerd(dockerd_socket: Path, session_dir: Path) -> Iterator[str]:
     """Another private dockerd (own data root, experimental on) with the test image: a
     stand-in for a second host."""
-    tag = f"dockerd-second-{os.getpid()}"
-    run_dir = dockerd_socket.parent
-    sock = run_dir / f"{tag}.sock"
-    data_root = Path(f"/var/lib/ctrmig-test/{tag}")
-    svc = services.dockerd_service(sock, data_root=data_root, exec_root=run_dir / f"{tag}-exec",
-                                   state_dir=run_dir, bridge="none")
-    svc.start()
-    try:
+    with _private_dockerd(dockerd_socket.parent, f"dockerd-second-{os.getpid()}") as sock:
         client = docker.APIClient(base_url=f"unix://{sock}", timeout=300)
         with (session_dir / "test-image.tar").open("rb") as f:
             for _ in client.load_image(f):
                 pass
         client.close()
         yield f"unix://{sock}"
-    finally:
-        svc.stop()
-        shutil.rmtree(data_root, ignore_errors=True)
-        shutil.rmtree(run_dir / f"{tag}-exec", ignore_errors=True)
-        sock.unlink(missing_ok=True)
 
 
 def test_migrate_to_another_daemon(dk: Docker, second_dockerd: str, tmp_path: Path) -> None:

@@ -181,12 +181,15 @@ def dockerd_service(
     state_dir: Path = RUN_DIR,
     bridge: str | None = None,
     netns: str | None = None,
+    experimental: bool = True,
 ) -> Service:
     """dockerd with experimental features on (needed for checkpoints).
 
     The system daemon reads /etc/docker/daemon.json (setup-host merges the settings in).
     With ``data_root`` it is a private daemon beside any system one, with its own config
-    file; pass ``bridge="none"`` to keep it off the host's docker0 bridge and iptables.
+    file (``experimental=False`` there makes one that refuses checkpoints, as a daemon
+    left at docker's default does); pass ``bridge="none"`` to keep it off the host's
+    docker0 bridge and iptables.
     """
     tag = sock.stem if sock != DEFAULT_DOCKER_SOCKET else "dockerd"
     argv = ["dockerd", "-H", f"unix://{sock}", "--pidfile", str(state_dir / f"{tag}.dockerd-pid")]
@@ -195,7 +198,7 @@ def dockerd_service(
         state_dir.mkdir(parents=True, exist_ok=True)
         nofile = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         config.write_text(json.dumps({
-            "experimental": True,
+            "experimental": experimental,
             "default-ulimits": {"nofile": {"Name": "nofile", "Soft": nofile, "Hard": nofile}},
         }))
         argv += ["--config-file", str(config), "--data-root", str(data_root)]
