@@ -510,22 +510,31 @@ def _phase_reached(pair: Pair, phase: str, base: int) -> Callable[[], object]:
     raise AssertionError(phase)
 
 
-@pytest.mark.parametrize(("pair", "phase"), _cases("started", "transfer"), indirect=["pair"])
-def test_ctrl_c(pair: Pair, phase: str) -> None:
-    """SIGINT (Ctrl-C) to ``ctrmig migrate``: it rolls back and exits non-zero."""
-    name, before = pair.start(_workload(pair, phase))
+def _signal_at(pair: Pair, name: str, phase: str, sig: int) -> tuple[bool, int, str]:
+    """Run ``ctrmig migrate`` of ``name`` over the slowed link and send it ``sig`` once it
+    reaches ``phase``; return whether it did (else it ended first), its exit code and
+    stderr."""
     base = tx_bytes(pair.hosts)
     with slow_link(pair.hosts):
         child = pair.spawn(pair.migrate_argv(name))
         try:
             hit = wait_until(child, _phase_reached(pair, phase, base), phase)
-            assert hit, f"the migration ended before {phase}"
-            child.send_signal(signal.SIGINT)
+            if hit:
+                child.send_signal(sig)
             code, err = wait_exit(child)
         finally:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+    return hit, code, err
+
+
+@pytest.mark.parametrize(("pair", "phase"), _cases("started", "transfer"), indirect=["pair"])
+def test_ctrl_c(pair: Pair, phase: str) -> None:
+    """SIGINT (Ctrl-C) to ``ctrmig migrate``: it rolls back and exits non-zero."""
+    name, before = pair.start(_workload(pair, phase))
+    hit, code, err = _signal_at(pair, name, phase, signal.SIGINT)
+    assert hit, f"the migration ended before {phase}"
     assert code != 0, err
     assert pair.assert_exactly_once(name, before) == "A"
 
@@ -549,17 +558,7 @@ def _dumping(keys: set[bytes]) -> bool:
 def test_killed_then_recover(pair: Pair, phase: str) -> None:
     """SIGKILL of ``ctrmig migrate``; ``ctrmig recover`` then finishes or rolls back."""
     name, before = pair.start(_workload(pair, phase))
-    base = tx_bytes(pair.hosts)
-    with slow_link(pair.hosts):
-        child = pair.spawn(pair.migrate_argv(name))
-        try:
-            hit = wait_until(child, _phase_reached(pair, phase, base), phase)
-            child.kill()
-            code, _ = wait_exit(child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    hit, code, _ = _signal_at(pair, name, phase, signal.SIGKILL)
     if hit:
         assert code == -signal.SIGKILL
         assert len(pair.journals()) == 1, "the killed migration left its journal"
