@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import tarfile
 import tempfile
 import time
@@ -22,7 +23,9 @@ import pytest
 from podman import PodmanClient
 
 import ctrmig
-from ctrmig.host import images, services
+from ctrmig import locks
+from ctrmig.engines.runc import RuncMigrator
+from ctrmig.host import images, mounts, proc, services
 
 # A workload that keeps state in memory (the shell's counter) and in its filesystem (a
 # file written after start): what every engine's checkpoint/restore test checks.
@@ -162,3 +165,54 @@ def podman_read_file(client: PodmanClient, container: str, path: str) -> str:
         member = tar.extractfile(tar.getmembers()[0])
         assert member is not None
         return member.read().decode()
+
+
+# --- runc: a private state dir per test ------------------------------------------------
+
+
+def processes_naming(marker: str) -> list[int]:
+    """PIDs (not ours) whose command line mentions ``marker``, e.g. a state dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def cleanup_runc_state(m: RuncMigrator) -> list[str]:
+    """Remove everything ``m`` made, and the lock files a killed ctrmig may have left;
+    return what had leaked past remove() (and was then cleared)."""
+    for c in m.list():
+        m.remove(c.name)
+        locks.lock_path("runc", c.name, m.lock_scope).unlink(missing_ok=True)
+    leaks = []
+    for name in (e["id"] for e in m._runc_list()):
+        leaks.append(f"runc container {name}")
+        proc.run([*m._runc(), "delete", "--force", name], timeout=60, check=False)
+    for pid in processes_naming(str(m.state_dir)):
+        leaks.append(f"process {pid}")
+        os.kill(pid, signal.SIGKILL)
+    for mp in mounts.mounts_under(m.state_dir):  # deepest first
+        leaks.append(f"mount {mp}")
+        proc.run(["umount", "-l", str(mp)], timeout=60, check=False)
+    shutil.rmtree(m.state_dir, ignore_errors=True)
+    return leaks
+
+
+@pytest.fixture
+def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
+    """A RuncMigrator on a private state dir; teardown removes all it made, checks leaks."""
+    for tool in ("runc", "criu", "skopeo", "umoci"):
+        need(tool)
+    m = RuncMigrator(state_dir=tmp_path / "state", workdir=tmp_path)
+    yield m
+    leaks = cleanup_runc_state(m)
+    assert not leaks, f"left behind after remove(): {leaks}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ctrmig-")], \
+        "temporary files left in the workdir"

@@ -23,7 +23,7 @@ import ctrmig
 from ctrmig import locks
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.errors import BusyError
-from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
+from tests.conftest import COUNTER_CMD, first_count, last_count, unique, wait_for
 
 PARALLEL = 8
 CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
@@ -88,21 +88,6 @@ def test_parallel_podman_cycles(podman_socket: Path, test_image: str, tmp_path: 
     assert {name for name, _, _ in results} <= running
 
 
-@pytest.fixture
-def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
-    for tool in ("runc", "criu", "skopeo", "umoci"):
-        need(tool)
-    m = RuncMigrator(state_dir=tmp_path / "state", workdir=tmp_path)
-    yield m
-    for c in m.list():
-        m.remove(c.name)
-        locks.lock_path("runc", c.name, m.lock_scope).unlink(missing_ok=True)
-    left = [e["id"] for e in m._runc_list()]
-    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-              if line.split()[4].startswith(str(m.state_dir))]
-    assert not left and not mounts, f"leaked: runc {left}, mounts {mounts}"
-
-
 def test_parallel_runc_cycles(runc_state: RuncMigrator, test_image: str,
                               tmp_path: Path) -> None:
     m = runc_state
@@ -111,7 +96,7 @@ def test_parallel_runc_cycles(runc_state: RuncMigrator, test_image: str,
         name = m.run(test_image, name=unique(f"ctrmig-par{i}"), command=COUNTER_CMD)
         logs = lambda: m.logs(name)  # noqa: E731
         _counting(logs)
-        archive = m.checkpoint(name, tmp_path / f"{name}.tar")
+        archive = m.checkpoint(name, tmp_path / f"archive-{i}.tar")
         at_dump = last_count(logs())
         m.remove(name)
         restored = m.restore(archive.path)  # type: ignore[arg-type]

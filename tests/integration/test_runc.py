@@ -5,12 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
-import signal
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,53 +26,15 @@ from ctrmig.errors import (
     UnsafeArchiveError,
 )
 from ctrmig.host import mounts, proc
-from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
-
-
-def _our_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker`` (our state dir): leaked helpers."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _cleanup_state(m: RuncMigrator) -> list[str]:
-    """Remove everything ``m`` made; return what had leaked past remove()."""
-    for c in m.list():
-        m.remove(c.name)
-    leaks = []
-    for name in (e["id"] for e in m._runc_list()):
-        leaks.append(f"runc container {name}")
-        proc.run([*m._runc(), "delete", "--force", name], timeout=60, check=False)
-    for pid in _our_processes(str(m.state_dir)):
-        leaks.append(f"process {pid}")
-        os.kill(pid, signal.SIGKILL)
-    for mp in mounts.mounts_under(m.state_dir):  # deepest first
-        leaks.append(f"mount {mp}")
-        proc.run(["umount", "-l", str(mp)], timeout=60, check=False)
-    shutil.rmtree(m.state_dir, ignore_errors=True)
-    return leaks
-
-
-@pytest.fixture
-def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
-    """A RuncMigrator on a private state dir; teardown removes all it made, checks leaks."""
-    for tool in ("runc", "criu", "skopeo", "umoci"):
-        need(tool)
-    m = RuncMigrator(state_dir=tmp_path / "state", workdir=tmp_path)
-    yield m
-    leaks = _cleanup_state(m)
-    assert not leaks, f"left behind after remove(): {leaks}"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ctrmig-")], \
-        "temporary files left in the workdir"
+from tests.conftest import (
+    COUNTER_CMD,
+    cleanup_runc_state,
+    first_count,
+    last_count,
+    processes_naming,
+    unique,
+    wait_for,
+)
 
 
 def _counting(m: RuncMigrator, name: str, above: int = 0) -> int:
@@ -231,7 +190,7 @@ def test_image_from_oci_layout_missing_on_restore(
         assert other.list() == []
         assert not any((tmp_path / "other" / "bundles").iterdir())
     finally:
-        assert not _cleanup_state(other)
+        assert not cleanup_runc_state(other)
 
 
 def test_errors_user_sees(runc_state: RuncMigrator, test_image: str, tmp_path: Path) -> None:
@@ -309,7 +268,7 @@ def test_failed_restore_leaves_nothing(
     assert not m.exists("ctrmig-broken")
     assert not (m.bundles_dir / "ctrmig-broken").exists()
     assert not mounts.mounts_under(m.bundles_dir / "ctrmig-broken")
-    assert not _our_processes(str(m.logs_dir / "ctrmig-broken.log"))
+    assert not processes_naming(str(m.logs_dir / "ctrmig-broken.log"))
     assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
 
 
@@ -335,7 +294,7 @@ def test_archive_carries_its_image(
         assert before < first_count(other.logs(restored)) <= before + 3
         assert _state_file(other, restored) == "written-after-start\n"
     finally:
-        assert not _cleanup_state(other)
+        assert not cleanup_runc_state(other)
 
 
 def test_migrate_between_state_dirs(
@@ -361,7 +320,7 @@ def test_migrate_between_state_dirs(
         assert _counting(target, name, above=first) > first
         assert _state_file(target, name) == "written-after-start\n"
     finally:
-        assert not _cleanup_state(target)
+        assert not cleanup_runc_state(target)
 
 
 def test_migrate_resumes_source_when_target_fails(
@@ -380,7 +339,7 @@ def test_migrate_resumes_source_when_target_fails(
             ctrmig.migrate(name, source=m, target=target)
         assert target.list() == []
     finally:
-        assert not _cleanup_state(target)
+        assert not cleanup_runc_state(target)
     assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
     assert _counting(m, name, above=before) > before
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from bench import workload
 
-from ctrmig import locks
 from ctrmig.engines.runc import RuncMigrator
-from tests.conftest import need, unique, wait_for
+from ctrmig.host import mounts
+from tests.conftest import cleanup_runc_state, need, processes_naming, unique, wait_for
 
 CYCLES = int(os.environ.get("CTRMIG_SOAK_CYCLES", "100"))
 MIB = 16  # every round re-verifies all of it (memhog checks 32 MiB per round)
@@ -31,24 +31,6 @@ def _rounds(text: str) -> list[int]:
     return [int(r) for r in ROUND.findall(text)]
 
 
-def _mounts(under: Path) -> list[str]:
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(str(under))]
-
-
-def _processes(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.fixture
 def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
     for tool in ("runc", "criu", "skopeo", "umoci", "gcc"):
@@ -56,9 +38,7 @@ def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
     m = RuncMigrator(state_dir=tmp_path / "state", workdir=tmp_path / "work")
     (tmp_path / "work").mkdir()
     yield m
-    for c in m.list():
-        m.remove(c.name)
-        locks.lock_path("runc", c.name, m.lock_scope).unlink(missing_ok=True)
+    cleanup_runc_state(m)  # the test itself checks for leaks, cycle by cycle
 
 
 @pytest.mark.slow
@@ -68,8 +48,8 @@ def test_checkpoint_restore_many_times(runc_state: RuncMigrator, tmp_path: Path)
     image = workload.ensure_image(tmp_path)
     name = m.run(image, name=unique("ctrmig-soak"), command=workload.command(MIB))
     wait_for(lambda: len(_rounds(m.logs(name))) >= 3, timeout=60, what="memhog rounds")
-    mounts_before = sorted(_mounts(m.state_dir))
-    procs_before = len(_processes(str(m.state_dir)))
+    mounts_before = sorted(mounts.mounts_under(m.state_dir))
+    procs_before = len(processes_naming(str(m.state_dir)))
     archive = tmp_path / "work" / "soak.tar"
 
     for cycle in range(1, CYCLES + 1):
@@ -92,8 +72,8 @@ def test_checkpoint_restore_many_times(runc_state: RuncMigrator, tmp_path: Path)
     # Still the same one container, intact, and nothing piled up on the way.
     assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
     assert [s["id"] for s in m._runc_list()] == [name]
-    assert sorted(_mounts(m.state_dir)) == mounts_before
-    assert len(_processes(str(m.state_dir))) == procs_before
+    assert sorted(mounts.mounts_under(m.state_dir)) == mounts_before
+    assert len(processes_naming(str(m.state_dir))) == procs_before
     assert list((m.state_dir / "tmp").iterdir()) == []
     assert list((tmp_path / "work").iterdir()) == [], "temp files left in the workdir"
     assert not (m.logs_dir / "failed").exists(), "a runc/CRIU call failed on the way"
