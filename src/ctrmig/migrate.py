@@ -69,7 +69,7 @@ class _CountingPipeWriter:
     def write(self, data: bytes) -> int:
         if self.file.closed:
             # Only the checkpoint's own writer, dropped after it failed, writes this late
-            # (tarfile flushes from __del__): nothing reads it any more.
+            # (a gzip stream writes its trailer from __del__): nothing reads it any more.
             return len(data)
         self.file.write(data)
         self.count += len(data)
