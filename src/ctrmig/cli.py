@@ -36,7 +36,7 @@ from ctrmig import demo as _demo
 from ctrmig import doctor as _doctor
 from ctrmig.archive import COMPRESSIONS, Manifest
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
-from ctrmig.archive.writer import Progress as ProgressCallback
+from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
 from ctrmig.engines.base import listing
 from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError

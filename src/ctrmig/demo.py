@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 import ctrmig
+from ctrmig import settings
 from ctrmig.errors import CtrmigError, EngineError, ToolMissingError
 from ctrmig.host import images, proc
 
@@ -314,9 +315,9 @@ class DemoResult:
 def default_url(engine: str) -> str | None:
     """The API URL the demo uses when none is given (environment, then default socket)."""
     if engine == "podman":
-        return os.environ.get("CTRMIG_PODMAN_URL") or "unix:///run/podman/podman.sock"
+        return settings.current().podman_url
     if engine == "docker":
-        return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return settings.current().docker_url
     return None
 
 

@@ -8,7 +8,6 @@ detail and a one-line fix. An engine is usable when every check it depends on pa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -16,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ctrmig
+from ctrmig import settings
 from ctrmig.errors import CtrmigError
 from ctrmig.host import criu, proc, services
-from ctrmig.migrate import JOURNAL_DIR, still_running
+from ctrmig.migrate import still_running
 
 Status = Literal["pass", "fail", "unavailable"]
 ENGINES = ("podman", "docker", "runc")
@@ -117,7 +117,7 @@ def check_tools() -> list[Check]:
 
 def check_podman(url: str | None = None) -> list[Check]:
     """podman's API reachable, and its OCI runtime able to checkpoint."""
-    url = url or os.environ.get("CTRMIG_PODMAN_URL") or "unix:///run/podman/podman.sock"
+    url = url or settings.current().podman_url
     try:
         m = ctrmig.migrator("podman", url=url)
         try:
@@ -146,7 +146,7 @@ def check_podman(url: str | None = None) -> list[Check]:
 
 def check_docker(url: str | None = None) -> list[Check]:
     """dockerd reachable, with experimental features on (needed for checkpoints)."""
-    url = url or os.environ.get("DOCKER_HOST") or f"unix://{services.DEFAULT_DOCKER_SOCKET}"
+    url = url or settings.current().docker_url
     sock = _socket(url)
     if sock is None:
         return [Check("docker daemon", "fail", f"{url}: only unix:// sockets are checked",
@@ -170,7 +170,7 @@ def check_docker(url: str | None = None) -> list[Check]:
 def check_migrations(journal_dir: Path | None = None) -> list[Check]:
     """Migrations whose ctrmig died: their containers wait, stopped, for ``ctrmig recover``.
     Listed for the operator; they make no engine unusable."""
-    directory = journal_dir or JOURNAL_DIR
+    directory = journal_dir or settings.current().journal_dir
     waiting = []
     for path in sorted(directory.glob("*.json")):
         try:

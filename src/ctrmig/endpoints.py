@@ -8,10 +8,9 @@ Addresses: ``unix:///path`` and ``tcp://host:port`` reach podman's or docker's A
 
 from __future__ import annotations
 
-import os
-import shlex
 from typing import Any
 
+from ctrmig import settings
 from ctrmig.engines.remote import RemoteMigrator
 from ctrmig.errors import OptionError
 from ctrmig.protocol import Migrator
@@ -36,7 +35,7 @@ def connect(spec: str, **engine_options: Any) -> Migrator:
     if address is None:
         return migrator(engine, **engine_options)
     if address.startswith("ssh://"):
-        ssh_options = shlex.split(os.environ.get("CTRMIG_SSH_OPTIONS", ""))
+        ssh_options = settings.current().ssh_options
         return RemoteMigrator(engine, address, ssh_options=ssh_options)
     if engine in API_ENGINES and address.startswith(("unix://", "tcp://", "http://")):
         return migrator(engine, **{API_ENGINES[engine]: address}, **engine_options)

@@ -19,17 +19,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ctrmig import settings
 from ctrmig.errors import BusyError
 from ctrmig.host import proc
-
-LOCK_DIR = Path(os.environ.get("CTRMIG_LOCK_DIR", "/run/ctrmig/locks"))
 
 
 def lock_dir() -> Path:
     """The lock directory (a private temp one where /run is not writable)."""
+    directory = settings.current().lock_dir
     try:
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        return LOCK_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
     except OSError:
         fallback = Path(tempfile.gettempdir()) / "ctrmig-locks"
         fallback.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 
 import tenacity
 
-from ctrmig import endpoints, locks
+from ctrmig import endpoints, locks, settings
 from ctrmig.archive import Compression, Manifest
-from ctrmig.archive.writer import Progress
+from ctrmig.archive.streams import Progress
 from ctrmig.engines.base import listing
 from ctrmig.errors import BusyError, CtrmigError, NameInUseError
 from ctrmig.host import proc
@@ -84,9 +84,6 @@ class _CountingPipeWriter:
             self.file.close()
 
 
-JOURNAL_DIR = Path(os.environ.get("CTRMIG_JOURNAL_DIR", "/var/lib/ctrmig/migrations"))
-
-
 class Journal:
     """A migration's state on disk, so that a killed ctrmig can be recovered from.
 
@@ -141,7 +138,7 @@ def migrate(
     """
     journal = None
     if isinstance(source, str) and isinstance(target, str):
-        journal = Journal(journal_dir or JOURNAL_DIR, {
+        journal = Journal(journal_dir or settings.current().journal_dir, {
             "container": container, "from": source, "to": target,
             "name": name or container, "keep_source": keep_source,
         })
@@ -351,12 +348,6 @@ def _resume_when_ready(m: Migrator, container: str) -> None:
     retrying(m.resume, container)
 
 
-# How long recover() watches for a target that may still be importing an archive it
-# received whole before ctrmig died (podman's API service goes on alone): podman imports
-# 1 GiB in about 10 s here.
-COMMIT_GRACE = float(os.environ.get("CTRMIG_RECOVER_GRACE", "60"))
-
-
 def _wait_for_helpers(helpers: list[dict[str, Any]], container: str) -> None:
     """Wait (bounded) for the ssh sessions a killed ctrmig left carrying a restore."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -388,7 +379,7 @@ def recover(journal_dir: Path | None = None) -> list[str]:
     side, an ssh session still carrying the archive, a target engine still importing an
     archive it received whole.
     """
-    directory = journal_dir or JOURNAL_DIR
+    directory = journal_dir or settings.current().journal_dir
     done: list[str] = []
     for path in sorted(directory.glob("*.json")):
         try:
@@ -418,7 +409,7 @@ def _recover_one(path: Path) -> str:
     if target_state is None and committed and not helpers:
         # An API engine (podman) that got every byte goes on alone; over ssh, the
         # session ended above and the remote lock showed no restore: nothing can come.
-        target_state = _appearing_state(dst, target_name, COMMIT_GRACE)
+        target_state = _appearing_state(dst, target_name, settings.current().recover_grace)
     if target_state != "running":
         source_state = _settled_state(src, container)
     if target_state == "running":

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from ctrmig.archive import Archive, Compression
-from ctrmig.archive.writer import Progress, check_compression
+from ctrmig.archive.streams import Progress
+from ctrmig.archive.writer import check_compression
 from ctrmig.errors import OptionError
 
 ArchivePath = str | os.PathLike[str]

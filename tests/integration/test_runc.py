@@ -14,7 +14,8 @@ import pytest
 
 import ctrmig
 from ctrmig.archive import ArchiveWriter, extracted
-from ctrmig.engines.runc import TEMPLATE, RuncMigrator, apply_rootfs_diff
+from ctrmig.archive.layers import apply_rootfs_diff
+from ctrmig.engines.runc import TEMPLATE, RuncMigrator
 from ctrmig.errors import (
     CheckpointError,
     ContainerNotFoundError,

@@ -245,7 +245,7 @@ def test_copy_tar_refuses_links() -> None:
 
 def test_pieces_announce_the_last_one_before_handing_it_out() -> None:
     """The upload's point of no return: the hook runs once, before the last piece."""
-    from ctrmig.archive.writer import CHUNK, pieces
+    from ctrmig.archive.streams import CHUNK, pieces
 
     seen: list[str] = []
     for piece in pieces(io.BytesIO(b"x" * (2 * CHUNK + 5)), lambda: seen.append("last")):

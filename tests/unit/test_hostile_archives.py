@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from ctrmig import errors, locks
+from ctrmig import errors
 from ctrmig.archive import Limits, extract, extracted, verify
+from tests.support import override_settings
 from tests.unit.test_privileges import ExtractingFake, FileFake
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -168,7 +169,7 @@ def test_restore_refuses_before_any_engine_call(
     name: str, needs_extracted: bool, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """BaseMigrator.restore reads the archive first: the engine hooks are never reached."""
-    monkeypatch.setattr(locks, "LOCK_DIR", sandbox.root / "cwd" / "locks")
+    override_settings(monkeypatch, lock_dir=sandbox.root / "cwd" / "locks")
     shutil.copyfile(CORPUS / name, sandbox.archive)
     fake = ExtractingFake() if needs_extracted else FileFake()
     fake.workdir = sandbox.work

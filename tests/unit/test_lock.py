@@ -13,11 +13,12 @@ from ctrmig import locks
 from ctrmig.engines.base import listing
 from ctrmig.errors import BusyError
 from ctrmig.protocol import ContainerInfo
+from tests.support import override_settings
 
 
 @pytest.fixture(autouse=True)
 def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path)
+    override_settings(monkeypatch, lock_dir=tmp_path)
     return tmp_path
 
 

@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 import pytest
 
-from ctrmig import locks
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, atomic_output
 from ctrmig.archive.criu_images import MAX_CORE_IMAGE_BYTES
 from ctrmig.archive.manifest import FileEntry
@@ -24,9 +23,10 @@ from ctrmig.archive.privileges import (
     check,
     requests,
 )
-from ctrmig.engines.base import BaseMigrator
+from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.errors import ArchiveError, CriuImageError, OptionError, PrivilegeError
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
+from tests.support import override_settings
 
 SPECS = Path(__file__).resolve().parents[1] / "data" / "specs"
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,8 +406,7 @@ class FakeMigrator(BaseMigrator):
     def _describe(self, container: str) -> ContainerRecord:
         raise NotImplementedError
 
-    def _dump(self, record: ContainerRecord, opts: CheckpointOptions,
-              writer: ArchiveWriter) -> dict[str, Any]:
+    def _dump(self, record: ContainerRecord, opts: CheckpointOptions) -> Dump:
         raise NotImplementedError
 
     def _has_image(self, ref: str) -> bool:
@@ -432,7 +431,7 @@ def test_restore_refuses_privileged_archive_before_the_engine(
     tmp_path: Path, cls: type[FakeMigrator], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
+    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
     arc = tmp_path / "p.tar.zst"
     write(arc, "podman", "podman-privileged", "zstd")
     m = cls()
@@ -452,7 +451,7 @@ def test_allow_privileged_is_honoured_by_every_engine(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The base handles allow_privileged, so an adapter need not list it; others still
     refuse what they do not list."""
-    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
+    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
     write(tmp_path / "d.tar", "podman", "podman-default")
     assert FileFake().restore(tmp_path / "d.tar", allow_privileged=True) == "restored"
     with pytest.raises(OptionError, match="tcp_established"):

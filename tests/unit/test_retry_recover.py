@@ -13,6 +13,7 @@ import tenacity
 
 from ctrmig.errors import ArchiveCorruptError, BusyError, CheckpointError, RestoreError
 from ctrmig.protocol import ContainerInfo
+from tests.support import override_settings
 
 mig = importlib.import_module("ctrmig.migrate")  # the module: ctrmig.migrate is a function
 
@@ -122,7 +123,7 @@ def test_a_committed_target_that_never_appears_is_rolled_back(
     source = Host("podman", {"web": ["exited"]})
     target = Host("podman", {"web": [None]})
     _hosts(monkeypatch, source, target)
-    monkeypatch.setattr(mig, "COMMIT_GRACE", 0.0)
+    override_settings(monkeypatch, recover_grace=0.0)
     done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
     assert done == ["web: rolled back; it runs on src"]
     assert source.resumed == ["web"]
@@ -164,7 +165,7 @@ def test_two_recovers_never_act_on_one_migration(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ctrmig import locks
 
-    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
+    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
     source = Host("podman", {"web": ["exited"]})
     target = Host("podman", {"web": [None]})
     _hosts(monkeypatch, source, target)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ctrmig import locks
 from ctrmig.errors import ChecksumError
+from tests.support import override_settings
 from tests.unit.test_privileges import FileFake, write
 
 HOSTILE = Path(__file__).parents[1] / "data" / "hostile"
@@ -28,7 +28,7 @@ class Spying(FileFake):
 @pytest.fixture(autouse=True)
 def private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
+    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctrmig.archive.layout import MANIFEST_NAME
 from ctrmig.archive.manifest import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     ContainerRecord,
     FileEntry,
     Manifest,

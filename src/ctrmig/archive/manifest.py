@@ -19,7 +19,6 @@ from ctrmig.errors import ManifestError
 
 FORMAT = "ctrmig-checkpoint"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.yaml"
 
 
 @dataclass(frozen=True)

@@ -65,14 +65,13 @@ from ctrmig.archive.criu_images import (
     core_pid,
     read_core_creds,
 )
+from ctrmig.archive.layout import CONFIG_DUMP, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
 from ctrmig.archive.reader import MAX_MANIFEST_BYTES, read_manifest, read_members
 from ctrmig.errors import ArchiveError, CriuImageError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
-SPEC_DUMP = "spec.dump"
-CONFIG_DUMP = "config.dump"
 HINT = "pass --allow-privileged (allow_privileged=True) if you trust this archive"
 
 #: The members each engine builds the restored container from. podman runs spec.dump

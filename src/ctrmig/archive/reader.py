@@ -45,8 +45,10 @@ from typing import Any, BinaryIO, cast
 import yaml
 import zstandard
 
-from ctrmig.archive.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ctrmig.archive.writer import CHUNK, Compression, ForwardOnly, Progress, read_into
+from ctrmig.archive.layout import MANIFEST_NAME
+from ctrmig.archive.manifest import FileEntry, Manifest
+from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress, read_into
+from ctrmig.archive.writer import Compression
 from ctrmig.errors import (
     ArchiveCorruptError,
     ArchiveError,

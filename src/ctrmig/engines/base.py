@@ -16,7 +16,8 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
 
@@ -31,10 +32,12 @@ from ctrmig.archive import (
     privileges,
     verify,
 )
+from ctrmig.archive.layout import image_member
 from ctrmig.archive.reader import copy_member
-from ctrmig.archive.writer import CHUNK, Progress, read_into
+from ctrmig.archive.streams import CHUNK, Progress, read_into
 from ctrmig.errors import (
     CheckpointError,
+    CtrmigError,
     EngineMismatchError,
     ImageNotFoundError,
     NameInUseError,
@@ -54,7 +57,28 @@ from ctrmig.protocol import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_DIR = "image"  # archive folder of a carried image (self-contained archives)
+def _nothing() -> None:
+    """A no-op commit: the engine keeps nothing it must release."""
+
+
+@dataclass
+class Dump:
+    """A checkpoint an engine took, before its archive is complete.
+
+    An adapter's ``_dump`` returns one once the engine has checkpointed the container
+    (stopped it, unless ``leave_running``); a dump that fails inside ``_dump`` itself must
+    leave the container running (CRIU resumes it) and raise there. The base then calls
+    ``write`` (every archive member but the manifest; returns facts for the manifest's
+    ``extra``) and exactly one of ``commit`` (the archive is complete) or ``rollback`` (it
+    is not: bring the container back as it was before, and drop what the dump made).
+    Rollback after a failed checkpoint happens in :meth:`BaseMigrator._write` only.
+    """
+
+    write: Callable[[ArchiveWriter], dict[str, Any]]
+    rollback: Callable[[], None]
+    commit: Callable[[], None] = _nothing
+
+
 class BaseMigrator(ABC):
     """Shared implementation of the Migrator protocol; adapters fill in the hooks."""
 
@@ -131,11 +155,13 @@ class BaseMigrator(ABC):
             else:
                 root, manifest = stack.enter_context(self._spooled(archive, progress))
             self._check_archive(manifest, root, opts)
-            self._ensure_image(manifest, root)
+            # The one name policy: the name asked for, else the recorded one; taken -> refused.
             if opts.name is None:
                 stack.enter_context(self._lock(manifest.container.name, "restoring"))
-            else:
-                self._check_name_free(opts.name)
+                opts = dataclasses.replace(opts, name=manifest.container.name)
+            assert opts.name is not None
+            self._check_name_free(opts.name)
+            self._ensure_image(manifest, root)
             if not self.commits_in_restore:
                 opts.commit()
             return self._restore(root, manifest, opts)
@@ -189,19 +215,14 @@ class BaseMigrator(ABC):
         """Look the container up; raise ContainerNotFoundError if there is none."""
 
     @abstractmethod
-    def _dump(
-        self, record: ContainerRecord, opts: CheckpointOptions, writer: ArchiveWriter
-    ) -> dict[str, Any]:
-        """Checkpoint into ``writer`` (every member but the manifest).
-
-        Returns engine-specific facts for the manifest's ``extra``. If this fails after the
-        container was stopped, the adapter brings the container back before raising.
-        """
+    def _dump(self, record: ContainerRecord, opts: CheckpointOptions) -> Dump:
+        """Checkpoint the container; return the :class:`Dump` that writes its archive."""
 
     @abstractmethod
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         """Restore from a verified archive; ``source`` is the extracted directory if
-        ``needs_extracted``, else the archive file. Return the running container's name.
+        ``needs_extracted``, else the archive file. ``opts.name`` is set, and no container
+        holds it (checked). Return the running container's name.
         On failure, leave nothing of the new container behind."""
 
     def resume(self, container: str) -> None:
@@ -210,11 +231,6 @@ class BaseMigrator(ABC):
             f"the {self.engine} engine cannot resume {container!r} in place",
             hint="restore it from its archive with `ctrmig restore`",
         )
-
-    def _rollback_checkpoint(self, record: ContainerRecord, opts: CheckpointOptions) -> None:
-        """Bring the source back after a failure past ``_dump``: resume it in place."""
-        log.warning("checkpoint of %s failed after it stopped; resuming it", record.name)
-        self.resume(record.id or record.name)
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
         """Refuse an archive this engine must not restore: another engine's, or one that
@@ -250,7 +266,7 @@ class BaseMigrator(ABC):
         with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
             path = Path(tmp) / "image.tar"
             fmt = self._export_image(record.image or record.image_id, path)
-            member = f"{IMAGE_DIR}/{fmt}.tar"
+            member = image_member(fmt)
             writer.add_file(member, path)
         return {"member": member, "format": fmt, "ref": record.image}
 
@@ -286,23 +302,31 @@ class BaseMigrator(ABC):
         writer = ArchiveWriter(out, opts.compression, progress)
         # The image goes first, while the container still runs: it adds no downtime.
         image = self._add_image(record, writer) if opts.include_image else None
-        extra = self._dump(record, opts, writer)
-        if image:
-            extra["image_archive"] = image
+        dump = self._dump(record, opts)
         try:
-            manifest = Manifest(
+            extra = dump.write(writer)
+            if image:
+                extra["image_archive"] = image
+            manifest = writer.finish(Manifest(
                 engine=self.engine,
                 container=record,
                 engine_version=self.version(),
                 criu_version=self.criu_version(),
                 options=dataclasses.asdict(opts),
                 extra=extra,
-            )
-            return writer.finish(manifest)
-        except BaseException:
-            if not opts.leave_running:
-                self._rollback_checkpoint(record, opts)
+            ))
+        except BaseException as e:
+            log.warning("checkpoint of %s failed (%s); bringing it back", record.name,
+                        e or type(e).__name__)
+            try:
+                dump.rollback()
+            except CtrmigError as undo:
+                # The original error is the one to report; the container's state is logged.
+                log.error("could not bring %s back after the failed checkpoint: %s "
+                          "(retry: ctrmig resume %s)", record.name, undo, record.name)
             raise
+        dump.commit()
+        return manifest
 
     def _check_name_free(self, name: str) -> None:
         if self.exists(name):

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tarfile
 import tempfile
 import time
@@ -37,7 +36,9 @@ from docker.errors import DockerException
 from docker.utils import convert_port_bindings
 from docker.utils.ports import split_port
 
+from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.archive.layers import overlay_whiteout
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import (
     ArchiveError,
@@ -48,7 +49,6 @@ from ctrmig.errors import (
     OptionError,
     RestoreError,
     ToolMissingError,
-    UnsafeArchiveError,
 )
 from ctrmig.host import http, proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
@@ -56,7 +56,6 @@ from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_URL = "unix:///var/run/docker.sock"
 START_HINT = ("start dockerd (systemctl start docker, or scripts/setup-host), or point "
               "base_url / DOCKER_HOST at its socket")
 EXPERIMENTAL_HINT = ('enable "experimental": true in /etc/docker/daemon.json '
@@ -129,7 +128,7 @@ class DockerMigrator(BaseMigrator):
         bounds the retries of containerd's start race (backoff 0.25 s doubling to 4 s).
         """
         super().__init__(workdir=workdir, timeout=timeout)
-        self.base_url = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
+        self.base_url = base_url or settings.current().docker_url
         self.api_timeout = api_timeout
         self.start_attempts = start_attempts
         self._client: docker.APIClient | None = None
@@ -636,7 +635,7 @@ class DockerMigrator(BaseMigrator):
                          "or restore with ignore_rootfs",
                 )
             for path in deleted:
-                _whiteout(upper, path)
+                overlay_whiteout(upper, path)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -726,34 +725,6 @@ def _upper_dir(data: dict[str, Any]) -> Path | None:
     if driver.get("Name") != "overlay2" or not upper or not Path(upper).is_dir():
         return None
     return Path(upper)
-
-
-def _whiteout(upper: Path, path: str) -> None:
-    """Delete ``path`` in an (unmounted) overlay2 layer: a 0/0 character device.
-
-    ``path`` comes from the archive: refuse '..' and never follow a symlink in the layer.
-    """
-    parts = [p for p in PurePosixPath("/" + path).parts[1:] if p not in ("", ".")]
-    if not parts or ".." in parts:
-        raise UnsafeArchiveError(f"{DELETED_FILES}: refusing path {path!r}")
-    current = upper
-    for part in parts[:-1]:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            os.mkdir(current, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeArchiveError(f"{DELETED_FILES}: {path!r} crosses a non-directory")
-    leaf = current / parts[-1]
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(leaf)
-        if stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-            shutil.rmtree(leaf)
-        else:
-            os.unlink(leaf)
-    os.mknod(leaf, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
 def _oci_spec(data: dict[str, Any]) -> bytes | None:

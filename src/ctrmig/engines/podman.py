@@ -22,10 +22,11 @@ import tenacity
 from podman import PodmanClient
 from podman.errors import APIError
 
+from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.reader import decompressed
-from ctrmig.archive.writer import CHUNK, pieces
-from ctrmig.engines.base import BaseMigrator
+from ctrmig.archive.streams import CHUNK, pieces
+from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.errors import (
     CheckpointError,
     EngineError,
@@ -38,7 +39,6 @@ from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_URL = "unix:///run/podman/podman.sock"
 RESPONSE_BUFFER = 4 * CHUNK
 START_HINT = (
     "start podman's API service: `ctrmig service start podman` "
@@ -74,7 +74,7 @@ class PodmanMigrator(BaseMigrator):
 
     def __init__(self, url: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.url = url or os.environ.get("CTRMIG_PODMAN_URL") or DEFAULT_URL
+        self.url = url or settings.current().podman_url
         self.client = PodmanClient(base_url=self.url, timeout=self.timeout)
 
     # --- one place for every API call ---------------------------------------------------------
@@ -205,9 +205,7 @@ class PodmanMigrator(BaseMigrator):
             command=list(config.get("Entrypoint") or []) + list(config.get("Cmd") or []),
         )
 
-    def _dump(
-        self, record: ContainerRecord, opts: CheckpointOptions, writer: ArchiveWriter
-    ) -> dict[str, Any]:
+    def _dump(self, record: ContainerRecord, opts: CheckpointOptions) -> Dump:
         params = {
             "export": True,
             "leaveRunning": opts.leave_running,
@@ -227,17 +225,21 @@ class PodmanMigrator(BaseMigrator):
                 timeout=self.timeout,
             )
             resp.raise_for_status()
-            try:
+
+        def write(writer: ArchiveWriter) -> dict[str, Any]:
+            with self._api(what, error=CheckpointError):
                 # A big buffer: tarfile reads in small pieces, and each read of the raw
                 # HTTP response is costly (1 GiB: 28 s unbuffered, 15 s buffered, measured).
                 body = io.BufferedReader(resp.raw, RESPONSE_BUFFER)
                 writer.copy_tar(decompressed(body)[0])
-            except BaseException:
-                resp.close()
-                if not opts.leave_running:
-                    self.resume(record.id)
-                raise
-        return {"podman_url": self.url}
+            return {"podman_url": self.url}
+
+        def rollback() -> None:
+            resp.close()
+            if not opts.leave_running:
+                self.resume(record.id)
+
+        return Dump(write=write, rollback=rollback, commit=resp.close)
 
     def resume(self, container: str) -> None:
         """Restore a checkpointed container in place from the images podman kept."""
@@ -249,8 +251,6 @@ class PodmanMigrator(BaseMigrator):
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         name = opts.name or manifest.container.name
-        if opts.name is None:
-            self._check_name_free(name)
         params: dict[str, Any] = {
             "import": True,
             "name": name,

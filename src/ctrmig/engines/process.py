@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, ClassVar
 
+from ctrmig import settings
 from ctrmig.archive import Archive, ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import (
@@ -78,7 +79,6 @@ IMAGES_DIR = "checkpoint"
 CONFIG_VERSION = 1
 #: Files up to this size get a sha256 in config.dump; larger ones only their size.
 HASH_LIMIT = 64 << 20
-STATE_DIR = Path(os.environ.get("CTRMIG_PROCESS_STATE_DIR", "/var/lib/ctrmig/process"))
 #: Character-device majors of terminals: tty/console (4, 5) and Unix98 ptys (136-143).
 _TTY_MAJORS = frozenset({4, 5, *range(136, 144)})
 _PID_TAKEN = re.compile(r"Can't fork for \S+: File exists")
@@ -315,7 +315,7 @@ class ProcessMigrator(BaseMigrator):
         and the logs and records of restored processes."""
         super().__init__(workdir=workdir, timeout=timeout)
         self.stdio: dict[int, Stdio] = {0: stdin, 1: stdout, 2: stderr}
-        self.state_dir = Path(state_dir) if state_dir is not None else STATE_DIR
+        self.state_dir = Path(state_dir or settings.current().process_state_dir)
         self.kept_dir = self.state_dir / "checkpoints"
         # Per (PID, thread) being checkpointed: the directory of its images, and the PIDs
         # that CRIU left stopped (empty with leave_running). Keyed by thread too, so that

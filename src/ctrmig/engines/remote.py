@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from ctrmig import settings
 from ctrmig.archive import Archive, Compression, read_manifest
-from ctrmig.archive.writer import CHUNK, Progress, atomic_output, pieces
+from ctrmig.archive.streams import CHUNK, Progress, pieces
+from ctrmig.archive.writer import atomic_output
 from ctrmig.errors import CommandError, EngineError, OptionError, RestoreError
 from ctrmig.host import proc
 from ctrmig.protocol import ArchivePath, ArchiveSource, ContainerInfo, as_path
@@ -59,7 +61,7 @@ class RemoteMigrator:
                      "-o", "ServerAliveCountMax=3", *ssh_options]
         if parts.port:
             self._ssh += ["-p", str(parts.port)]
-        command = remote_command or os.environ.get("CTRMIG_REMOTE_COMMAND") or "ctrmig"
+        command = remote_command or settings.current().remote_command
         self._remote = shlex.split(command)
         self._remote_args = list(remote_args)
 

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tarfile
@@ -40,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.archive.layers import apply_rootfs_diff, write_rootfs_diff
 from ctrmig.engines.base import BaseMigrator
 from ctrmig.errors import (
     ArchiveError,
@@ -54,14 +55,12 @@ from ctrmig.errors import (
     NameInUseError,
     OptionError,
     RestoreError,
-    UnsafeArchiveError,
 )
 from ctrmig.host import criu, mounts, proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = Path(os.environ.get("CTRMIG_RUNC_STATE_DIR", "/var/lib/ctrmig/runc"))
 #: The bundle template shipped at the top of the repository (see bundles/README.md).
 TEMPLATE = Path(__file__).resolve().parents[3] / "bundles" / "default" / "config.json"
 TRANSPORTS = ("containers-storage:", "docker-daemon:", "oci:", "oci-archive:",
@@ -109,13 +108,13 @@ class RuncMigrator(BaseMigrator):
     def __init__(
         self,
         *,
-        state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+        state_dir: str | os.PathLike[str] | None = None,
         template: str | os.PathLike[str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
         timeout: float = 900.0,
     ):
         super().__init__(workdir=workdir, timeout=timeout)
-        self.state_dir = Path(state_dir).absolute()
+        self.state_dir = Path(state_dir or settings.current().runc_state_dir).absolute()
         self.template = Path(template) if template is not None else TEMPLATE
         self.runc_root = self.state_dir / "runc-root"
         self.images_dir = self.state_dir / "images"
@@ -793,98 +792,6 @@ class RuncMigrator(BaseMigrator):
             yield work
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-
-# --- rootfs diff ------------------------------------------------------------------------
-
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
-
-
-def write_rootfs_diff(upper: Path, out: Path) -> list[str]:
-    """Pack an overlay upper directory as a layer tar (OCI whiteouts for deletions).
-
-    Returns the deleted paths (the archive also lists them in ``deleted.files``, as
-    podman's archives do).
-    """
-    deleted: list[str] = []
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for dirpath, dirnames, filenames in os.walk(upper):
-            dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(upper)
-            if rel_dir != Path(".") and _opaque(Path(dirpath)):
-                info = tarfile.TarInfo((rel_dir / OPAQUE).as_posix())
-                tar.addfile(info)
-            for entry in sorted(dirnames) + sorted(filenames):
-                path = Path(dirpath) / entry
-                rel = (rel_dir / entry).as_posix()
-                st = path.lstat()
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    deleted.append("/" + rel)
-                    tar.addfile(tarfile.TarInfo((rel_dir / (WHITEOUT + entry)).as_posix()))
-                    continue
-                tar.add(path, arcname=rel, recursive=False)
-    return deleted
-
-
-def apply_rootfs_diff(diff: Path, rootfs: Path) -> None:
-    """Apply a layer tar onto a mounted rootfs: whiteouts delete, the rest is extracted
-    with tarfile's "tar" filter (nothing lands outside ``rootfs``), device nodes refused."""
-    root = rootfs.resolve()
-    with tarfile.open(diff, "r:") as tar:
-        members = tar.getmembers()
-        keep: list[tarfile.TarInfo] = []
-        for m in members:
-            parts = Path(m.name).parts
-            if not parts:
-                continue
-            base = parts[-1]
-            if base == OPAQUE:
-                target = _inside(root, Path(*parts[:-1]))
-                if target.is_dir() and not target.is_symlink():
-                    for child in target.iterdir():
-                        _remove(child)
-            elif base.startswith(WHITEOUT):
-                target = _inside(root, Path(*parts[:-1], base[len(WHITEOUT):]))
-                _remove(target)
-            else:
-                keep.append(m)
-        try:
-            tar.extractall(root, members=keep, filter=_diff_filter)
-        except tarfile.FilterError as e:
-            raise UnsafeArchiveError(f"rootfs-diff.tar: {e}") from None
-
-
-def _diff_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """tarfile's "tar" filter (nothing outside ``dest``), and no device nodes: deletions
-    travel as whiteout names, so an archive has no reason to create devices."""
-    if member.ischr() or member.isblk():
-        raise UnsafeArchiveError(f"rootfs-diff.tar: {member.name!r} is a device node")
-    return tarfile.tar_filter(member, dest)
-
-
-def _inside(root: Path, rel: Path) -> Path:
-    """``root/rel`` with its parent resolved inside ``root`` (the last part not followed)."""
-    if rel.is_absolute() or ".." in rel.parts:
-        raise UnsafeArchiveError(f"rootfs-diff.tar: path {rel} escapes the rootfs")
-    parent = (root / rel).parent.resolve()
-    if parent != root and root not in parent.parents:
-        raise UnsafeArchiveError(f"rootfs-diff.tar: path {rel} escapes the rootfs")
-    return parent / rel.name
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 # --- misc helpers -----------------------------------------------------------------------
