@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -34,14 +34,17 @@ from rich.table import Table
 import ctrmig
 from ctrmig import demo as _demo
 from ctrmig import doctor as _doctor
+from ctrmig import options, settings
 from ctrmig.archive import COMPRESSIONS, Manifest
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
 from ctrmig.engines.base import listing
 from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError
+from ctrmig.options import CheckpointOptions, Options, RestoreOptions
 
 log = logging.getLogger("ctrmig")
+F = TypeVar("F", bound=Callable[..., Any])
 
 ENGINE_HELP = "Engine: podman, docker, runc or process [env: CTRMIG_ENGINE; default: detected]."
 URL_HELP = "podman/docker API URL [env: CTRMIG_PODMAN_URL, DOCKER_HOST]."
@@ -158,6 +161,50 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+# --- options: flags made from the one table in ctrmig.options -----------------------------
+
+#: Options ``migrate`` spells itself (its --name and --compress mean the whole move's).
+_MIGRATE_OWN = frozenset({"name", "compression"})
+
+
+def option_flags(*classes: type[Any], migrate: bool = False) -> Callable[[F], F]:
+    """click options for every field of the option dataclasses ``classes`` (an option in
+    several, e.g. tcp_established, once): what the API has, the CLI offers."""
+    decorators = []
+    seen: set[str] = set()
+    for cls in classes:
+        for f, spec in options.specs(cls):
+            if spec.internal or f.name in seen or (
+                    migrate and (spec.not_for_migrate or f.name in _MIGRATE_OWN)):
+                continue
+            seen.add(f.name)
+            decls = [spec.cli_flag(f.name), *([spec.short] if spec.short else []), f.name]
+            kwargs: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
+            if f.name == "compression":
+                kwargs |= {"type": click.Choice(COMPRESSIONS), "default": f.default,
+                           "show_default": True}
+            elif f.type == "tuple[str, ...]":
+                kwargs |= {"multiple": True}
+            elif "/" in decls[0]:
+                kwargs |= {"default": f.default}
+            elif f.type == "bool":
+                kwargs |= {"is_flag": True}
+            decorators.append(click.option(*decls, **kwargs))
+
+    def decorate(command: F) -> F:
+        for option in reversed(decorators):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _built(cls: type[Options], flags: dict[str, Any]) -> Options:
+    """The ``cls`` options the command line gave (flags of other classes ignored)."""
+    names = {f.name for f, _ in options.specs(cls)}
+    return options.build(cls, None, {k: v for k, v in flags.items() if k in names})
+
+
 # --- the commands ------------------------------------------------------------------------------
 
 engine_option = click.option(
@@ -181,6 +228,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
       ctrmig inspect web.ckpt.tar
     """
     ctx.obj = {"verbose": verbose}
+    settings.use(settings.load(os.environ))  # the environment, read once, here
     # ctrmig's own notes (what it waits for, an image it loaded) show by default; -v adds
     # its debug log (the commands it runs); -vv every library's too.
     logging.basicConfig(
@@ -196,32 +244,19 @@ def cli(ctx: click.Context, verbose: int) -> None:
               help="Archive file to write ('-': standard output).")
 @engine_option
 @url_option
-@click.option("--leave-running", is_flag=True, help="Keep the container running afterwards.")
-@click.option("--tcp-established", is_flag=True, help="Checkpoint established TCP connections.")
-@click.option("--file-locks", is_flag=True, help="Checkpoint file locks.")
-@click.option("--keep", is_flag=True, help="Keep the engine's temporary checkpoint files.")
-@click.option("--ignore-rootfs", is_flag=True, help="Leave out the container's rootfs changes.")
-@click.option("--ignore-volumes", is_flag=True, help="Leave out the content of volumes.")
-@click.option("--compress", "compression", type=click.Choice(COMPRESSIONS), default="zstd",
-              show_default=True, help="Archive compression.")
-@click.option("--print-stats", is_flag=True, help="Print the engine's checkpoint statistics.")
+@option_flags(CheckpointOptions)
 def checkpoint(container: str, archive: str, engine: str | None, url: str | None,
-               leave_running: bool, tcp_established: bool, file_locks: bool, keep: bool,
-               ignore_rootfs: bool, ignore_volumes: bool, compression: str,
-               print_stats: bool) -> None:
+               **flags: Any) -> None:
     """Checkpoint CONTAINER into one archive file (stops it unless --leave-running)."""
+    opts = _built(CheckpointOptions, flags)
+    print_stats = opts.print_stats
     engine = _pick(engine, container, url)
     to_stdout = archive == "-"
     started = time.monotonic()
     with contextlib.closing(_connect(engine, url)) as m, \
             _progress(f"checkpoint {container}") as progress:
-        result = m.checkpoint(
-            container, sys.stdout.buffer if to_stdout else archive, leave_running=leave_running,
-            compression=check_compression(compression),
-            progress=progress, tcp_established=tcp_established, file_locks=file_locks,
-            keep=keep, ignore_rootfs=ignore_rootfs, ignore_volumes=ignore_volumes,
-            print_stats=print_stats,
-        )
+        result = m.checkpoint(container, sys.stdout.buffer if to_stdout else archive, opts,
+                              progress=progress)
     mf = result.manifest
     if to_stdout:  # stdout carries the archive: say nothing more there
         return
@@ -244,17 +279,10 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
 @click.argument("archive", type=click.Path(dir_okay=False))
 @engine_option
 @url_option
-@click.option("--name", "-n", metavar="NEW", help="Name of the restored container.")
-@click.option("--tcp-established", is_flag=True, help="Restore established TCP connections.")
-@click.option("--publish", "-p", "publish", multiple=True, metavar="PORT",
-              help="Publish a port (podman syntax, e.g. 8080:80); repeatable.")
-@click.option("--allow-privileged", is_flag=True,
-              help="Allow an archive that asks for privileges (e.g. a privileged container).")
-@click.option("--lazy-pages", is_flag=True, help="Restore memory lazily (needs userfaultfd).")
+@option_flags(RestoreOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restore(archive: str, engine: str | None, url: str | None, name: str | None,
-            tcp_established: bool, publish: tuple[str, ...], allow_privileged: bool,
-            lazy_pages: bool, as_json: bool) -> None:
+def restore(archive: str, engine: str | None, url: str | None, as_json: bool,
+            **flags: Any) -> None:
     """Restore ARCHIVE into a running container (engine: the archive's, by default).
 
     ARCHIVE '-' reads the archive from standard input (then --engine is required).
@@ -268,10 +296,7 @@ def restore(archive: str, engine: str | None, url: str | None, name: str | None,
     source = sys.stdin.buffer if archive == "-" else archive
     with contextlib.closing(_connect(engine, url)) as m, \
             _progress(f"restore {Path(archive).name}", total) as progress:
-        restored = m.restore(
-            source, name=name, progress=progress, tcp_established=tcp_established,
-            publish_ports=publish, allow_privileged=allow_privileged, lazy_pages=lazy_pages,
-        )
+        restored = m.restore(source, _built(RestoreOptions, flags), progress=progress)
     if as_json:
         click.echo(json.dumps({"engine": engine, "name": restored}))
     else:
@@ -552,16 +577,10 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
 @click.option("--compress", "compression", type=click.Choice(("auto", *COMPRESSIONS)),
               default="auto", show_default=True,
               help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
-@click.option("--include-image/--no-include-image", default=True, show_default=True,
-              help="Carry the image in the archive, for a target that lacks it.")
-@click.option("--tcp-established", is_flag=True, help="Move established TCP connections.")
-@click.option("--allow-privileged", is_flag=True,
-              help="Let the target restore what asks for more than a default container "
-                   "(needed for plain processes, which run on the host).")
+@option_flags(CheckpointOptions, RestoreOptions, migrate=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, name: str | None, keep_source: bool,
-            compression: str, include_image: bool, tcp_established: bool,
-            allow_privileged: bool, as_json: bool) -> None:
+            compression: str, as_json: bool, **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
@@ -569,16 +588,12 @@ def migrate(container: str, source: str, target: str, name: str | None, keep_sou
     unix:// or tcp:// (podman's or docker's API) or ssh://[user@]host[:port] (runs ctrmig
     there; set CTRMIG_REMOTE_COMMAND if it is not on the remote PATH).
     """
-    if compression == "auto":
-        compression = "zstd" if "+ssh://" in target or "+ssh://" in source else "none"
     with _progress(f"migrate {container}") as progress:
         report = ctrmig.migrate(
             container, source=source, target=target, name=name, keep_source=keep_source,
-            compression=check_compression(compression), progress=progress,
-            checkpoint_options={"include_image": include_image,
-                                "tcp_established": tcp_established},
-            restore_options={"tcp_established": tcp_established,
-                             "allow_privileged": allow_privileged},
+            compression="auto" if compression == "auto" else check_compression(compression),
+            progress=progress, checkpoint_options=_built(CheckpointOptions, flags),
+            restore_options=_built(RestoreOptions, flags),
         )
     if as_json:
         data = dataclasses.asdict(report)

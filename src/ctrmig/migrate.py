@@ -9,16 +9,17 @@ the source is resumed from the checkpoint it kept, so the container runs exactly
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import tenacity
 
@@ -26,8 +27,10 @@ from ctrmig import endpoints, locks, settings
 from ctrmig.archive import Compression, Manifest
 from ctrmig.archive.streams import Progress
 from ctrmig.engines.base import listing
-from ctrmig.errors import BusyError, CtrmigError, NameInUseError
+from ctrmig.engines.remote import is_remote
+from ctrmig.errors import BusyError, CtrmigError, NameInUseError, OptionError
 from ctrmig.host import proc
+from ctrmig.options import CheckpointOptions, Options, RestoreOptions, build
 from ctrmig.protocol import Migrator
 
 log = logging.getLogger(__name__)
@@ -120,10 +123,10 @@ def migrate(
     source: Migrator | str,
     target: Migrator | str,
     name: str | None = None,
-    compression: Compression = "none",
+    compression: Compression | Literal["auto"] = "auto",
     keep_source: bool = False,
-    checkpoint_options: dict[str, Any] | None = None,
-    restore_options: dict[str, Any] | None = None,
+    checkpoint_options: CheckpointOptions | Mapping[str, object] | None = None,
+    restore_options: RestoreOptions | Mapping[str, object] | None = None,
     journal_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> MigrationReport:
@@ -135,7 +138,16 @@ def migrate(
     On success the source container is removed (or kept, stopped, with ``keep_source``).
     On failure the source container is resumed and the error re-raised.
     ``progress`` is called with the size of each piece of the archive as it goes.
+
+    Defaults, the same as ``ctrmig migrate``'s: ``compression="auto"`` is zstd when either
+    side is reached over ssh and none otherwise; the image travels in the archive when the
+    target lacks it (``checkpoint_options.include_image`` None) and the source can carry it.
     """
+    ckpt = _options(CheckpointOptions, checkpoint_options)
+    if ckpt.leave_running:
+        raise OptionError("a migration stops the source: leave_running does not apply",
+                          hint="to copy a running container, checkpoint it with "
+                               "--leave-running and restore the archive elsewhere")
     journal = None
     if isinstance(source, str) and isinstance(target, str):
         journal = Journal(journal_dir or settings.current().journal_dir, {
@@ -144,20 +156,22 @@ def migrate(
         })
     src = endpoints.connect(source) if isinstance(source, str) else source
     dst = endpoints.connect(target) if isinstance(target, str) else target
+    if compression == "auto":
+        compression = "zstd" if is_remote(src) or is_remote(dst) else "none"
+    ckpt = dataclasses.replace(ckpt, compression=compression,
+                               include_image=_carry_image(container, src, dst, ckpt))
     target_name = name or container
     if dst.exists(target_name):
         raise NameInUseError(
             f"the target {dst.engine} already has a container named {target_name!r}",
             hint="pick another name with --name, or remove that container",
         )
-    restore_options = dict(restore_options or {})
+    rest = dataclasses.replace(_options(RestoreOptions, restore_options), name=target_name)
     if journal:
         journal.phase("migrating")
-        restore_options["on_commit"] = _chained(journal.committed,
-                                                restore_options.get("on_commit"))
+        rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))
     try:
-        report = _migrate(container, src, dst, target_name, compression, keep_source,
-                          checkpoint_options, restore_options, progress)
+        report = _migrate(container, src, dst, keep_source, ckpt, rest, progress)
     except BaseException:
         if journal:
             journal.close()  # rolled back (or the source never stopped)
@@ -167,18 +181,39 @@ def migrate(
     return report
 
 
+def _options(cls: type[Options], given: Options | Mapping[str, object] | None) -> Options:
+    if isinstance(given, cls):
+        return given
+    return build(cls, None, given)  # type: ignore[arg-type]
+
+
+def _carry_image(container: str, source: Migrator, target: Migrator,
+                 opts: CheckpointOptions) -> bool:
+    """Whether the archive carries the image: as asked, else when the target lacks it."""
+    if opts.include_image is not None:
+        return opts.include_image
+    if not getattr(source, "carries_images", False):
+        return False
+    image = next((c.image for c in source.list() if container in (c.name, c.id)), "")
+    if not image:
+        return False
+    has = target.has_image(image)
+    log.debug("target %s image %s: %s", target.engine, image,
+              {True: "present", False: "absent", None: "unknown"}[has])
+    return has is not True
+
+
 def _migrate(
     container: str,
     source: Migrator,
     target: Migrator,
-    name: str,
-    compression: Compression,
     keep_source: bool,
-    checkpoint_options: dict[str, Any] | None,
-    restore_options: dict[str, Any] | None,
+    checkpoint_options: CheckpointOptions,
+    restore_options: RestoreOptions,
     progress: Progress | None = None,
 ) -> MigrationReport:
-    report = MigrationReport(container, source.engine, target.engine, compression=compression)
+    report = MigrationReport(container, source.engine, target.engine,
+                             compression=checkpoint_options.compression)
     read_fd, write_fd = os.pipe()
     pipe_out = _CountingPipeWriter(write_fd)
     result: dict[str, Any] = {}
@@ -188,7 +223,7 @@ def _migrate(
         try:
             archive = source.checkpoint(
                 container, pipe_out,  # type: ignore[arg-type]
-                compression=compression, progress=progress, **(checkpoint_options or {}),
+                checkpoint_options, progress=progress,
             )
             result["manifest"] = archive.manifest
         except BaseException as e:  # handed to the main thread
@@ -201,7 +236,7 @@ def _migrate(
     producer.start()
     pipe_in = os.fdopen(read_fd, "rb", buffering=1 << 20)
     try:
-        report.target_name = target.restore(pipe_in, name=name, **(restore_options or {}))
+        report.target_name = target.restore(pipe_in, restore_options)
         _drain(pipe_in)  # the tar's end padding, so the producer never blocks on it
     except BaseException as e:
         # Closing our end makes the source's next write fail (EPIPE): an unfinished

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
-from ctrmig.archive import Archive, Compression
+from ctrmig.archive import Archive
 from ctrmig.archive.streams import Progress
-from ctrmig.archive.writer import check_compression
-from ctrmig.errors import OptionError
+from ctrmig.options import CheckpointOptions, RestoreOptions
+
+__all__ = ["ArchivePath", "ArchiveSource", "CheckpointOptions", "ContainerInfo", "Migrator",
+           "RestoreOptions", "as_path"]
 
 ArchivePath = str | os.PathLike[str]
 ArchiveSource = ArchivePath | BinaryIO
@@ -26,80 +27,6 @@ class ContainerInfo:
     id: str
     image: str = ""
     state: str = ""
-
-
-@dataclass(frozen=True)
-class CheckpointOptions:
-    """What to checkpoint and how; engines refuse options they cannot honour."""
-
-    leave_running: bool = False
-    tcp_established: bool = False
-    file_locks: bool = False
-    keep: bool = False
-    ignore_rootfs: bool = False
-    ignore_volumes: bool = False
-    pre_checkpoint: bool = False
-    print_stats: bool = False
-    include_image: bool = False
-    compression: Compression = "zstd"
-
-    def __post_init__(self) -> None:
-        check_compression(self.compression)
-
-    def set_options(self) -> set[str]:
-        """Names of the boolean options switched on."""
-        return _switched_on(self)
-
-
-@dataclass(frozen=True)
-class RestoreOptions:
-    """How to restore; ``name`` None keeps the engine's choice (usually a fresh name)."""
-
-    name: str | None = None
-    tcp_established: bool = False
-    file_locks: bool = False
-    keep: bool = False
-    ignore_rootfs: bool = False
-    ignore_volumes: bool = False
-    print_stats: bool = False
-    lazy_pages: bool = False
-    allow_privileged: bool = False
-    publish_ports: tuple[str, ...] = field(default_factory=tuple)
-    #: Called right before the target can finish the restore without the caller (the
-    #: archive's last bytes leave for an engine that restores on its own, or the engine's
-    #: final call is made), with the PIDs of local helper processes that may still carry
-    #: it on (an ssh session). :func:`ctrmig.migrate` journals it for :func:`ctrmig.recover`.
-    on_commit: Callable[[Sequence[int]], None] | None = field(
-        default=None, compare=False, repr=False)
-
-    def set_options(self) -> set[str]:
-        """Names of the options switched on (publish_ports counts when given)."""
-        names = _switched_on(self)
-        if self.publish_ports:
-            names.add("publish_ports")
-        return names
-
-    def commit(self, helpers: Sequence[int] = ()) -> None:
-        """Report the point of no return to ``on_commit``, if anyone asked."""
-        if self.on_commit is not None:
-            self.on_commit(list(helpers))
-
-
-def _switched_on(options: Any) -> set[str]:
-    return {f.name for f in fields(options) if getattr(options, f.name) is True}
-
-
-def build_options(cls: type[Any], kwargs: dict[str, Any]) -> Any:
-    """Build ``cls`` from keyword arguments, turning unknown names into OptionError."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise OptionError(
-            f"unknown option(s): {', '.join(unknown)}", hint=f"valid: {', '.join(sorted(known))}"
-        )
-    if "publish_ports" in kwargs:
-        kwargs = {**kwargs, "publish_ports": tuple(kwargs["publish_ports"] or ())}
-    return cls(**kwargs)
 
 
 @runtime_checkable
@@ -137,31 +64,35 @@ class Migrator(Protocol):
         self,
         container: str,
         archive: ArchivePath | BinaryIO,
+        options: CheckpointOptions | None = None,
         *,
-        leave_running: bool = False,
-        compression: Compression = "zstd",
         progress: Progress | None = None,
-        **options: Any,
+        **overrides: object,
     ) -> Archive:
         """Checkpoint ``container`` into ``archive`` (a path, or a binary stream).
 
-        ``options`` are the other fields of :class:`CheckpointOptions`.
+        ``overrides`` set fields of ``options`` by name (``leave_running=True``); an
+        unknown name or an option the engine cannot honour raises OptionError.
         """
         ...
 
     def restore(
         self,
         archive: ArchiveSource,
+        options: RestoreOptions | None = None,
         *,
-        name: str | None = None,
         progress: Progress | None = None,
-        **options: Any,
+        **overrides: object,
     ) -> str:
         """Restore the archive into a running container; return its name.
 
-        The archive's checksums are verified before the engine is touched. ``options``
-        are the other fields of :class:`RestoreOptions`.
+        The archive's checksums are verified before the engine is touched. ``overrides``
+        set fields of ``options`` by name (``name="web2"``).
         """
+        ...
+
+    def has_image(self, ref: str) -> bool | None:
+        """Whether the engine holds image ``ref``; None when it cannot tell."""
         ...
 
     def close(self) -> None:

@@ -24,7 +24,6 @@ from typing import Any, BinaryIO, ClassVar, cast
 from ctrmig.archive import (
     Archive,
     ArchiveWriter,
-    Compression,
     ContainerRecord,
     Manifest,
     atomic_output,
@@ -45,6 +44,7 @@ from ctrmig.errors import (
 )
 from ctrmig.host import criu
 from ctrmig.locks import container_lock, operations
+from ctrmig.options import build, for_engine
 from ctrmig.protocol import (
     ArchivePath,
     ArchiveSource,
@@ -52,7 +52,6 @@ from ctrmig.protocol import (
     ContainerInfo,
     RestoreOptions,
     as_path,
-    build_options,
 )
 
 log = logging.getLogger(__name__)
@@ -103,21 +102,16 @@ class BaseMigrator(ABC):
         self,
         container: str,
         archive: ArchivePath | BinaryIO,
+        options: CheckpointOptions | None = None,
         *,
-        leave_running: bool = False,
-        compression: Compression = "zstd",
         progress: Progress | None = None,
-        **options: Any,
+        **overrides: object,
     ) -> Archive:
-        opts: CheckpointOptions = build_options(
-            CheckpointOptions,
-            {"leave_running": leave_running, "compression": compression, **options},
-        )
+        opts = build(CheckpointOptions, options, overrides)
         if opts.pre_checkpoint:
             criu.require_memory_tracking()
-        self._refuse_unsupported(opts.set_options() - {"leave_running", "include_image"},
-                                 self.checkpoint_options, "checkpoint")
-        if opts.include_image and type(self)._export_image is BaseMigrator._export_image:
+        self._refuse_unsupported(for_engine(opts), self.checkpoint_options, "checkpoint")
+        if opts.include_image and not self.carries_images:
             raise OptionError(f"the {self.engine} engine cannot carry images in archives")
         with self._lock(container, "checkpointing"):
             record = self._describe(container)
@@ -131,17 +125,16 @@ class BaseMigrator(ABC):
     def restore(
         self,
         archive: ArchiveSource,
+        options: RestoreOptions | None = None,
         *,
-        name: str | None = None,
         progress: Progress | None = None,
-        **options: Any,
+        **overrides: object,
     ) -> str:
-        opts: RestoreOptions = build_options(RestoreOptions, {"name": name, **options})
+        opts = build(RestoreOptions, options, overrides)
         if opts.lazy_pages:
             criu.require_lazy_pages()
         # allow_privileged is honoured below, for every engine (privileges.check).
-        self._refuse_unsupported(opts.set_options() - {"allow_privileged"},
-                                 self.restore_options, "restore")
+        self._refuse_unsupported(for_engine(opts), self.restore_options, "restore")
         # Verify (or extract) first: a bad archive is refused before any engine call.
         with contextlib.ExitStack() as stack:
             if opts.name is not None:
@@ -248,9 +241,18 @@ class BaseMigrator(ABC):
             opts.allow_privileged,
         )
 
-    def _has_image(self, ref: str) -> bool:
-        """Whether the engine holds image ``ref`` (default: unknown, so True)."""
-        return True
+    @property
+    def carries_images(self) -> bool:
+        """Whether this engine can carry its images in archives (include_image)."""
+        return type(self)._export_image is not BaseMigrator._export_image
+
+    def has_image(self, ref: str) -> bool | None:
+        """Whether the engine holds image ``ref``; None when it cannot tell."""
+        return self._has_image(ref)
+
+    def _has_image(self, ref: str) -> bool | None:
+        """Whether the engine holds image ``ref`` (default: None, it cannot tell)."""
+        return None
 
     def _export_image(self, ref: str, dest: Path) -> str:
         """Save image ``ref`` into the file ``dest``; return its format (e.g. oci-archive)."""
@@ -273,7 +275,7 @@ class BaseMigrator(ABC):
     def _ensure_image(self, manifest: Manifest, source: Path) -> None:
         """Load the archive's image if the engine lacks it; fail clearly if neither has it."""
         ref = manifest.container.image
-        if not ref or self._has_image(ref):
+        if not ref or self._has_image(ref) is not False:
             return
         carried = manifest.extra.get("image_archive")
         if not isinstance(carried, dict) or carried.get("member") not in manifest.files:

@@ -34,7 +34,8 @@ from ctrmig.errors import (
     RestoreError,
 )
 from ctrmig.host import http, proc
-from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
+from ctrmig.options import CheckpointOptions, RestoreOptions, podman_params
+from ctrmig.protocol import ContainerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -207,16 +208,11 @@ class PodmanMigrator(BaseMigrator):
 
     def _dump(self, record: ContainerRecord, opts: CheckpointOptions) -> Dump:
         params = {
+            **podman_params(opts),
             "export": True,
-            "leaveRunning": opts.leave_running,
             # Keep podman's checkpoint images until we are done: if writing the archive
             # fails, the container can still be restored in place (see rollback).
             "keep": True,
-            "tcpEstablished": opts.tcp_established,
-            "fileLocks": opts.file_locks,
-            "ignoreRootFS": opts.ignore_rootfs,
-            "ignoreVolumes": opts.ignore_volumes,
-            "printStats": opts.print_stats,
         }
         what = f"podman checkpoint {record.name}"
         with self._api(what, error=CheckpointError):
@@ -251,18 +247,7 @@ class PodmanMigrator(BaseMigrator):
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         name = opts.name or manifest.container.name
-        params: dict[str, Any] = {
-            "import": True,
-            "name": name,
-            "tcpEstablished": opts.tcp_established,
-            "fileLocks": opts.file_locks,
-            "keep": opts.keep,
-            "ignoreRootFS": opts.ignore_rootfs,
-            "ignoreVolumes": opts.ignore_volumes,
-            "printStats": opts.print_stats,
-        }
-        if opts.publish_ports:
-            params["publishPorts"] = list(opts.publish_ports)
+        params = {**podman_params(opts), "import": True, "name": name}
         what = f"podman restore {name}"
         try:
             with self._api(what, error=RestoreError), source.open("rb") as body:

@@ -20,15 +20,16 @@ import shlex
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from ctrmig import settings
-from ctrmig.archive import Archive, Compression, read_manifest
+from ctrmig.archive import Archive, read_manifest
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.archive.writer import atomic_output
 from ctrmig.errors import CommandError, EngineError, OptionError, RestoreError
 from ctrmig.host import proc
+from ctrmig.options import CheckpointOptions, RestoreOptions, build, cli_args
 from ctrmig.protocol import ArchivePath, ArchiveSource, ContainerInfo, as_path
 
 SSH_TIMEOUT = 60.0
@@ -106,26 +107,31 @@ class RemoteMigrator:
     def resume(self, container: str) -> None:
         self._run("resume", container, timeout=self.timeout)
 
+    def has_image(self, ref: str) -> bool | None:
+        """Not asked over ssh: None (unknown), so a migration carries the image."""
+        return None
+
     def checkpoint(
         self,
         container: str,
         archive: ArchivePath | BinaryIO,
+        options: CheckpointOptions | None = None,
         *,
-        leave_running: bool = False,
-        compression: Compression = "zstd",
         progress: Progress | None = None,
-        **options: Any,
+        **overrides: object,
     ) -> Archive:
         """Checkpoint on the remote host, the archive streamed back over ssh to a file."""
+        opts = build(CheckpointOptions, options, overrides)
         if not isinstance(archive, (str, os.PathLike)):
             raise OptionError(
                 "a remote checkpoint can only be written to a file",
                 hint="run `ctrmig migrate` on the source host, or checkpoint to a file",
             )
-        args = ["checkpoint", container, "-o", "-", "--compress", compression]
-        if leave_running:
-            args.append("--leave-running")
-        args += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
+        # Every option as a flag of the remote `ctrmig checkpoint` (the same table makes
+        # both); the compression always, so that the remote default cannot differ.
+        args = ["checkpoint", container, "-o", "-", *cli_args(opts)]
+        if "--compress" not in args:
+            args += ["--compress", opts.compression]
         path = as_path(archive)
         with atomic_output(path) as out:
             self._stream(args, stdin=None, stdout=out, progress=progress)
@@ -134,10 +140,10 @@ class RemoteMigrator:
     def restore(
         self,
         archive: ArchiveSource,
+        options: RestoreOptions | None = None,
         *,
-        name: str | None = None,
         progress: Progress | None = None,
-        **options: Any,
+        **overrides: object,
     ) -> str:
         """Stream the archive to ctrmig on the remote host, which verifies and restores it.
 
@@ -145,13 +151,9 @@ class RemoteMigrator:
         client's PID before the archive's last bytes go: from then on the remote ctrmig may
         finish the restore even if this process dies, and that ssh lives until it has.
         """
-        on_commit = options.pop("on_commit", None)
-        args = ["restore", "-", "--json"]
-        if name:
-            args += ["--name", name]
-        args += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
-        for port in options.get("publish_ports") or ():
-            args += ["--publish", port]
+        opts = build(RestoreOptions, options, overrides)
+        on_commit = opts.on_commit
+        args = ["restore", "-", "--json", *cli_args(opts)]
         if isinstance(archive, (str, os.PathLike)):
             with open(archive, "rb") as f:
                 out = self._stream(args, stdin=f, stdout=None, progress=progress,
@@ -236,8 +238,11 @@ def _hint(stderr: str | None) -> str | None:
     return None
 
 
-def is_remote(address: str | None) -> bool:
-    return bool(address) and str(address).startswith("ssh://")
+def is_remote(endpoint: object) -> bool:
+    """Whether ``endpoint`` (a migrator, or an address) is reached over ssh."""
+    if isinstance(endpoint, RemoteMigrator):
+        return True
+    return isinstance(endpoint, str) and "ssh://" in endpoint
 
 
 __all__ = ["RemoteMigrator", "is_remote"]
