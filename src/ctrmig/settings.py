@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PODMAN_URL = "unix:///run/podman/podman.sock"
+DEFAULT_PODMAN_SOCKET = Path("/run/podman/podman.sock")
+DEFAULT_PODMAN_URL = f"unix://{DEFAULT_PODMAN_SOCKET}"
 DEFAULT_DOCKER_SOCKET = Path("/var/run/docker.sock")
 DEFAULT_DOCKER_URL = f"unix://{DEFAULT_DOCKER_SOCKET}"
 STATE_ROOT = Path("/var/lib/ctrmig")

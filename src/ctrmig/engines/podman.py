@@ -43,7 +43,7 @@ T = TypeVar("T")
 RESPONSE_BUFFER = 4 * CHUNK
 START_HINT = (
     "start podman's API service: `ctrmig service start podman` "
-    "(or `podman system service --time=0 unix:///run/podman/podman.sock &`)"
+    f"(or `podman system service --time=0 {settings.DEFAULT_PODMAN_URL} &`)"
 )
 
 
