@@ -624,6 +624,10 @@ def test_refuses_another_name_and_unknown_pids(
     assert not (tmp_path / "x.tar").exists()
     with pytest.raises(ContainerNotFoundError):
         m.logs(str(pid))
+    # Its own PID is the one name it takes; the base's name check then finds it free.
+    assert procs.adopt(m.restore(archive, name=str(pid), allow_privileged=True)) == pid
+    with pytest.raises(NameInUseError, match=f"PID {pid}.* taken"):
+        m.restore(archive, name=str(pid), allow_privileged=True)
 
 
 def test_refused_without_allow_privileged_and_inspect_says_why(
