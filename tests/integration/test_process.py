@@ -32,7 +32,7 @@ from click.testing import CliRunner
 import ctrmig
 from ctrmig import cli
 from ctrmig.archive.privileges import archive_privileges
-from ctrmig.engines import process
+from ctrmig.engines.process import ProcessMigrator, inherit
 from ctrmig.errors import (
     CheckpointError,
     ContainerNotFoundError,
@@ -326,7 +326,7 @@ def test_terminal_job_restored_onto_a_new_pty(
         p.wait(timeout=5)
         before = counts(old.until(lambda _: False))
         # A terminal can only be replaced by a terminal: without one, refuse up front.
-        monkeypatch.setattr(process, "_own_terminal", lambda: None)
+        monkeypatch.setattr(inherit, "own_terminal", lambda: None)
         with pytest.raises(OptionError, match="no terminal to restore it onto"):
             ctrmig.migrator("process", state_dir=state).restore(tmp_path / "tty.tar",
                                                                 allow_privileged=True)
@@ -601,8 +601,7 @@ def test_refuses_while_the_source_still_runs(
 
     # Should the PID be taken between that check and CRIU (a race), CRIU's own error is
     # turned into the same clear one.
-    monkeypatch.setattr(process.ProcessMigrator, "_check_pids_free",
-                        staticmethod(lambda config: None))
+    monkeypatch.setattr(ProcessMigrator, "_check_name_free", lambda self, name: None)
     with pytest.raises(NameInUseError, match="taken") as e:
         m.restore(tmp_path / "live.tar", allow_privileged=True)
     assert "Can't fork for" in (e.value.stderr or "")
@@ -625,6 +624,10 @@ def test_refuses_another_name_and_unknown_pids(
     assert not (tmp_path / "x.tar").exists()
     with pytest.raises(ContainerNotFoundError):
         m.logs(str(pid))
+    # Its own PID is the one name it takes; the base's name check then finds it free.
+    assert procs.adopt(m.restore(archive, name=str(pid), allow_privileged=True)) == pid
+    with pytest.raises(NameInUseError, match=f"PID {pid}.* taken"):
+        m.restore(archive, name=str(pid), allow_privileged=True)
 
 
 def test_refused_without_allow_privileged_and_inspect_says_why(
