@@ -601,7 +601,7 @@ def test_refuses_while_the_source_still_runs(
 
     # Should the PID be taken between that check and CRIU (a race), CRIU's own error is
     # turned into the same clear one.
-    monkeypatch.setattr(ProcessMigrator, "_check_name_free", lambda self, name: None)
+    monkeypatch.setattr(ProcessMigrator, "_check_name_free", lambda self, name, source=None: None)
     with pytest.raises(NameInUseError, match="taken") as e:
         m.restore(tmp_path / "live.tar", allow_privileged=True)
     assert "Can't fork for" in (e.value.stderr or "")

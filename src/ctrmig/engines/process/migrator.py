@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import time
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,11 +23,6 @@ from ctrmig.errors import CheckpointError, ContainerNotFoundError, OptionError
 from ctrmig.host import criu as host_criu
 from ctrmig.host import proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
-
-#: The root PID and every PID the archive being restored in this context needs: read
-#: from its config.dump by _check_archive, checked by _check_name_free (which the base
-#: hands only the name, the root PID).
-_needed: ContextVar[tuple[int, list[int]] | None] = ContextVar("needed", default=None)
 
 
 class ProcessMigrator(BaseMigrator):
@@ -206,15 +200,14 @@ class ProcessMigrator(BaseMigrator):
                 hint=f"omit the name, or pass {pid}",
             )
         checks.check_config(config, self.stdio)
-        _needed.set((pid, checks.tree_pids(config)))
 
-    def _check_name_free(self, name: str) -> None:
+    def _check_name_free(self, name: str, source: Path | None = None) -> None:
         """The name is the root PID: it, and every other PID and TID of the archive's
         tree, must be free (CRIU restores a plain process under its original PIDs)."""
-        pid = pid_of(name)
-        needed = _needed.get()
-        _needed.set(None)
-        checks.check_pids_free(needed[1] if needed and needed[0] == pid else [pid])
+        pids = [pid_of(name)]
+        if source is not None:
+            pids = checks.tree_pids(records.read_config(source))
+        checks.check_pids_free(pids)
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         return self._criu_restore(source, records.read_config(source), opts.tcp_established)
