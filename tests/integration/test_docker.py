@@ -18,6 +18,7 @@ from typing import Any
 
 import docker
 import pytest
+import requests
 
 import ctrmig
 from ctrmig.engines.docker import DockerMigrator, rootfs
@@ -498,12 +499,16 @@ def second_dockerd(dockerd_socket: Path, session_dir: Path) -> Iterator[str]:
     """Another private dockerd (own data root, experimental on) with the test image: a
     stand-in for a second host."""
     with _private_dockerd(dockerd_socket.parent, f"dockerd-second-{os.getpid()}") as sock:
-        client = docker.APIClient(base_url=f"unix://{sock}", timeout=300)
-        with (session_dir / "test-image.tar").open("rb") as f:
-            for _ in client.load_image(f):
-                pass
-        client.close()
+        _load_test_image(f"unix://{sock}", session_dir)
         yield f"unix://{sock}"
+
+
+def _load_test_image(url: str, session_dir: Path) -> None:
+    client = docker.APIClient(base_url=url, timeout=300)
+    with (session_dir / "test-image.tar").open("rb") as f:
+        for _ in client.load_image(f):
+            pass
+    client.close()
 
 
 def test_migrate_to_another_daemon(dk: Docker, second_dockerd: str, tmp_path: Path) -> None:
@@ -554,7 +559,7 @@ def test_failed_migration_resumes_the_source(dk: Docker,
 
 
 def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, session_dir: Path) -> None:
     src = dk.counter()
     dk.m.checkpoint(src, tmp_path / "e.tar")
     with DockerMigrator(plain_dockerd) as plain:
@@ -562,6 +567,30 @@ def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
             plain.restore(tmp_path / "e.tar")
         assert err.value.hint and "daemon.json" in err.value.hint
         assert plain.list() == []
+        # resume asks the daemon's state (/info), not the words of a refused call
+        _load_test_image(plain_dockerd, session_dir)
+        other = Docker(Path(plain_dockerd.removeprefix("unix://")), dk.image)
+        try:
+            stopped = other.track(unique("ctrmig-dk-plain"))
+            other.api.create_container(dk.image, COUNTER_CMD, name=stopped)
+            with pytest.raises(EngineError, match="experimental") as err:
+                plain.resume(stopped)
+            assert err.value.hint and "daemon.json" in err.value.hint
+        finally:
+            other.cleanup()
+
+
+def test_refused_create_is_classified_by_state(dk: Docker) -> None:
+    """A name taken now is NameInUseError, an image missing now ImageNotFoundError."""
+    taken = dk.track(unique("ctrmig-dk-taken"))
+    dk.api.create_container(dk.image, COUNTER_CMD, name=taken)
+    with pytest.raises(NameInUseError, match=taken):
+        dk.m.api.create({"Image": dk.image, "Cmd": COUNTER_CMD}, taken)
+    missing = f"localhost/{unique('ctrmig-none')}:latest"
+    fresh = dk.track(unique("ctrmig-dk-noimage"))
+    with pytest.raises(ImageNotFoundError, match="create container"):
+        dk.m.api.create({"Image": missing, "Cmd": COUNTER_CMD}, fresh)
+    assert not dk.m.exists(fresh)
 
 
 # --- errors without a daemon ---------------------------------------------------------------
@@ -593,6 +622,49 @@ def test_criu_missing_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(ToolMissingError, match="criu") as err:
         m.checkpoints.require()
     assert err.value.hint and "setup-host" in err.value.hint
+
+
+class RefusingClient:
+    """docker-py's client refusing every create with ``status`` and ``words``; inspects of
+    containers and images answer 404 unless the ref is in ``present``."""
+
+    def __init__(self, status: int, words: str, present: set[str]):
+        self.status, self.words, self.present = status, words, present
+
+    def _error(self, status: int, words: str) -> docker.errors.APIError:
+        response = requests.Response()
+        response.status_code = status
+        return docker.errors.APIError("refused", response=response, explanation=words)
+
+    def create_container_from_config(self, body: object, name: str) -> Any:
+        raise self._error(self.status, self.words)
+
+    def inspect_container(self, ref: str) -> Any:
+        if ref not in self.present:
+            raise self._error(404, f"No such container: {ref}")
+        return {"Id": ref}
+
+    inspect_image = inspect_container
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "words", "present", "expected"), [
+    (409, 'Conflict. The container name "/web" is already in use', {"img"}, RestoreError),
+    (409, "Conflict: something else", {"img", "web"}, NameInUseError),
+    (404, "No such image: img", {"img"}, RestoreError),
+    (404, "not found", set(), ImageNotFoundError),
+])
+def test_create_failure_follows_state_not_words(
+    status: int, words: str, present: set[str], expected: type[EngineError]
+) -> None:
+    m = DockerMigrator("unix:///nonexistent.sock")
+    m.api._client = RefusingClient(status, words, present)  # type: ignore[assignment]
+    with pytest.raises(EngineError) as err:
+        m.api.create({"Image": "img"}, "web")
+    assert type(err.value) is expected
+    assert words.splitlines()[0] in str(err.value)  # the daemon's words stay the message
 
 
 @pytest.mark.parametrize("race_failures", [0, 2])
