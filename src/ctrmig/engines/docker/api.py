@@ -6,9 +6,9 @@ call runs inside :meth:`EngineAPI.errors` (:func:`ctrmig.host.http.api_errors`);
 ones (GETs, a forced DELETE) go through :meth:`EngineAPI.idempotent`, which retries
 transient failures. Nothing from docker-py, requests or urllib3 leaks out.
 
-Failures are classified by the daemon's state where a check of it exists: a 404 of a
-container or image call, ``/images/REF/json`` and a container inspect after a failed
-create. The daemon's wording is kept as the message.
+Failures are classified by the daemon's state wherever a check of it exists, not by its
+words (which stay the message): container existence is a 404 of its inspect, image
+presence a 404 of ``GET /images/REF/json``, and a refused create asks both.
 """
 
 from __future__ import annotations

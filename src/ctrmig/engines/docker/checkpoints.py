@@ -13,7 +13,9 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import tenacity
 
@@ -107,7 +109,7 @@ class Checkpoints:
 
     # --- making and starting -----------------------------------------------------------------
 
-    def create(self, cid: str, name: str, fields: dict[str, object], *, label: str) -> None:
+    def create(self, cid: str, name: str, fields: Mapping[str, Any], *, label: str) -> None:
         """Checkpoint, dodging containerd's "content ... already exists" (moby#42900).
 
         A checkpoint writes the container's spec to containerd's content store; while the

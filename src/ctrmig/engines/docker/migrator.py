@@ -53,7 +53,8 @@ class DockerMigrator(BaseMigrator):
     #: when a migrator is made.
     unique_uploads: bool = True
     #: Tries of an idempotent call (a GET, a forced DELETE) that failed transiently (5xx,
-    #: dropped connection). Checkpoint, create and start are never retried blindly.
+    #: dropped connection), read when a migrator is made. Checkpoint, create and start
+    #: are never retried blindly.
     retry_attempts: ClassVar[int] = http.RETRY_ATTEMPTS
     retry_wait: ClassVar[tenacity.wait.wait_base] = http.RETRY_WAIT
 
