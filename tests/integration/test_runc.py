@@ -46,7 +46,7 @@ def _counting(m: RuncMigrator, name: str, above: int = 0) -> int:
 
 def _state_file(m: RuncMigrator, name: str) -> str:
     """/state.txt as the container sees it: through runc exec."""
-    res = proc.run([*m._runc(), "exec", name, "/bin/cat", "/state.txt"], timeout=60)
+    res = proc.run(m.runc.argv("exec", name, "/bin/cat", "/state.txt"), timeout=60)
     return res.stdout.decode()
 
 
@@ -104,7 +104,7 @@ def test_checkpoint_remove_restore_continues(
           f"count {before} -> {first_count(log)}")
 
 
-def test_restore_beside_running_source_gets_fresh_name(
+def test_restore_beside_running_source_needs_a_name(
     runc_state: RuncMigrator, test_image: str, tmp_path: Path
 ) -> None:
     m = runc_state
@@ -113,8 +113,14 @@ def test_restore_beside_running_source_gets_fresh_name(
     archive = m.checkpoint(name, tmp_path / "a.tar", leave_running=True, compression="none")
     assert not (m.bundles_dir / name / "checkpoint").exists()
     at_dump = last_count(m.logs(name))
-    clone = m.restore(archive.path)  # type: ignore[arg-type]
-    assert clone != name and clone.startswith(name)
+    # The one name policy: the recorded name is the running source's, so it is refused.
+    with pytest.raises(NameInUseError) as err:
+        m.restore(archive.path)  # type: ignore[arg-type]
+    assert name in str(err.value)
+    assert {c.name for c in m.list()} == {name}
+
+    clone = m.restore(archive.path, name=f"{name}-clone")  # type: ignore[arg-type]
+    assert clone == f"{name}-clone"
     _counting(m, clone, above=at_dump)
     _counting(m, name, above=at_dump)  # the source went on running
     assert first_count(m.logs(clone)) > at_dump - 3
