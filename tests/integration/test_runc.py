@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 import time
@@ -18,6 +19,7 @@ from ctrmig.archive.layers import apply_rootfs_diff
 from ctrmig.engines.runc import TEMPLATE, RuncMigrator
 from ctrmig.errors import (
     CheckpointError,
+    CommandError,
     ContainerNotFoundError,
     CtrmigError,
     ImageNotFoundError,
@@ -221,6 +223,34 @@ def test_errors_user_sees(runc_state: RuncMigrator, test_image: str, tmp_path: P
     assert not (tmp_path / "x.tar").exists()
     with pytest.raises(ContainerNotFoundError):
         m.logs("ctrmig-no-such-container")
+
+
+# skopeo 1.18's words for a missing image (1.9 adds ": identifier is not an image").
+SKOPEO_1_18 = r"""#!/bin/sh
+echo "level=fatal msg=\"Error parsing image name $4: does not resolve to an image ID\"" >&2
+exit 1
+"""
+
+
+def test_missing_image_is_decided_by_its_store(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not by skopeo's English: podman's storage says whether the image is there."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "skopeo").write_text(SKOPEO_1_18)
+    (shims / "skopeo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    with pytest.raises(ImageNotFoundError) as err:
+        runc_state.run("localhost/ctrmig-no-such-image:latest", command=["/bin/true"])
+    assert "localhost/ctrmig-no-such-image:latest" in str(err.value)
+    assert "does not resolve to an image ID" in (err.value.stderr or "")
+    assert err.value.hint
+    # The image is there and skopeo still fails: that is no missing image.
+    with pytest.raises(CommandError) as err2:
+        runc_state.run(test_image, command=["/bin/true"])
+    assert not isinstance(err2.value, ImageNotFoundError)
+    assert runc_state.list() == []
 
 
 def test_rootfs_diff_cannot_escape(tmp_path: Path) -> None:

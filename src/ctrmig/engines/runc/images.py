@@ -3,6 +3,8 @@
 Each image is kept once per manifest digest under ``images/HEX/``: layout/ (skopeo's OCI
 layout), rootfs/ (umoci's pristine unpack, the overlay lower layer of every container
 made from it), image-config.json and source-refs (the references it was read from).
+Whether an image is missing is asked of its store (podman's storage, the docker daemon, a
+path), never read from a tool's wording; the tool's words only go into the message.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from ctrmig.engines.runc.state import read_text, to_json
-from ctrmig.errors import CommandError, ImageNotFoundError, OptionError
-from ctrmig.host import proc
+from ctrmig.errors import CommandError, CtrmigError, ImageNotFoundError, OptionError
+from ctrmig.host import http, proc
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("containers-storage:", "docker-daemon:", "oci:", "oci-archive:",
               "docker-archive:", "dir:")
 IMAGE_TIMEOUT = 600.0
+STORE_TIMEOUT = 60.0
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
-_MISSING_IMAGE = re.compile(
-    r"does not exist|not found|no such|unknown image|identifier is not an image|"
-    r"not known|cannot find", re.IGNORECASE)
+# containers-storage:[driver@graphroot+runroot:options]REF (every part optional)
+_STORE_SPEC = re.compile(
+    r"\[(?:[^@\]]+@)?(?P<root>[^+:\]]*)(?:\+(?P<runroot>[^:\]]*))?(?::[^\]]*)?\]")
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,10 @@ def transport_ref(image: str) -> str:
 class ImageCache:
     """The unpacked images of one state dir."""
 
-    def __init__(self, images_dir: Path, tmp_dir: Path):
+    def __init__(self, images_dir: Path, tmp_dir: Path, *, docker_url: str):
         self.dir = images_dir
         self.tmp_dir = tmp_dir
+        self.docker_url = docker_url  # where a docker-daemon: image is looked up
 
     def get(self, image: str, recorded_transport: str | None = None,
             digest: str | None = None) -> Image:
@@ -150,7 +154,7 @@ class ImageCache:
                        timeout=IMAGE_TIMEOUT, check=False)
         err = res.stderr.decode(errors="replace")
         if res.returncode != 0:
-            if _MISSING_IMAGE.search(err):
+            if present(ref, docker_url=self.docker_url) is False:
                 raise ImageNotFoundError(f"image {image!r} not found ({ref})",
                                          stderr=proc.tail(err),
                                          hint="build or load it locally; registries are "
@@ -179,6 +183,79 @@ class ImageCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+# --- is the image there? (asked of its store) ----------------------------------------------
+
+
+def present(ref: str, *, docker_url: str) -> bool | None:
+    """Whether the store behind skopeo reference ``ref`` holds the image: True, False, or
+    None when the store cannot tell (it is unreachable, or the question makes no sense)."""
+    transport, _, rest = ref.partition(":")
+    if transport == "containers-storage":
+        return _in_containers_storage(rest)
+    if transport == "docker-daemon":
+        return _in_docker(rest, docker_url)
+    if transport in ("oci", "oci-archive"):
+        path, _, tag = rest.partition(":")
+        return _in_oci(Path(path), tag, archive=transport == "oci-archive")
+    if transport == "docker-archive":
+        return Path(rest.partition(":")[0]).exists()
+    if transport == "dir":
+        return Path(rest).exists()
+    return None
+
+
+def _in_containers_storage(ref: str) -> bool | None:
+    """``podman image exists`` (exit 1: absent), in the store the reference names."""
+    argv = ["podman"]
+    spec = _STORE_SPEC.match(ref)
+    if spec:
+        ref = ref[spec.end():]
+        # Not --storage-driver: podman 4.3 refuses one its database did not record
+        # ('graph driver "" does not match our storage graph driver "overlay"').
+        for flag, value in (("--root", spec["root"]), ("--runroot", spec["runroot"])):
+            if value:
+                argv += [flag, value]
+    try:
+        res = proc.run([*argv, "image", "exists", ref], timeout=STORE_TIMEOUT, check=False)
+    except CtrmigError:  # podman is not installed, or hangs
+        return None
+    return {0: True, 1: False}.get(res.returncode)
+
+
+def _in_docker(ref: str, docker_url: str) -> bool | None:
+    """Ask the docker daemon (404: absent)."""
+    import docker  # only here: the docker SDK is slow to import and rarely needed
+    import requests
+
+    try:
+        with http.api_errors("docker", f"inspect image {ref}", start_hint="start dockerd",
+                             catch=(docker.errors.DockerException, requests.RequestException),
+                             not_found=ImageNotFoundError):
+            client = docker.APIClient(base_url=docker_url, timeout=STORE_TIMEOUT)
+            try:
+                client.inspect_image(ref)
+            finally:
+                client.close()
+    except ImageNotFoundError:
+        return False
+    except CtrmigError:
+        return None
+    return True
+
+
+def _in_oci(path: Path, tag: str, *, archive: bool) -> bool | None:
+    """An OCI layout (or oci-archive) at ``path`` that holds ``tag`` (any, without one)."""
+    if not path.exists():
+        return False
+    try:
+        index = _archive_index(path) if archive else json.loads((path / "index.json").read_text())
+        manifests = index["manifests"]
+        names = {(m.get("annotations") or {}).get(OCI_REF_NAME) for m in manifests}
+    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not a layout skopeo can read: not a question of a missing image
+    return tag in names if tag else bool(manifests)
 
 
 # --- OCI layouts and archives ------------------------------------------------------------

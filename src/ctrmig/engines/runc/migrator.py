@@ -71,7 +71,9 @@ class RuncMigrator(BaseMigrator):
         template: str | os.PathLike[str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
         timeout: float = 900.0,
+        docker_url: str | None = None,
     ):
+        """``docker_url``: the daemon that docker-daemon: images are looked up in."""
         super().__init__(workdir=workdir, timeout=timeout)
         self.state_dir = Path(state_dir or settings.current().runc_state_dir).absolute()
         self.paths = StateDir(self.state_dir)
@@ -83,7 +85,8 @@ class RuncMigrator(BaseMigrator):
         self.stdio = Stdio(self.runc, self.logs_dir, timeout)
         self.bundles = Bundles(self.state_dir, self.bundles_dir, self.template, self.runc,
                                self.stdio)
-        self.images = ImageCache(self.images_dir, self.tmp_dir)
+        self.images = ImageCache(self.images_dir, self.tmp_dir,
+                                 docker_url=docker_url or settings.current().docker_url)
 
     # --- public API ----------------------------------------------------------------------
 
