@@ -19,7 +19,7 @@ from typing import Any
 
 from ctrmig.archive.layout import CHECKPOINT_DIR
 from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc
-from ctrmig.engines.runc.state import to_json
+from ctrmig.engines.runc.state import StateDir, to_json
 from ctrmig.engines.runc.supervisor import Stdio
 from ctrmig.errors import EngineError, NameInUseError, OptionError
 from ctrmig.host import mounts, proc
@@ -48,10 +48,9 @@ def process_settings(image: str, config: Mapping[str, Any], *,
 class Bundles:
     """The bundles of one state dir, and everything else one container holds."""
 
-    def __init__(self, state_dir: Path, bundles_dir: Path, template: Path, runc: Runc,
-                 stdio: Stdio):
-        self.state_dir = state_dir
-        self.dir = bundles_dir
+    def __init__(self, paths: StateDir, template: Path, runc: Runc, stdio: Stdio):
+        self.state_dir = paths.root
+        self.dir = paths.bundles
         self.template = template
         self.runc = runc
         self.stdio = stdio

@@ -16,13 +16,12 @@ import logging
 import re
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctrmig.engines.runc.state import read_text, to_json
+from ctrmig.engines.runc.state import StateDir, read_text, to_json
 from ctrmig.errors import CommandError, CtrmigError, ImageNotFoundError, OptionError
 from ctrmig.host import http, proc
 
@@ -65,9 +64,9 @@ def transport_ref(image: str) -> str:
 class ImageCache:
     """The unpacked images of one state dir."""
 
-    def __init__(self, images_dir: Path, tmp_dir: Path, *, docker_url: str):
-        self.dir = images_dir
-        self.tmp_dir = tmp_dir
+    def __init__(self, paths: StateDir, *, docker_url: str):
+        self.dir = paths.images
+        self.paths = paths
         self.docker_url = docker_url  # where a docker-daemon: image is looked up
 
     def get(self, image: str, recorded_transport: str | None = None,
@@ -169,7 +168,7 @@ class ImageCache:
         return digest
 
     def _unpack(self, ref: str, cache: Path) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix="image-", dir=self.tmp_dir))
+        tmp = self.paths.new_workdir("image")
         try:
             proc.run(["skopeo", "copy", "--quiet", ref, f"oci:{tmp / 'layout'}:latest"],
                      timeout=IMAGE_TIMEOUT, what=f"skopeo copy {ref}")

@@ -78,14 +78,11 @@ class RuncMigrator(BaseMigrator):
         self.state_dir = Path(state_dir or settings.current().runc_state_dir).absolute()
         self.paths = StateDir(self.state_dir)
         self.template = Path(template) if template is not None else TEMPLATE
-        self.runc_root, self.images_dir, self.bundles_dir, self.logs_dir, self.tmp_dir = (
-            self.paths.runc_root, self.paths.images, self.paths.bundles, self.paths.logs,
-            self.paths.tmp)
-        self.runc = Runc(self.runc_root)
-        self.stdio = Stdio(self.runc, self.logs_dir, timeout)
-        self.bundles = Bundles(self.state_dir, self.bundles_dir, self.template, self.runc,
-                               self.stdio)
-        self.images = ImageCache(self.images_dir, self.tmp_dir,
+        self.bundles_dir, self.logs_dir = self.paths.bundles, self.paths.logs
+        self.runc = Runc(self.paths.runc_root)
+        self.stdio = Stdio(self.runc, self.paths.logs, timeout)
+        self.bundles = Bundles(self.paths, self.template, self.runc, self.stdio)
+        self.images = ImageCache(self.paths,
                                  docker_url=docker_url or settings.current().docker_url)
 
     # --- public API ----------------------------------------------------------------------
@@ -205,7 +202,7 @@ class RuncMigrator(BaseMigrator):
                     writer.add_file(STATS_DUMP, stats)
                     break
             return {
-                "runc_root": str(self.runc_root),
+                "runc_root": str(self.runc.root),
                 "image_transport": meta.get("transport_ref", ""),
                 "image_digest": meta.get("digest", ""),
                 "dump_seconds": round(dump_seconds, 3),
@@ -239,7 +236,7 @@ class RuncMigrator(BaseMigrator):
         except CommandError as e:
             shutil.rmtree(images, ignore_errors=True)
             text = with_criu_logs(e.stderr or "", work)
-            kept = keep_logs(self.logs_dir, name, work)
+            kept = keep_logs(self.paths.logs, name, work)
             after = self.runc.state(name)
             left = (f"the container is {after.get('status')}" if after
                     else "the container is gone")

@@ -23,46 +23,28 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctrmig.errors import OptionError
 
 
-@dataclass(frozen=True)
 class StateDir:
     """The directories of one runc state dir (made on construction)."""
 
-    root: Path
-
-    def __post_init__(self) -> None:
+    def __init__(self, root: Path):
         # overlayfs options are comma/colon separated: refuse paths that would break them
-        if re.search(r"[,:\s]", str(self.root)):
-            raise OptionError(f"state_dir {self.root} holds ',', ':' or whitespace",
+        if re.search(r"[,:\s]", str(root)):
+            raise OptionError(f"state_dir {root} holds ',', ':' or whitespace",
                               hint="pick a plain path")
+        self.root = root
+        self.runc_root = root / "runc-root"
+        self.images = root / "images"
+        self.bundles = root / "bundles"
+        self.logs = root / "logs"
+        self.tmp = root / "tmp"
         for d in (self.runc_root, self.images, self.bundles, self.logs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def runc_root(self) -> Path:
-        return self.root / "runc-root"
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def bundles(self) -> Path:
-        return self.root / "bundles"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
 
     def new_workdir(self, what: str) -> Path:
         """A fresh work directory under tmp/; the caller removes it."""
