@@ -253,6 +253,20 @@ def test_missing_image_is_decided_by_its_store(
     assert runc_state.list() == []
 
 
+def test_docker_daemon_images_are_asked_of_the_daemon(
+    runc_state: RuncMigrator, dockerd_socket: Path, test_image: str, tmp_path: Path
+) -> None:
+    """The daemon at docker_url says whether an image is missing, and skopeo reads it."""
+    m = RuncMigrator(state_dir=runc_state.state_dir, workdir=tmp_path,
+                     docker_url=f"unix://{dockerd_socket}")
+    with pytest.raises(ImageNotFoundError) as err:
+        m.run("docker-daemon:localhost/ctrmig-no-such-image:latest", command=["/bin/true"])
+    assert err.value.stderr
+    name = m.run(f"docker-daemon:{test_image}", command=COUNTER_CMD)
+    _counting(m, name)
+    assert [(c.name, c.image) for c in m.list()] == [(name, f"docker-daemon:{test_image}")]
+
+
 def test_rootfs_diff_cannot_escape(tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
     (rootfs / "etc").mkdir(parents=True)

@@ -149,7 +149,8 @@ class ImageCache:
         return Image(image, ref, digest, cache / "rootfs", config.get("config") or {})
 
     def _inspect_digest(self, image: str, ref: str) -> str:
-        res = proc.run(["skopeo", "inspect", "--format", "{{.Digest}}", ref],
+        res = proc.run(["skopeo", "inspect", *self._daemon("--daemon-host", ref),
+                        "--format", "{{.Digest}}", ref],
                        timeout=IMAGE_TIMEOUT, check=False)
         err = res.stderr.decode(errors="replace")
         if res.returncode != 0:
@@ -167,10 +168,16 @@ class ImageCache:
                                stderr=proc.tail(err))
         return digest
 
+    def _daemon(self, flag: str, ref: str) -> list[str]:
+        """skopeo's flag for the daemon a docker-daemon: ``ref`` is read from (skopeo
+        reads no DOCKER_HOST: it would ask /var/run/docker.sock, not ``docker_url``)."""
+        return [flag, self.docker_url] if ref.startswith("docker-daemon:") else []
+
     def _unpack(self, ref: str, cache: Path) -> None:
         tmp = self.paths.new_workdir("image")
         try:
-            proc.run(["skopeo", "copy", "--quiet", ref, f"oci:{tmp / 'layout'}:latest"],
+            proc.run(["skopeo", "copy", "--quiet", *self._daemon("--src-daemon-host", ref), ref,
+                      f"oci:{tmp / 'layout'}:latest"],
                      timeout=IMAGE_TIMEOUT, what=f"skopeo copy {ref}")
             proc.run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:latest",
                       str(tmp / "bundle")], timeout=IMAGE_TIMEOUT, what="umoci unpack")
