@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 import time
@@ -18,6 +19,7 @@ from ctrmig.archive.layers import apply_rootfs_diff
 from ctrmig.engines.runc import TEMPLATE, RuncMigrator
 from ctrmig.errors import (
     CheckpointError,
+    CommandError,
     ContainerNotFoundError,
     CtrmigError,
     ImageNotFoundError,
@@ -46,7 +48,7 @@ def _counting(m: RuncMigrator, name: str, above: int = 0) -> int:
 
 def _state_file(m: RuncMigrator, name: str) -> str:
     """/state.txt as the container sees it: through runc exec."""
-    res = proc.run([*m._runc(), "exec", name, "/bin/cat", "/state.txt"], timeout=60)
+    res = proc.run(m.runc.argv("exec", name, "/bin/cat", "/state.txt"), timeout=60)
     return res.stdout.decode()
 
 
@@ -104,7 +106,7 @@ def test_checkpoint_remove_restore_continues(
           f"count {before} -> {first_count(log)}")
 
 
-def test_restore_beside_running_source_gets_fresh_name(
+def test_restore_beside_running_source_needs_a_name(
     runc_state: RuncMigrator, test_image: str, tmp_path: Path
 ) -> None:
     m = runc_state
@@ -113,8 +115,14 @@ def test_restore_beside_running_source_gets_fresh_name(
     archive = m.checkpoint(name, tmp_path / "a.tar", leave_running=True, compression="none")
     assert not (m.bundles_dir / name / "checkpoint").exists()
     at_dump = last_count(m.logs(name))
-    clone = m.restore(archive.path)  # type: ignore[arg-type]
-    assert clone != name and clone.startswith(name)
+    # The one name policy: the recorded name is the running source's, so it is refused.
+    with pytest.raises(NameInUseError) as err:
+        m.restore(archive.path)  # type: ignore[arg-type]
+    assert name in str(err.value)
+    assert {c.name for c in m.list()} == {name}
+
+    clone = m.restore(archive.path, name=f"{name}-clone")  # type: ignore[arg-type]
+    assert clone == f"{name}-clone"
     _counting(m, clone, above=at_dump)
     _counting(m, name, above=at_dump)  # the source went on running
     assert first_count(m.logs(clone)) > at_dump - 3
@@ -215,6 +223,48 @@ def test_errors_user_sees(runc_state: RuncMigrator, test_image: str, tmp_path: P
     assert not (tmp_path / "x.tar").exists()
     with pytest.raises(ContainerNotFoundError):
         m.logs("ctrmig-no-such-container")
+
+
+# skopeo 1.18's words for a missing image (1.9 adds ": identifier is not an image").
+SKOPEO_1_18 = r"""#!/bin/sh
+echo "level=fatal msg=\"Error parsing image name $4: does not resolve to an image ID\"" >&2
+exit 1
+"""
+
+
+def test_missing_image_is_decided_by_its_store(
+    runc_state: RuncMigrator, test_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not by skopeo's English: podman's storage says whether the image is there."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "skopeo").write_text(SKOPEO_1_18)
+    (shims / "skopeo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    with pytest.raises(ImageNotFoundError) as err:
+        runc_state.run("localhost/ctrmig-no-such-image:latest", command=["/bin/true"])
+    assert "localhost/ctrmig-no-such-image:latest" in str(err.value)
+    assert "does not resolve to an image ID" in (err.value.stderr or "")
+    assert err.value.hint
+    # The image is there and skopeo still fails: that is no missing image.
+    with pytest.raises(CommandError) as err2:
+        runc_state.run(test_image, command=["/bin/true"])
+    assert not isinstance(err2.value, ImageNotFoundError)
+    assert runc_state.list() == []
+
+
+def test_docker_daemon_images_are_asked_of_the_daemon(
+    runc_state: RuncMigrator, dockerd_socket: Path, test_image: str, tmp_path: Path
+) -> None:
+    """The daemon at docker_url says whether an image is missing, and skopeo reads it."""
+    m = RuncMigrator(state_dir=runc_state.state_dir, workdir=tmp_path,
+                     docker_url=f"unix://{dockerd_socket}")
+    with pytest.raises(ImageNotFoundError) as err:
+        m.run("docker-daemon:localhost/ctrmig-no-such-image:latest", command=["/bin/true"])
+    assert err.value.stderr
+    name = m.run(f"docker-daemon:{test_image}", command=COUNTER_CMD)
+    _counting(m, name)
+    assert [(c.name, c.image) for c in m.list()] == [(name, f"docker-daemon:{test_image}")]
 
 
 def test_rootfs_diff_cannot_escape(tmp_path: Path) -> None:
