@@ -29,6 +29,7 @@ import pytest
 from podman import PodmanClient
 
 import ctrmig
+from ctrmig import options
 from ctrmig.archive import ArchiveWriter, extracted
 from ctrmig.engines.remote import RemoteMigrator
 from ctrmig.engines.runc import RuncMigrator
@@ -71,9 +72,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def supported_options(m: ctrmig.Migrator, verb: str) -> frozenset[str]:
-    """The options (beyond leave_running) engine ``m`` honours for ``verb`` ("checkpoint"
-    or "restore"): the one place that knows how an adapter declares them."""
+    """The engine-handled options engine ``m`` honours for ``verb`` ("checkpoint" or
+    "restore"): the one place that knows how an adapter declares them."""
     return frozenset(getattr(type(m), f"{verb}_options"))
+
+
+def engine_options(verb: str) -> set[str]:
+    """The options of ``verb`` that engines honour or refuse (the rest, such as
+    leave_running or compression, ctrmig handles itself for every engine)."""
+    cls = ctrmig.CheckpointOptions if verb == "checkpoint" else ctrmig.RestoreOptions
+    return {f.name for f, spec in options.specs(cls) if spec.handled == "engine"}
 
 
 # --- workloads ------------------------------------------------------------------------------
