@@ -42,7 +42,7 @@ from tests.conftest import (
     unique,
     wait_for,
 )
-from tests.hosts import TwoHosts
+from tests.hosts import Host, TwoHosts
 
 ENGINES = ["podman", "docker", "runc", "process"]
 MARKERS = {"podman": "podman", "docker": "docker", "runc": "runc", "runc-ssh": "runc",
@@ -220,10 +220,16 @@ class Harness:
     migration: Callable[[bool], contextlib.AbstractContextManager[Migration]]
 
 
+Builder = Callable[[pytest.FixtureRequest, Path, contextlib.ExitStack], Harness]
+
+
 @pytest.fixture
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    build = {"podman": _podman, "docker": _docker, "runc": _runc, "runc-ssh": _runc_ssh,
-             "process": _process}[request.param]
+    build = {
+        "podman": _api_engine("podman", "podman_socket", podman_side, _podman_on),
+        "docker": _api_engine("docker", "dockerd_socket", docker_side, _dockerd_on),
+        "runc": _runc, "runc-ssh": _runc_ssh, "process": _process,
+    }[request.param]
     with contextlib.ExitStack() as stack:
         yield build(request, tmp_path, stack)
 
@@ -257,25 +263,6 @@ def podman_side(url: str, image: str) -> Iterator[Side]:
                 c.remove(force=True)
         client.close()
         m.close()
-
-
-def _podman(request: pytest.FixtureRequest, tmp: Path, stack: contextlib.ExitStack) -> Harness:
-    url = f"unix://{request.getfixturevalue('podman_socket')}"
-    image: str = request.getfixturevalue("test_image")
-    side = stack.enter_context(podman_side(url, image))
-
-    @contextlib.contextmanager
-    def migration(lacking_image: bool) -> Iterator[Migration]:
-        with contextlib.ExitStack() as inner:
-            if lacking_image:  # host B: a podman service with its own, empty storage
-                hosts = inner.enter_context(two_hosts(request))
-                hosts.b.start_podman()
-                url_b = f"unix://{hosts.b.podman_socket}"
-            else:
-                url_b = url
-            yield _migration(side, inner.enter_context(podman_side(url_b, image)))
-
-    return Harness("podman", side, tmp, migration)
 
 
 @contextlib.contextmanager
@@ -315,22 +302,37 @@ def docker_side(url: str, image: str) -> Iterator[Side]:
         m.close()
 
 
-def _docker(request: pytest.FixtureRequest, tmp: Path, stack: contextlib.ExitStack) -> Harness:
-    url = f"unix://{request.getfixturevalue('dockerd_socket')}"
-    image: str = request.getfixturevalue("test_image")
-    side = stack.enter_context(docker_side(url, image))
+def _api_engine(engine: str, socket_fixture: str,
+                side_at: Callable[[str, str], contextlib.AbstractContextManager[Side]],
+                start_on_b: Callable[[Host], str]) -> Builder:
+    """podman and docker: the session's service; another host without the image is host
+    B of tests/hosts.py, with a service of its own on empty storage (``start_on_b``
+    starts it and returns its URL). A target with the image is the same service."""
+    def build(request: pytest.FixtureRequest, tmp: Path, stack: contextlib.ExitStack) -> Harness:
+        url = f"unix://{request.getfixturevalue(socket_fixture)}"
+        image: str = request.getfixturevalue("test_image")
+        side = stack.enter_context(side_at(url, image))
 
-    @contextlib.contextmanager
-    def migration(lacking_image: bool) -> Iterator[Migration]:
-        with contextlib.ExitStack() as inner:
-            if lacking_image:  # host B: its own dockerd and data root, no image
-                hosts = inner.enter_context(two_hosts(request))
-                url_b = f"unix://{hosts.b.start_dockerd()}"
-            else:
+        @contextlib.contextmanager
+        def migration(lacking_image: bool) -> Iterator[Migration]:
+            with contextlib.ExitStack() as inner:
                 url_b = url
-            yield _migration(side, inner.enter_context(docker_side(url_b, image)))
+                if lacking_image:
+                    url_b = start_on_b(inner.enter_context(two_hosts(request)).b)
+                yield _migration(side, inner.enter_context(side_at(url_b, image)))
 
-    return Harness("docker", side, tmp, migration)
+        return Harness(engine, side, tmp, migration)
+
+    return build
+
+
+def _podman_on(host: Host) -> str:
+    host.start_podman()
+    return f"unix://{host.podman_socket}"
+
+
+def _dockerd_on(host: Host) -> str:
+    return f"unix://{host.start_dockerd()}"
 
 
 # --- runc: a private state dir (another host: another state dir; over ssh: ctrmig on host B) ----

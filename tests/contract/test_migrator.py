@@ -215,6 +215,10 @@ def test_migration_carries_the_image(harness: Harness) -> None:
         assert_state_file(mig.target, name)
 
 
+def break_pstree(root: Path) -> None:
+    (root / "checkpoint" / "pstree.img").write_bytes(b"\0" * 64)
+
+
 def test_failed_restore_leaves_nothing(harness: Harness) -> None:
     """A cut-off archive is refused; one whose CRIU images are broken (checksums
     matching) fails in the engine: either way nothing is left, and the name is free for
@@ -227,9 +231,7 @@ def test_failed_restore_leaves_nothing(harness: Harness) -> None:
     side.m.remove(name)
     cut = harness.tmp / "cut.tar"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    broken = rewrite_archive(good, harness.tmp / "broken.tar",
-                             lambda root: (root / "checkpoint" / "pstree.img")
-                             .write_bytes(b"\0" * 64))
+    broken = rewrite_archive(good, harness.tmp / "broken.tar", break_pstree)
     there = {c.name for c in side.m.list()}
 
     with pytest.raises(ArchiveError):
@@ -284,7 +286,11 @@ def test_restore_under_a_given_name(harness: Harness) -> None:
 
 
 # Options with a value other than True when switched on; the rest are booleans.
-OPTION_VALUES = {"publish_ports": ["127.0.0.1:18080:80"]}
+OPTION_VALUES: dict[str, Any] = {"publish_ports": ["127.0.0.1:18080:80"]}
+
+
+def switched_on(option: str) -> dict[str, Any]:
+    return {option: OPTION_VALUES.get(option, True)}
 
 
 def unsupported(m: ctrmig.Migrator, verb: str) -> list[str]:
@@ -306,7 +312,7 @@ def test_unsupported_options_are_refused(harness: Harness) -> None:
     assert refused, "every engine lacks some checkpoint option (pre_checkpoint here)"
     for option in refused:
         with pytest.raises(OptionError) as err:
-            side.m.checkpoint(name, path, **{option: OPTION_VALUES.get(option, True)})
+            side.m.checkpoint(name, path, **switched_on(option))
         assert_names(err, option)
         assert_no_archive(path)
     with pytest.raises(OptionError) as err:
@@ -321,8 +327,7 @@ def test_unsupported_options_are_refused(harness: Harness) -> None:
     assert refused
     for option in refused:
         with pytest.raises(OptionError) as err:
-            side.m.restore(archive, **side.restore_options,
-                           **{option: OPTION_VALUES.get(option, True)})
+            side.m.restore(archive, **side.restore_options, **switched_on(option))
         assert_names(err, option)
     assert {c.name for c in side.m.list()} == there
     assert_ran_on(side, name, since=side.last(name))
