@@ -249,20 +249,21 @@ def _net_footprint(netns: str) -> set[str]:
 
     links = dump("ip", "-j", "-d", "link", "show")
     kind = {ln["ifname"]: ln.get("linkinfo", {}).get("info_kind", "") for ln in links}
-    gone = {ln["ifname"] for ln in links if kind[ln["ifname"]] == "veth" and "link_netnsid" in ln}
+    transient = {ln["ifname"] for ln in links
+                 if kind[ln["ifname"]] == "veth" and "link_netnsid" in ln}
     lines = {f"link {ln['ifname']} kind={kind[ln['ifname']]} master={ln.get('master', '-')} "
              f"{'up' if 'UP' in ln.get('flags', []) else 'down'}"
-             for ln in links if ln["ifname"] not in gone}
+             for ln in links if ln["ifname"] not in transient}
     lines |= {f"addr {a['ifname']} {i.get('local')}/{i.get('prefixlen')}"
-              for a in dump("ip", "-j", "addr", "show") if a["ifname"] not in gone
+              for a in dump("ip", "-j", "addr", "show") if a["ifname"] not in transient
               for i in a.get("addr_info", [])}
     lines |= {"route " + " ".join(f"{k}={r.get(k, '-')}" for k in
                                   ("dst", "gateway", "dev", "protocol", "scope", "metric"))
               for family in ("-4", "-6") for r in dump("ip", "-j", family, "route", "show")
-              if r.get("dev") not in gone}
+              if r.get("dev") not in transient}
     if shutil.which("nft"):
         lines |= {f"nft table {t['table']['family']} {t['table']['name']}"
-                  for t in dump("nft", "-j", "list", "tables").get("nftables", [])
+                  for t in (dump("nft", "-j", "list", "tables") or {}).get("nftables", [])
                   if "table" in t}
     return lines
 
