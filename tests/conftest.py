@@ -6,7 +6,9 @@ proves the engines really ran (set CTRMIG_ALLOW_SKIP=1 to skip instead, locally)
 
 from __future__ import annotations
 
+import ctypes
 import io
+import json
 import os
 import re
 import shutil
@@ -17,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -112,7 +115,8 @@ def podman_socket(session_dir: Path) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def dockerd_socket(test_image: str, session_dir: Path) -> Iterator[Path]:
-    """A private dockerd (own data root, socket, no bridge) holding the test image."""
+    """A private dockerd (own data root, socket and network namespace, no bridge) holding
+    the test image."""
     need("dockerd")
     sock = session_dir / "dockerd.sock"
     data_root = session_dir / "docker-data"
@@ -216,3 +220,70 @@ def runc_state(tmp_path: Path) -> Iterator[RuncMigrator]:
     assert not leaks, f"left behind after remove(): {leaks}"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ctrmig-")], \
         "temporary files left in the workdir"
+
+
+# --- host footprint (issue #16): the suite leaves the host's network as it found it -----
+# The session moves into a network namespace of its own before its first test, so that
+# whatever the engines do to networking lands there and dies with the session: a dockerd
+# without a bridge deletes docker0, CNI and netavark add bridges, veths and nft tables
+# (trixie's `table inet netavark` stays after its last container), and set ip_forward,
+# whichever process triggers them (our services, the podman CLI, CNI plugins). The host's
+# own namespace is snapshotted before the move and compared after the last teardown.
+
+CLONE_NEWNET = 0x40000000
+
+
+def _net_footprint(netns: str) -> set[str]:
+    """Links, addresses, routes and nft tables of the namespace at ``netns``, as lines.
+
+    Ignored as transient, nothing else: counters, carrier, operstate, MTU and a bridge's
+    MAC (they follow the bridge's ports), address lifetimes and route expiry, and the host
+    end of a veth whose peer lives in another namespace: it exists exactly as long as that
+    namespace's container or test host, and the machine's own engines and other test runs
+    on it start and stop those while we run.
+    """
+
+    def dump(*argv: str) -> Any:
+        out = proc.output(["nsenter", f"--net={netns}", *argv], timeout=30)
+        return json.loads(out) if out.strip() else []
+
+    links = dump("ip", "-j", "-d", "link", "show")
+    kind = {ln["ifname"]: ln.get("linkinfo", {}).get("info_kind", "") for ln in links}
+    transient = {ln["ifname"] for ln in links
+                 if kind[ln["ifname"]] == "veth" and "link_netnsid" in ln}
+    lines = {f"link {ln['ifname']} kind={kind[ln['ifname']]} master={ln.get('master', '-')} "
+             f"{'up' if 'UP' in ln.get('flags', []) else 'down'}"
+             for ln in links if ln["ifname"] not in transient}
+    lines |= {f"addr {a['ifname']} {i.get('local')}/{i.get('prefixlen')}"
+              for a in dump("ip", "-j", "addr", "show") if a["ifname"] not in transient
+              for i in a.get("addr_info", [])}
+    lines |= {"route " + " ".join(f"{k}={r.get(k, '-')}" for k in
+                                  ("dst", "gateway", "dev", "protocol", "scope", "metric"))
+              for family in ("-4", "-6") for r in dump("ip", "-j", family, "route", "show")
+              if r.get("dev") not in transient}
+    if shutil.which("nft"):
+        lines |= {f"nft table {t['table']['family']} {t['table']['name']}"
+                  for t in (dump("nft", "-j", "list", "tables") or {}).get("nftables", [])
+                  if "table" in t}
+    return lines
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_network_untouched() -> Iterator[None]:
+    """Run the session in its own network namespace; fail it if the host's changed."""
+    if os.geteuid() != 0:  # unprivileged: unit tests only, nothing touches the network
+        yield
+        return
+    host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    host = f"/proc/{os.getpid()}/fd/{host_fd}"
+    before = _net_footprint(host)
+    # unshare() moves the calling thread only: pytest has no other thread yet.
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+    proc.run(["ip", "link", "set", "lo", "up"], timeout=30)
+    yield
+    after = _net_footprint(host)
+    os.close(host_fd)
+    changed = [f"+ {line}" for line in sorted(after - before)]
+    changed += [f"- {line}" for line in sorted(before - after)]
+    assert not changed, "the host's network changed during the session:\n" + "\n".join(changed)

@@ -7,6 +7,7 @@ to a log; it is stopped by that PID only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ class Service:
     pidfile: Path
     env: dict[str, str] | None = None
     netns: str | None = None
+    own_netns: bool = False  # ``netns`` is made by start() and deleted by stop()
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def alive(self) -> bool:
@@ -94,15 +96,22 @@ class Service:
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         argv = self.argv
         if self.netns:
+            if self.own_netns:
+                make_netns(self.netns)
             argv = [*netns_prefix(self.netns), *argv]
-        with self.log_path.open("ab") as logf:
-            self._proc = proc.spawn(argv, stdout=logf, stderr=logf, env=self.env)
+        try:
+            with self.log_path.open("ab") as logf:
+                self._proc = proc.spawn(argv, stdout=logf, stderr=logf, env=self.env)
+        except BaseException:
+            self._drop_netns()
+            raise
         self.pidfile.write_text(f"{self._proc.pid}\n")
         if not wait:
             return
         deadline = time.monotonic() + timeout
         while not self.alive():
             if self._proc.poll() is not None:
+                self._drop_netns()
                 raise EngineUnavailableError(
                     f"{self.name} exited with code {self._proc.returncode} while starting",
                     stderr=proc.tail(self.log_path.read_text(errors="replace")),
@@ -128,6 +137,11 @@ class Service:
             if pid is not None:
                 proc.stop_pid(pid, timeout=timeout)
         self.pidfile.unlink(missing_ok=True)
+        self._drop_netns()
+
+    def _drop_netns(self) -> None:
+        if self.own_netns and self.netns:
+            delete_netns(self.netns)
 
 
 def netns_prefix(netns: str) -> list[str]:
@@ -136,6 +150,19 @@ def netns_prefix(netns: str) -> list[str]:
     Not ``ip netns exec``: it also remounts /sys, which hides the cgroup mounts runc needs.
     """
     return ["nsenter", f"--net=/run/netns/{netns}"]
+
+
+def make_netns(name: str) -> None:
+    """A named network namespace holding only ``lo`` (up), unless it exists already."""
+    if not Path("/run/netns", name).exists():
+        proc.run(["ip", "netns", "add", name], timeout=30)
+        proc.run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=30)
+
+
+def delete_netns(name: str) -> None:
+    """Remove a named network namespace (it lives on while a process still uses it)."""
+    if Path("/run/netns", name).exists():
+        proc.run(["ip", "netns", "delete", name], timeout=30, check=False)
 
 
 def podman_service(
@@ -188,10 +215,16 @@ def dockerd_service(
     The system daemon reads /etc/docker/daemon.json (setup-host merges the settings in).
     With ``data_root`` it is a private daemon beside any system one, with its own config
     file (``experimental=False`` there makes one that refuses checkpoints, as a daemon
-    left at docker's default does); pass ``bridge="none"`` to keep it off the host's
-    docker0 bridge and iptables.
+    left at docker's default does). ``bridge="none"`` turns off docker's bridge network
+    and its iptables rules, but dockerd then DELETES any docker0 bridge in the network
+    namespace it runs in (moby's removeDefaultBridgeInterface, seen here): so a daemon
+    without a bridge and without ``netns`` gets a network namespace of its own, made on
+    start and deleted on stop, and the machine's docker0 stays.
     """
     tag = sock.stem if sock != DEFAULT_DOCKER_SOCKET else "dockerd"
+    own_netns = bridge == "none" and netns is None
+    if own_netns:  # named after the socket: unique per daemon, and known to any stop()
+        netns = f"ctrmig-dockerd-{hashlib.sha256(str(sock).encode()).hexdigest()[:12]}"
     argv = ["dockerd", "-H", f"unix://{sock}", "--pidfile", str(state_dir / f"{tag}.dockerd-pid")]
     if data_root is not None:
         config = state_dir / f"{tag}.daemon.json"
@@ -209,7 +242,7 @@ def dockerd_service(
         if bridge == "none":
             argv += ["--iptables=false", "--ip-masq=false"]
     return Service("dockerd", sock, argv, state_dir / f"{tag}.log",
-                   state_dir / f"{tag}.pid", netns=netns)
+                   state_dir / f"{tag}.pid", netns=netns, own_netns=own_netns)
 
 
 def docker_info(sock: Path = DEFAULT_DOCKER_SOCKET) -> dict[str, object]:
