@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctrmig import settings
 from ctrmig.errors import EngineUnavailableError
 from ctrmig.host import proc
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = Path(os.environ.get("CTRMIG_RUN_DIR", "/run/ctrmig"))
-DEFAULT_PODMAN_SOCKET = Path("/run/podman/podman.sock")
-DEFAULT_DOCKER_SOCKET = Path("/var/run/docker.sock")
+DEFAULT_PODMAN_SOCKET = settings.DEFAULT_PODMAN_SOCKET
+DEFAULT_DOCKER_SOCKET = settings.DEFAULT_DOCKER_SOCKET
 
 
 def _http_get(sock: Path, path: str, timeout: float) -> tuple[bytes, bytes]:
@@ -170,7 +170,7 @@ def podman_service(
     *,
     root: Path | None = None,
     runroot: Path | None = None,
-    state_dir: Path = RUN_DIR,
+    state_dir: Path | None = None,
     netns: str | None = None,
     uri: str | None = None,
     tmpdir: Path | None = None,
@@ -182,6 +182,7 @@ def podman_service(
     TMPDIR: podman's API spools every exported and every imported checkpoint archive
     there (a tmpfs saves writing each archive to disk twice).
     """
+    state_dir = state_dir or settings.current().run_dir
     argv = ["podman", *podman_root_args(root, runroot)]
     argv += ["system", "service", "--time=0", uri or f"unix://{sock}"]
     tag = sock.stem if sock != DEFAULT_PODMAN_SOCKET else "podman"
@@ -205,7 +206,7 @@ def dockerd_service(
     *,
     data_root: Path | None = None,
     exec_root: Path | None = None,
-    state_dir: Path = RUN_DIR,
+    state_dir: Path | None = None,
     bridge: str | None = None,
     netns: str | None = None,
     experimental: bool = True,
@@ -221,6 +222,7 @@ def dockerd_service(
     without a bridge and without ``netns`` gets a network namespace of its own, made on
     start and deleted on stop, and the machine's docker0 stays.
     """
+    state_dir = state_dir or settings.current().run_dir
     tag = sock.stem if sock != DEFAULT_DOCKER_SOCKET else "dockerd"
     own_netns = bridge == "none" and netns is None
     if own_netns:  # named after the socket: unique per daemon, and known to any stop()
