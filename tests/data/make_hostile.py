@@ -468,6 +468,13 @@ def core_image(creds: bytes | None = None, *, magic: int = 0x55053847,
     return struct.pack("<III", 0x54564319, magic, len(entry) if size is None else size) + entry
 
 
+def zombie_core_image(exit_code: int = 0) -> bytes:
+    """core-<pid>.img of a zombie as CRIU writes it: tc.task_state TASK_DEAD, no creds."""
+    tc = pb_field(1, 2) + pb_field(2, exit_code)  # task_state, exit_code
+    entry = pb_field(1, 1) + pb_field(3, tc)
+    return struct.pack("<III", 0x54564319, 0x55053847, len(entry)) + entry
+
+
 def podman_archive(core: bytes) -> bytes:
     """An ordinary podman archive (its real default spec and config) with ``core``."""
     files = {"checkpoint/core-1.img": core, "checkpoint/pages-1.img": PAGES,

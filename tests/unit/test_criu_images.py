@@ -46,6 +46,14 @@ def test_real_task_with_a_narrow_bounding_set_and_groups() -> None:
     assert creds.uids == {0}
 
 
+def test_a_zombie_carries_no_credentials_and_asks_nothing() -> None:
+    """A task that had exited but was not reaped when CRIU dumped it (seen: the counter's
+    `sleep`): its core image has no creds, which is no reason to refuse the archive."""
+    assert read_core_creds(make_hostile.zombie_core_image(), "core-14.img") is None
+    with pytest.raises(CriuImageError, match="carries no credentials"):
+        read_core_creds(make_hostile.core_image(None))  # a live task without any: refused
+
+
 def test_hand_made_image_round_trips() -> None:
     image = make_hostile.core_image(make_hostile.creds_message(
         uid=1000, caps=SYS_ADMIN | (1 << 40), bounding=(1 << 41) - 1, groups=(1, 70000)))

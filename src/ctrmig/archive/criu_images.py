@@ -30,6 +30,9 @@ MAX_GROUPS = 65536  # NGROUPS_MAX
 CORE_NAME = re.compile(r"core-(\d{1,10})\.img")
 
 # Field numbers, from CRIU's images/core.proto and images/creds.proto.
+_CORE_TC = 3  # core_entry.tc (task_core_entry)
+_TC_TASK_STATE = 1  # task_core_entry.task_state
+TASK_DEAD = 2  # compel's task-state.h: a zombie
 _CORE_THREAD_CORE = 5  # core_entry.thread_core
 _THREAD_CORE_CREDS = 10  # thread_core_entry.creds
 _CREDS_IDS = {1: "uid", 2: "gid", 3: "euid", 4: "egid", 5: "suid", 6: "sgid", 7: "fsuid",
@@ -94,10 +97,11 @@ def core_pid(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def read_core_creds(data: bytes, name: str = "core image") -> Creds:
-    """The credentials in the core image ``data`` (the file's bytes); CriuImageError if it
-    is not a well-formed core image or carries none (CRIU would then restore the task
-    with its own, root's, credentials)."""
+def read_core_creds(data: bytes, name: str = "core image") -> Creds | None:
+    """The credentials in the core image ``data`` (the file's bytes); None for a zombie
+    (CRIU writes a dead task's core without credentials and restores it only to exit);
+    CriuImageError if it is not a well-formed core image or a live task carries none (CRIU
+    would then restore the task with its own, root's, credentials)."""
     if len(data) > MAX_CORE_IMAGE_BYTES:
         raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
     if len(data) < 12:
@@ -111,12 +115,26 @@ def read_core_creds(data: bytes, name: str = "core image") -> Creds:
     try:
         thread_core = _submessage(memoryview(data)[12:], _CORE_THREAD_CORE)
         creds = _submessage(thread_core, _THREAD_CORE_CREDS) if thread_core is not None else None
+        if creds is None and _task_state(memoryview(data)[12:]) == TASK_DEAD:
+            # Seen: a container's exited `sleep` not yet reaped at the dump. CRIU restores
+            # a zombie by forking a task that exits at once: it runs no code to privilege.
+            return None
         if creds is None:
             raise CriuImageError(f"{name} carries no credentials",
                                  hint="it was not written by a CRIU this ctrmig reads")
         return _creds(creds, name)
     except _Malformed as e:
         raise CriuImageError(f"{name} is malformed: {e}") from None
+
+
+def _task_state(core: memoryview) -> int | None:
+    tc = _submessage(core, _CORE_TC)
+    if tc is None:
+        return None
+    for number, _wire, value in _fields(tc):
+        if number == _TC_TASK_STATE and isinstance(value, int):
+            return value
+    return None
 
 
 class _Malformed(Exception):

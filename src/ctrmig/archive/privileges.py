@@ -187,7 +187,8 @@ def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> li
     spec = _json(SPEC_DUMP, raw[SPEC_DUMP]) if SPEC_DUMP in raw else {}
     config = _json(CONFIG_DUMP, raw[CONFIG_DUMP]) if CONFIG_DUMP in raw else None
     declared = requests(spec, config)
-    creds = {n: read_core_creds(data, n) for n, data in images.items()}
+    read = {n: read_core_creds(data, n) for n, data in images.items()}
+    creds = {n: c for n, c in read.items() if c is not None}  # zombies hold nothing
     return declared + image_requests(creds, manifest.engine, declared)
 
 
