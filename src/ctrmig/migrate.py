@@ -30,6 +30,7 @@ from ctrmig.engines.base import listing
 from ctrmig.engines.remote import is_remote
 from ctrmig.errors import BusyError, CtrmigError, NameInUseError, OptionError
 from ctrmig.host import proc
+from ctrmig.host.files import open_private, private_dir
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions, build
 from ctrmig.protocol import Migrator
 
@@ -95,7 +96,7 @@ class Journal:
     """
 
     def __init__(self, directory: Path, data: dict[str, Any]):
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.path = directory / f"{data['container']}-{uuid.uuid4().hex[:8]}.json"
         self.data = {**data, **_process(os.getpid()), "started": time.time()}
 
@@ -107,8 +108,8 @@ class Journal:
     def phase(self, phase: str, **facts: Any) -> None:
         self.data.update(facts, phase=phase)
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(self.data, f)
+        with open_private(tmp) as f:
+            f.write(json.dumps(self.data).encode())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)

@@ -56,6 +56,7 @@ from ctrmig.errors import (
     ManifestError,
     UnsafeArchiveError,
 )
+from ctrmig.host.files import open_private, private_dir
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -494,12 +495,13 @@ def _extract_members(scan: _Scan, dest: Path) -> Manifest:
     for name, info, data in scan.members():
         target = dest / name
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(target.parent)
             if data is None:
-                target.mkdir(exist_ok=True)
+                private_dir(target)
                 continue
+            # Owner-only, whatever the archive says: the members are a container's memory.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o600 | (info.mode & 0o755))
+                         0o700 if info.mode & 0o100 else 0o600)
             with os.fdopen(fd, "wb") as out:
                 scan.hash_into(name, info, data, out.write)
         except OSError as e:
@@ -513,7 +515,7 @@ def copy_member(source: Path, name: str, out: Path) -> None:
         scan = _Scan(raw, DEFAULT_LIMITS, None)
         for member, info, data in scan.members():
             if member == name and data is not None:
-                with out.open("wb") as f:
+                with open_private(out) as f:
                     scan.hash_into(member, info, data, f.write)
                 return
     raise ArchiveError(f"archive has no member {name!r}")
@@ -557,9 +559,8 @@ def extracted(
     progress: Progress | None = None,
 ) -> Iterator[tuple[Path, Manifest]]:
     """Extract and verify into a private temporary directory, removed on exit."""
-    tmp = Path(tempfile.mkdtemp(prefix="ctrmig-archive-", dir=workdir))
+    tmp = Path(tempfile.mkdtemp(prefix="ctrmig-archive-", dir=workdir))  # made 0700
     try:
-        os.chmod(tmp, 0o700)
         manifest = extract(source, tmp, limits=limits, progress=progress)
         yield tmp, manifest
     finally:

@@ -22,6 +22,7 @@ from ctrmig.archive.layout import MANIFEST_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
 from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress
 from ctrmig.errors import ArchiveError, OptionError
+from ctrmig.host.files import open_private, private_dir
 
 Compression = Literal["none", "gzip", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "gzip", "zstd")
@@ -185,14 +186,16 @@ class ArchiveWriter:
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """Open ``path`` for writing via a ``.partial`` sibling renamed into place on success.
 
-    On any error the partial file is removed: a failed checkpoint never leaves a
+    The file is created ``0600`` (it holds a container's memory); missing directories
+    ``0700``. On any error the partial file is removed: a failed checkpoint never leaves a
     half-written archive that looks complete.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # a killed run's: created anew, 0600, below
     try:
-        with partial.open("wb") as f:
-            yield cast(BinaryIO, f)
+        with open_private(partial, exclusive=True) as f:
+            yield f
         partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -34,6 +34,7 @@ from ctrmig.errors import (
     RestoreError,
 )
 from ctrmig.host import http, proc
+from ctrmig.host.files import open_private
 from ctrmig.options import CheckpointOptions, RestoreOptions, podman_params
 from ctrmig.protocol import ContainerInfo
 
@@ -176,7 +177,7 @@ class PodmanMigrator(BaseMigrator):
                 timeout=self.timeout,
             )
             resp.raise_for_status()
-            with dest.open("wb") as f:
+            with open_private(dest) as f:
                 for chunk in resp.iter_content(1 << 20):
                     f.write(chunk)
         return "oci-archive"
