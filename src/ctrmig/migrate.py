@@ -130,6 +130,7 @@ def migrate(
     restore_options: RestoreOptions | Mapping[str, object] | None = None,
     journal_dir: Path | None = None,
     progress: Progress | None = None,
+    insecure: bool = False,
 ) -> MigrationReport:
     """Checkpoint ``container`` on ``source`` and restore it on ``target``.
 
@@ -139,6 +140,8 @@ def migrate(
     On success the source container is removed (or kept, stopped, with ``keep_source``).
     On failure the source container is resumed and the error re-raised.
     ``progress`` is called with the size of each piece of the archive as it goes.
+    A ``tcp://`` API on either side (unauthenticated, in clear) is refused unless
+    ``insecure``; ``podman+ssh://`` and ``docker+ssh://`` go through ssh.
 
     Defaults, the same as ``ctrmig migrate``'s: ``compression="auto"`` is zstd when either
     side is reached over ssh and none otherwise; the image travels in the archive when the
@@ -149,11 +152,13 @@ def migrate(
         raise OptionError("a migration stops the source: leave_running does not apply",
                           hint="to copy a running container, checkpoint it with "
                                "--leave-running and restore the archive elsewhere")
+    for side in (source, target):
+        endpoints.check_insecure(side if isinstance(side, str) else _api_url(side), insecure)
     journal = None
     if isinstance(source, str) and isinstance(target, str):
         journal = Journal(journal_dir or settings.current().journal_dir, {
             "container": container, "from": source, "to": target,
-            "name": name or container, "keep_source": keep_source,
+            "name": name or container, "keep_source": keep_source, "insecure": insecure,
         })
     src = endpoints.connect(source) if isinstance(source, str) else source
     dst = endpoints.connect(target) if isinstance(target, str) else target
@@ -180,6 +185,12 @@ def migrate(
     if journal:
         journal.close()
     return report
+
+
+def _api_url(m: Migrator) -> str:
+    """A migrator's API address as an ``ENGINE+ADDRESS`` string ("" if it has none)."""
+    url = getattr(m, "url", None) or getattr(m, "base_url", None)
+    return f"{m.engine}+{url}" if isinstance(url, str) else ""
 
 
 def _options(cls: type[Options], given: Options | Mapping[str, object] | None) -> Options:
@@ -435,6 +446,8 @@ def _recover_one(path: Path) -> str:
     if data.get("pid") != os.getpid() and still_running(data):
         return f"{data['container']}: still being migrated by pid {data['pid']}"
     container, target_name = data["container"], data["name"]
+    for side in (data["from"], data["to"]):  # allowed as the migration was
+        endpoints.check_insecure(side, bool(data.get("insecure")))
     src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
     committed = data.get("phase") == "committed"
     helpers = data.get("helpers") or []

@@ -20,6 +20,11 @@ What is refused, and as what (every error is an :class:`ArchiveError`):
 * ChecksumError: a member's size or sha256 differs from the manifest (a member bigger
   than its entry is read to the end, within the caps, then refused), or a listed member
   is missing.
+* EncryptedArchiveError: an age-encrypted archive (decrypted on the fly with the
+  ``identities`` given, see :mod:`ctrmig.archive.crypto`) that none of them opens.
+* SignatureError (with ``trusted_keys``): no signature, a signer not trusted, or a
+  manifest that differs from what was signed. The signature, over the manifest's bytes as
+  stored, is the one member allowed after manifest.yaml.
 
 Each member's size is only known to be right once the manifest, the last member, is read:
 until then the total cap and free disk space bound what a hostile archive can write.
@@ -37,7 +42,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
@@ -45,7 +50,8 @@ from typing import Any, BinaryIO, cast
 import yaml
 import zstandard
 
-from ctrmig.archive.layout import MANIFEST_NAME
+from ctrmig.archive import crypto
+from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
 from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress, read_into
 from ctrmig.archive.writer import Compression
@@ -200,6 +206,8 @@ class _Scan:
         self.seen: dict[str, FileEntry] = {}
         self.dirs: set[str] = set()
         self.manifest: Manifest | None = None
+        self.manifest_bytes = b""
+        self.signature: bytes | None = None
         self.total = 0
         self.expanded = 0
 
@@ -219,6 +227,9 @@ class _Scan:
                         f"archive has more than {self.limits.max_members} members"
                     )
                 if self.manifest is not None:
+                    if self._is_signature(info):
+                        self.signature = self._read_small(info, _MemberData(stream, info))
+                        continue
                     raise UnsafeArchiveError(
                         f"member {info.name[:200]!r} follows manifest.yaml"
                     )
@@ -298,11 +309,25 @@ class _Scan:
     def _read_manifest(self, info: tarfile.TarInfo, data: BinaryIO) -> Manifest:
         if info.size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"manifest.yaml is implausibly large ({info.size} bytes)")
-        text = data.read()
+        self.manifest_bytes = self._read_small(info, data)
+        return parse_manifest(self.manifest_bytes)
+
+    def _is_signature(self, info: tarfile.TarInfo) -> bool:
+        """Whether ``info`` is the manifest's signature (once, a plain small file)."""
+        if self.signature is not None or not info.isfile() or info.sparse is not None:
+            return False
+        if safe_name(info.name) != SIGNATURE_NAME:
+            return False
+        if info.size > crypto.MAX_SIGNATURE_BYTES:
+            raise UnsafeArchiveError(f"the signature is implausibly large ({info.size} bytes)")
+        return True
+
+    def _read_small(self, info: tarfile.TarInfo, data: Any) -> bytes:
+        text: bytes = data.read()
         if len(text) != info.size:
-            raise ArchiveCorruptError("archive is truncated inside manifest.yaml")
+            raise ArchiveCorruptError(f"archive is truncated inside {info.name[:200]!r}")
         self._count(len(text))
-        return parse_manifest(text)
+        return text
 
     def hash_into(self, name: str, info: tarfile.TarInfo, data: BinaryIO,
                   sink: Callable[[bytes], object] | None) -> None:
@@ -327,8 +352,9 @@ class _Scan:
             raise ArchiveCorruptError(f"archive is truncated inside {name!r}")
         self.seen[name] = FileEntry(size=got, sha256=sha.hexdigest())
 
-    def check(self) -> Manifest:
-        """Compare what was read with the manifest; return the manifest."""
+    def check(self, trusted_keys: str | Path | None = None) -> Manifest:
+        """Compare what was read with the manifest, and (``trusted_keys``) check that a
+        trusted key signed it; return the manifest."""
         if self.manifest is None:
             raise ManifestError(
                 "archive has no manifest.yaml",
@@ -350,6 +376,8 @@ class _Scan:
                 raise ChecksumError(
                     f"{name}: sha256 differs from the manifest; archive tampered or corrupt"
                 )
+        if trusted_keys is not None:
+            crypto.verify_signature(self.manifest_bytes, self.signature, trusted_keys)
         return self.manifest
 
 
@@ -386,60 +414,128 @@ def parse_manifest(text: bytes) -> Manifest:
     return Manifest.from_dict(data)
 
 
+#: Identity files (age identities, ssh private keys) that may decrypt an archive.
+Identities = Sequence[str | Path]
+
+
 @contextlib.contextmanager
-def _open(source: Path | BinaryIO) -> Iterator[BinaryIO]:
+def plaintext(source: Path | BinaryIO, identities: Identities = ()) -> Iterator[BinaryIO]:
+    """The archive's bytes (opened, if ``source`` is a path), decrypted on the fly with
+    ``identities`` if it is encrypted."""
     if isinstance(source, (str, os.PathLike)):
-        try:
-            f = open(source, "rb", buffering=CHUNK)
-        except FileNotFoundError:
-            raise ArchiveError(f"archive not found: {source}") from None
-        except OSError as e:
-            raise ArchiveError(f"cannot open archive {source}: {e.strerror}") from None
-        with f:
-            yield f
-    else:
-        yield source
+        with _open_plain(Path(source)) as f:
+            if not crypto.is_encrypted(cast(io.BufferedReader, f).peek(crypto.HEAD_BYTES)):
+                yield f
+                return
+        with crypto.decrypting(Path(source), identities) as plain:  # age reads the file
+            yield plain
+        return
+    head = _head(source)
+    stream = cast(BinaryIO, _Prefixed(head, source))
+    if not crypto.is_encrypted(head):
+        yield stream
+        return
+    with crypto.decrypting(stream, identities) as plain:
+        yield plain
+
+
+def _head(src: BinaryIO) -> bytes:
+    """The first bytes of a stream, enough to tell whether it is encrypted."""
+    head = b""
+    while len(head) < crypto.HEAD_BYTES and (more := src.read(crypto.HEAD_BYTES - len(head))):
+        head += more
+    return head
+
+
+class _Prefixed:
+    """A stream whose first bytes (``head``) were already read from it."""
+
+    def __init__(self, head: bytes, src: BinaryIO):
+        self.head, self.src = head, src
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.src.read(size)
+        n = len(self.head) if size < 0 else min(size, len(self.head))
+        data, self.head = self.head[:n], self.head[n:]
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        if not self.head:
+            return read_into(self.src, buf)
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+
+def is_encrypted(path: Path) -> bool:
+    """Whether the archive file at ``path`` is encrypted (age)."""
+    with _open_plain(path) as f:
+        return crypto.is_encrypted(f.read(crypto.HEAD_BYTES))
+
+
+def _open_plain(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb", buffering=CHUNK)
+    except FileNotFoundError:
+        raise ArchiveError(f"archive not found: {path}") from None
+    except OSError as e:
+        raise ArchiveError(f"cannot open archive {path}: {e.strerror}") from None
 
 
 def verify(
-    source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS, progress: Progress | None = None
+    source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS, progress: Progress | None = None,
+    identities: Identities = (), trusted_keys: str | Path | None = None,
 ) -> Manifest:
-    """Read the whole archive, check every member against the manifest, return it."""
-    with _open(source) as raw:
+    """Read the whole archive, check every member against the manifest (and, with
+    ``trusted_keys``, the manifest's signature), return it."""
+    with plaintext(source, identities) as raw:
         scan = _Scan(raw, limits, progress)
         for name, info, data in scan.members():
             if data is not None:
                 scan.hash_into(name, info, data, None)
-        return scan.check()
+        return scan.check(trusted_keys)
 
 
-def read_manifest(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+def read_manifest(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
+                  identities: Identities = ()) -> Manifest:
     """Return the manifest without verifying checksums (fast on uncompressed archives)."""
+    return parse_manifest(read_signed(source, limits=limits, identities=identities)[0])
+
+
+def read_signed(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
+                identities: Identities = ()) -> tuple[bytes, bytes | None]:
+    """The manifest's bytes as stored and its signature (None if unsigned), unverified."""
     if isinstance(source, (str, os.PathLike)):
-        with _open(source) as raw:
-            head = raw.read(4)
-        if detect_compression(head) == "none":
+        with _open_plain(Path(source)) as raw:
+            head = raw.read(crypto.HEAD_BYTES)
+        if detect_compression(head) == "none" and not crypto.is_encrypted(head):
             return _read_manifest_seeking(Path(source), limits)
-    # Compressed, or a stream: walk every header, decompressing the data but neither
-    # hashing it nor keeping it (half of a verify's CPU).
-    with _open(source) as raw:
+    # Compressed, encrypted or a stream: walk every header, decompressing the data but
+    # neither hashing it nor keeping it (half of a verify's CPU).
+    with plaintext(source, identities) as raw:
         scan = _Scan(raw, limits, None)
         for _member in scan.members():
             pass
     if scan.manifest is None:
         raise ManifestError("archive has no manifest.yaml",
                             hint="it was not written by ctrmig, or it is truncated")
-    return scan.manifest
+    return scan.manifest_bytes, scan.signature
 
 
-def _read_manifest_seeking(path: Path, limits: Limits) -> Manifest:
+def _read_manifest_seeking(path: Path, limits: Limits) -> tuple[bytes, bytes | None]:
     # An uncompressed tar can be walked header by header, seeking over the data.
     try:
         with tarfile.open(path, mode="r:", tarinfo=_SafeTarInfo) as tar:
-            info = None
+            info = signature = None
             for count, member in enumerate(tar, 1):
                 if count > limits.max_members:
                     raise UnsafeArchiveError(f"archive has more than {limits.max_members} members")
+                if member.name == SIGNATURE_NAME and info is not None \
+                        and info.name == MANIFEST_NAME and member.isfile() \
+                        and member.size <= crypto.MAX_SIGNATURE_BYTES:
+                    signature = member
+                    continue
                 info = member
             if info is None or info.name != MANIFEST_NAME or not info.isfile():
                 raise ManifestError(
@@ -450,7 +546,9 @@ def _read_manifest_seeking(path: Path, limits: Limits) -> Manifest:
                 raise ManifestError("manifest.yaml is implausibly large")
             data = tar.extractfile(info)
             assert data is not None
-            return parse_manifest(data.read())
+            text = data.read()
+            sig = tar.extractfile(signature) if signature is not None else None
+            return text, sig.read() if sig is not None else None
     except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError) as e:
         if isinstance(e, ArchiveError):
             raise
@@ -463,6 +561,8 @@ def extract(
     *,
     limits: Limits = DEFAULT_LIMITS,
     progress: Progress | None = None,
+    identities: Identities = (),
+    trusted_keys: str | Path | None = None,
 ) -> Manifest:
     """Extract into the empty directory ``dest`` and verify; raise on anything unsafe.
 
@@ -473,10 +573,10 @@ def extract(
     free = shutil.disk_usage(dest).free - limits.min_free_bytes
     cap = limits.max_total_bytes
     limits = dataclasses.replace(limits, max_total_bytes=min(cap, max(free, 0)))
-    with _open(source) as raw:
+    with plaintext(source, identities) as raw:
         scan = _Scan(raw, limits, progress)
         try:
-            return _extract_members(scan, dest)
+            return _extract_members(scan, dest, trusted_keys)
         except UnsafeArchiveError:
             # Past the disk's room but within what any archive may hold: say "space".
             if limits.max_total_bytes < scan.total <= cap:
@@ -490,7 +590,7 @@ def extract(
             raise
 
 
-def _extract_members(scan: _Scan, dest: Path) -> Manifest:
+def _extract_members(scan: _Scan, dest: Path, trusted_keys: str | Path | None) -> Manifest:
     """Write every member of ``scan`` below ``dest``; return the checked manifest."""
     for name, info, data in scan.members():
         target = dest / name
@@ -506,12 +606,12 @@ def _extract_members(scan: _Scan, dest: Path) -> Manifest:
                 scan.hash_into(name, info, data, out.write)
         except OSError as e:
             raise ArchiveError(f"cannot extract {name!r} into {dest}: {e.strerror}") from None
-    return scan.check()
+    return scan.check(trusted_keys)
 
 
 def copy_member(source: Path, name: str, out: Path) -> None:
     """Copy one member of an already verified archive into the file ``out``."""
-    with _open(source) as raw:
+    with plaintext(source) as raw:
         scan = _Scan(raw, DEFAULT_LIMITS, None)
         for member, info, data in scan.members():
             if member == name and data is not None:
@@ -536,7 +636,7 @@ def read_members(
     found: dict[str, bytes] = {}
     if not wanted:
         return found
-    with _open(source) as raw:
+    with plaintext(source) as raw:
         scan = _Scan(raw, DEFAULT_LIMITS, None)
         for member, info, data in scan.members():
             if member in wanted and data is not None:
@@ -557,14 +657,60 @@ def extracted(
     workdir: Path | None = None,
     limits: Limits = DEFAULT_LIMITS,
     progress: Progress | None = None,
+    identities: Identities = (),
+    trusted_keys: str | Path | None = None,
 ) -> Iterator[tuple[Path, Manifest]]:
     """Extract and verify into a private temporary directory, removed on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="ctrmig-archive-", dir=workdir))  # made 0700
     try:
-        manifest = extract(source, tmp, limits=limits, progress=progress)
+        manifest = extract(source, tmp, limits=limits, progress=progress,
+                           identities=identities, trusted_keys=trusted_keys)
         yield tmp, manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def spooled(
+    source: Path | BinaryIO,
+    *,
+    workdir: Path | None = None,
+    progress: Progress | None = None,
+    identities: Identities = (),
+    trusted_keys: str | Path | None = None,
+) -> Iterator[tuple[Path, Manifest]]:
+    """The archive as a verified plaintext file, and its manifest: a plain file as it is;
+    a stream, or an encrypted file, verified (and decrypted) while it is saved to a
+    private temp file (0600), removed on exit. One pass, hashing while it arrives."""
+    if isinstance(source, (str, os.PathLike)) and not is_encrypted(Path(source)):
+        yield Path(source), verify(Path(source), progress=progress, trusted_keys=trusted_keys)
+        return
+    fd, name = tempfile.mkstemp(prefix="ctrmig-spool-", suffix=".tar", dir=workdir)
+    try:
+        with os.fdopen(fd, "wb") as out, plaintext(source, identities) as plain:
+            manifest = verify(cast(BinaryIO, _Tee(plain, out)), progress=progress,
+                              trusted_keys=trusted_keys)
+            shutil.copyfileobj(plain, out, CHUNK)  # any zero padding after the end
+        yield Path(name), manifest
+    finally:
+        os.unlink(name)
+
+
+class _Tee:
+    """A read stream that also writes what it reads to ``copy``."""
+
+    def __init__(self, src: BinaryIO, copy: BinaryIO):
+        self.src, self.copy = src, copy
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        self.copy.write(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        n = read_into(self.src, buf)
+        self.copy.write(memoryview(buf)[:n])
+        return n
 
 
 def _kind(info: tarfile.TarInfo) -> str:

@@ -12,13 +12,13 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 import zstandard
 
-from ctrmig.archive.layout import MANIFEST_NAME
+from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
 from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress
 from ctrmig.errors import ArchiveError, OptionError
@@ -42,13 +42,17 @@ def check_compression(value: str) -> Compression:
 
 
 class ArchiveWriter:
-    """Builds one archive on ``out`` (a file or pipe opened for binary writing)."""
+    """Builds one archive on ``out`` (a file or pipe opened for binary writing).
+
+    ``sign``, if given, signs the manifest's bytes; the signature is the last member."""
 
     def __init__(
-        self, out: BinaryIO, compression: Compression = "none", progress: Progress | None = None
+        self, out: BinaryIO, compression: Compression = "none", progress: Progress | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
     ):
         self.compression = check_compression(compression)
         self.progress = progress
+        self.sign = sign
         self._stream: BinaryIO | None = None
         self._files: dict[str, FileEntry] = {}
         if compression == "zstd":
@@ -66,7 +70,7 @@ class ArchiveWriter:
 
     def _record(self, name: str) -> str:
         name = member_name(name)
-        if name in self._files or name == MANIFEST_NAME:
+        if name in self._files or name in (MANIFEST_NAME, SIGNATURE_NAME):
             raise ArchiveError(f"archive member {name!r} added twice")
         return name
 
@@ -163,10 +167,14 @@ class ArchiveWriter:
                     )
 
     def finish(self, manifest: Manifest) -> Manifest:
-        """Append manifest.yaml (with every member's size and sha256) and close."""
+        """Append manifest.yaml (with every member's size and sha256), its signature if
+        signing, and close."""
         manifest.files = dict(self._files)
         data = manifest.to_yaml().encode()
         self._member(MANIFEST_NAME, io.BytesIO(data), len(data), 0o644, None)
+        if self.sign is not None:  # over the bytes exactly as stored
+            signature = self.sign(data)
+            self._member(SIGNATURE_NAME, io.BytesIO(signature), len(signature), 0o644, None)
         self.close()
         return manifest
 
