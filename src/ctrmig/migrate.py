@@ -160,8 +160,28 @@ def migrate(
             "container": container, "from": source, "to": target,
             "name": name or container, "keep_source": keep_source, "insecure": insecure,
         })
-    src = endpoints.connect(source) if isinstance(source, str) else source
-    dst = endpoints.connect(target) if isinstance(target, str) else target
+    # What we connect from strings we close again (an ssh-forwarded API's ssh client too).
+    with contextlib.ExitStack() as own:
+        src = _connected(own, source)
+        dst = _connected(own, target)
+        return _migrate_between(container, src, dst, name, compression, keep_source, ckpt,
+                                restore_options, journal, progress)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _connected(own: contextlib.ExitStack, endpoint: Migrator | str) -> Migrator:
+    if not isinstance(endpoint, str):
+        return endpoint
+    m = endpoints.connect(endpoint)
+    own.callback(m.close)
+    return m
+
+
+def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | None,
+                     compression: Compression | Literal["auto"], keep_source: bool,
+                     ckpt: CheckpointOptions,
+                     restore_options: RestoreOptions | Mapping[str, object] | None,
+                     journal: Journal | None, progress: Progress | None) -> MigrationReport:
     if compression == "auto":
         compression = "zstd" if is_remote(src) or is_remote(dst) else "none"
     ckpt = dataclasses.replace(ckpt, compression=compression,
@@ -445,10 +465,16 @@ def _recover_one(path: Path) -> str:
     data = json.loads(path.read_text())
     if data.get("pid") != os.getpid() and still_running(data):
         return f"{data['container']}: still being migrated by pid {data['pid']}"
-    container, target_name = data["container"], data["name"]
     for side in (data["from"], data["to"]):  # allowed as the migration was
         endpoints.check_insecure(side, bool(data.get("insecure")))
-    src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
+    with contextlib.ExitStack() as own:
+        return _recover_between(data, _connected(own, data["from"]),
+                                _connected(own, data["to"]), path)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: Path) -> str:
+    container, target_name = data["container"], data["name"]
     committed = data.get("phase") == "committed"
     helpers = data.get("helpers") or []
     _wait_for_helpers(helpers, container)
