@@ -17,8 +17,11 @@ from click.testing import CliRunner, Result
 from podman import PodmanClient
 
 import ctrmig
-from ctrmig import cli
+from ctrmig import cli, locks, settings
+from ctrmig.archive.reader import extracted, read_signed, spooled
+from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, proc
+from ctrmig.migrate import Journal
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
 from tests.hosts import TwoHosts
 
@@ -121,7 +124,6 @@ def test_untrusted_archives_are_refused_before_podman(
         res = ctrmig_cli("checkpoint", name, "-o", str(path), "--leave-running",
                          "--compress", "none", *flags, env=env)
         assert res.exit_code == 0, res.output
-    from ctrmig.archive.reader import read_signed
     _rewrite(signed, forged, read_signed(signed)[1])  # consistent checksums, old signature
     m = ctrmig.migrator("podman", url=env["CTRMIG_PODMAN_URL"])
     try:
@@ -192,3 +194,50 @@ def test_podman_migrates_over_ssh(two_hosts: TwoHosts, session_dir: Path,
     assert not list((tmp_path / "journal").glob("*.json"))
     src.close()
     dst.close()
+
+
+@pytest.mark.runc
+def test_every_file_ctrmig_creates_is_private(runc_state: RuncMigrator, test_image: str,
+                                              tmp_path: Path, umask_022: None) -> None:
+    """Under umask 022: runc's state, logs and CRIU image dirs, the lock, a journal, a
+    spool and an extraction are all owner-only (the bundles' rootfs dirs aside: they are
+    the container's own /; CRIU's image files are 0644 inside the 0700 dir)."""
+    m = runc_state
+    name = m.run(test_image, command=COUNTER_CMD)
+    wait_for(lambda: last_count(m.logs(name)) >= 3, what="runc counter")
+    archive = tmp_path / "r.tar"
+    seen: dict[str, int] = {}
+    lock_dir = tmp_path / "run" / "locks"
+    previous = settings.use(settings.current().replace(lock_dir=lock_dir))
+    try:
+        with locks.container_lock("runc", "probe"):
+            seen["lock dir"] = _mode(lock_dir)
+            seen["lock file"] = _mode(locks.lock_path("runc", "probe"))
+    finally:
+        settings.use(previous)
+    m.checkpoint(name, archive)  # stopped: its images are kept in the bundle
+    seen["archive"] = _mode(archive)
+    state = m.state_dir
+    for sub in ("", "runc-root", "images", "bundles", "logs", "tmp"):
+        seen[f"state/{sub}"] = _mode(state / sub)
+    for log in (state / "logs").rglob("*"):
+        seen[str(log.relative_to(state))] = _mode(log)
+    # CRIU writes its images itself, under its own umask: the directory ctrmig made for
+    # them (0700 before CRIU starts) is what keeps them private.
+    kept = list((state / "bundles").glob("*/checkpoint*"))
+    assert kept and all(any(f.name.startswith("pages-") for f in d.iterdir()) for d in kept)
+    for images_dir in kept:
+        seen[str(images_dir.relative_to(state))] = _mode(images_dir)
+    with archive.open("rb") as f, spooled(f) as (spool, _):
+        seen["spool"] = _mode(spool)
+    with extracted(archive) as (root, _):
+        seen["extraction"] = _mode(root)
+        for path in root.rglob("*"):
+            seen[f"extracted {path.relative_to(root)}"] = _mode(path)
+    journal = Journal(tmp_path / "state" / "migrations", {"container": name})
+    journal.phase("migrating")
+    seen["journal dir"], seen["journal"] = _mode(journal.path.parent), _mode(journal.path)
+    journal.close()
+    assert len(seen) > 12 and any("logs/" in k for k in seen)
+    bad = {k: oct(v) for k, v in seen.items() if v & 0o077}
+    assert not bad, f"readable by others: {bad}"
