@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from podman import PodmanClient
 
 import ctrmig
 from ctrmig import cli, locks, settings
@@ -170,30 +169,41 @@ def test_podman_migrates_over_ssh(two_hosts: TwoHosts, session_dir: Path,
     ssh_options = b.start_sshd(port=SSH_PORT)
     two_hosts.load_test_image(a, session_dir)
     two_hosts.load_test_image(b, session_dir)
-    src = PodmanClient(base_url=f"unix://{a.podman_socket}")
-    dst = PodmanClient(base_url=f"unix://{b.podman_socket}")
+    src = ctrmig.migrator("podman", url=f"unix://{a.podman_socket}")
+    dst = ctrmig.migrator("podman", url=f"unix://{b.podman_socket}")
     name = unique()
-    src.containers.run(images.TEST_IMAGE, COUNTER_CMD, name=name, detach=True,
-                       network_mode="none")
-    wait_for(lambda: last_count(b"".join(src.containers.get(name).logs()).decode()) >= 3,
-             what="counter on host A")
+    a.podman_cli("run", "-d", "--name", name, "--network", "none", images.TEST_IMAGE,
+                 *COUNTER_CMD)
+    wait_for(lambda: last_count(src.logs(name)) >= 3, what="counter on host A")
     env = {"CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
            "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
            "CTRMIG_LOCK_DIR": str(tmp_path / "locks")}
-    res = a.run([str(CTRMIG), "migrate", name, "--from", f"podman+unix://{a.podman_socket}",
-                 "--to", f"podman+ssh://root@{b.address}:{SSH_PORT}{b.podman_socket}"],
-                env=env)
-    assert res.returncode == 0, res.stderr.decode()
-    logs = b"".join(dst.containers.get(name).logs()).decode()
-    assert dst.containers.get(name).status == "running"
-    wait_for(lambda: last_count(b"".join(dst.containers.get(name).logs()).decode())
-             > last_count(logs), what="counter on host B")
-    counts = [int(c) for c in logs.split("count=")[1:] if c.strip()]
-    assert counts == list(range(counts[0], counts[-1] + 1))  # no restart from 1
-    assert name not in [c.name for c in src.containers.list(all=True)]
-    assert not list((tmp_path / "journal").glob("*.json"))
-    src.close()
-    dst.close()
+    try:
+        res = a.run([str(CTRMIG), "migrate", name, "--from",
+                     f"podman+unix://{a.podman_socket}", "--to",
+                     f"podman+ssh://root@{b.address}:{SSH_PORT}{b.podman_socket}"], env=env)
+        assert res.returncode == 0, res.stderr.decode()
+        logs = dst.logs(name)
+        assert any(c.name == name and c.state == "running" for c in dst.list())
+        wait_for(lambda: last_count(dst.logs(name)) > last_count(logs), what="counter on B")
+        counts = [int(c) for c in logs.split("count=")[1:] if c.strip()]
+        assert counts == list(range(counts[0], counts[-1] + 1))  # no restart from 1
+        assert not src.exists(name)
+        assert not list((tmp_path / "journal").glob("*.json"))
+        # The API traffic went through B's sshd (its log), and ctrmig's ssh is gone.
+        assert "Accepted publickey for root" in (b.root / "sshd.log").read_text()
+        assert not [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                    if str(b.podman_socket).encode() in _read(p) and b"ssh" in _read(p)]
+    finally:
+        src.close()
+        dst.close()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 @pytest.mark.runc
