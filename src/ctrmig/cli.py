@@ -39,7 +39,8 @@ from ctrmig import doctor as _doctor
 from ctrmig import options, settings
 from ctrmig.archive import COMPRESSIONS, Manifest, crypto
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
-from ctrmig.archive.reader import is_encrypted, plaintext, read_signed
+from ctrmig.archive.reader import read_signed
+from ctrmig.archive.sources import is_encrypted, plaintext
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
 from ctrmig.engines.base import listing

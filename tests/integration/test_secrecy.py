@@ -17,7 +17,8 @@ from click.testing import CliRunner, Result
 
 import ctrmig
 from ctrmig import cli, locks, settings
-from ctrmig.archive.reader import extracted, read_signed, spooled
+from ctrmig.archive.reader import extracted, read_signed
+from ctrmig.archive.spool import spooled
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, proc
 from ctrmig.migrate import Journal

@@ -23,7 +23,8 @@ from ctrmig.archive import (
     crypto,
 )
 from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
-from ctrmig.archive.reader import extracted, read_manifest, read_signed, spooled, verify
+from ctrmig.archive.reader import extracted, read_manifest, read_signed, verify
+from ctrmig.archive.spool import spooled
 from ctrmig.errors import (
     ArchiveCorruptError,
     EncryptedArchiveError,

@@ -42,7 +42,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
@@ -53,6 +53,7 @@ import zstandard
 from ctrmig.archive import crypto
 from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
+from ctrmig.archive.sources import Identities, open_plain, plaintext
 from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress, read_into
 from ctrmig.archive.writer import Compression
 from ctrmig.errors import (
@@ -62,7 +63,7 @@ from ctrmig.errors import (
     ManifestError,
     UnsafeArchiveError,
 )
-from ctrmig.host.files import open_private, private_dir
+from ctrmig.host.files import private_dir
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -414,75 +415,6 @@ def parse_manifest(text: bytes) -> Manifest:
     return Manifest.from_dict(data)
 
 
-#: Identity files (age identities, ssh private keys) that may decrypt an archive.
-Identities = Sequence[str | Path]
-
-
-@contextlib.contextmanager
-def plaintext(source: Path | BinaryIO, identities: Identities = ()) -> Iterator[BinaryIO]:
-    """The archive's bytes (opened, if ``source`` is a path), decrypted on the fly with
-    ``identities`` if it is encrypted."""
-    if isinstance(source, (str, os.PathLike)):
-        with _open_plain(Path(source)) as f:
-            if not crypto.is_encrypted(cast(io.BufferedReader, f).peek(crypto.HEAD_BYTES)):
-                yield f
-                return
-        with crypto.decrypting(Path(source), identities) as plain:  # age reads the file
-            yield plain
-        return
-    head = _head(source)
-    stream = cast(BinaryIO, _Prefixed(head, source))
-    if not crypto.is_encrypted(head):
-        yield stream
-        return
-    with crypto.decrypting(stream, identities) as plain:
-        yield plain
-
-
-def _head(src: BinaryIO) -> bytes:
-    """The first bytes of a stream, enough to tell whether it is encrypted."""
-    head = b""
-    while len(head) < crypto.HEAD_BYTES and (more := src.read(crypto.HEAD_BYTES - len(head))):
-        head += more
-    return head
-
-
-class _Prefixed:
-    """A stream whose first bytes (``head``) were already read from it."""
-
-    def __init__(self, head: bytes, src: BinaryIO):
-        self.head, self.src = head, src
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return self.src.read(size)
-        n = len(self.head) if size < 0 else min(size, len(self.head))
-        data, self.head = self.head[:n], self.head[n:]
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        if not self.head:
-            return read_into(self.src, buf)
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
-
-
-def is_encrypted(path: Path) -> bool:
-    """Whether the archive file at ``path`` is encrypted (age)."""
-    with _open_plain(path) as f:
-        return crypto.is_encrypted(f.read(crypto.HEAD_BYTES))
-
-
-def _open_plain(path: Path) -> BinaryIO:
-    try:
-        return open(path, "rb", buffering=CHUNK)
-    except FileNotFoundError:
-        raise ArchiveError(f"archive not found: {path}") from None
-    except OSError as e:
-        raise ArchiveError(f"cannot open archive {path}: {e.strerror}") from None
-
-
 def verify(
     source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS, progress: Progress | None = None,
     identities: Identities = (), trusted_keys: str | Path | None = None,
@@ -507,7 +439,7 @@ def read_signed(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
                 identities: Identities = ()) -> tuple[bytes, bytes | None]:
     """The manifest's bytes as stored and its signature (None if unsigned), unverified."""
     if isinstance(source, (str, os.PathLike)):
-        with _open_plain(Path(source)) as raw:
+        with open_plain(Path(source)) as raw:
             head = raw.read(crypto.HEAD_BYTES)
         if detect_compression(head) == "none" and not crypto.is_encrypted(head):
             return _read_manifest_seeking(Path(source), limits)
@@ -609,47 +541,6 @@ def _extract_members(scan: _Scan, dest: Path, trusted_keys: str | Path | None) -
     return scan.check(trusted_keys)
 
 
-def copy_member(source: Path, name: str, out: Path) -> None:
-    """Copy one member of an already verified archive into the file ``out``."""
-    with plaintext(source) as raw:
-        scan = _Scan(raw, DEFAULT_LIMITS, None)
-        for member, info, data in scan.members():
-            if member == name and data is not None:
-                with open_private(out) as f:
-                    scan.hash_into(member, info, data, f.write)
-                return
-    raise ArchiveError(f"archive has no member {name!r}")
-
-
-def read_members(
-    source: Path, manifest: Manifest, names: Iterable[str], *, max_bytes: int = MAX_MANIFEST_BYTES
-) -> dict[str, bytes]:
-    """The contents of small members of a verified archive, each checked against
-    ``manifest`` again (the file may have changed since it was verified).
-
-    Names the manifest does not list are left out; the scan stops once all are read.
-    """
-    wanted = {n for n in names if n in manifest.files}
-    for name in sorted(wanted):
-        if manifest.files[name].size > max_bytes:
-            raise ArchiveError(f"{name} is implausibly large ({manifest.files[name].size} bytes)")
-    found: dict[str, bytes] = {}
-    if not wanted:
-        return found
-    with plaintext(source) as raw:
-        scan = _Scan(raw, DEFAULT_LIMITS, None)
-        for member, info, data in scan.members():
-            if member in wanted and data is not None:
-                chunks: list[bytes] = []
-                scan.hash_into(member, info, data, chunks.append)
-                if scan.seen[member] != manifest.files[member]:
-                    raise ChecksumError(f"{member} changed since the archive was verified")
-                found[member] = b"".join(chunks)
-                if len(found) == len(wanted):
-                    return found
-    raise ChecksumError(f"archive lacks {sorted(wanted - set(found))} since it was verified")
-
-
 @contextlib.contextmanager
 def extracted(
     source: Path | BinaryIO,
@@ -668,49 +559,6 @@ def extracted(
         yield tmp, manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def spooled(
-    source: Path | BinaryIO,
-    *,
-    workdir: Path | None = None,
-    progress: Progress | None = None,
-    identities: Identities = (),
-    trusted_keys: str | Path | None = None,
-) -> Iterator[tuple[Path, Manifest]]:
-    """The archive as a verified plaintext file, and its manifest: a plain file as it is;
-    a stream, or an encrypted file, verified (and decrypted) while it is saved to a
-    private temp file (0600), removed on exit. One pass, hashing while it arrives."""
-    if isinstance(source, (str, os.PathLike)) and not is_encrypted(Path(source)):
-        yield Path(source), verify(Path(source), progress=progress, trusted_keys=trusted_keys)
-        return
-    fd, name = tempfile.mkstemp(prefix="ctrmig-spool-", suffix=".tar", dir=workdir)
-    try:
-        with os.fdopen(fd, "wb") as out, plaintext(source, identities) as plain:
-            manifest = verify(cast(BinaryIO, _Tee(plain, out)), progress=progress,
-                              trusted_keys=trusted_keys)
-            shutil.copyfileobj(plain, out, CHUNK)  # any zero padding after the end
-        yield Path(name), manifest
-    finally:
-        os.unlink(name)
-
-
-class _Tee:
-    """A read stream that also writes what it reads to ``copy``."""
-
-    def __init__(self, src: BinaryIO, copy: BinaryIO):
-        self.src, self.copy = src, copy
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.src.read(size)
-        self.copy.write(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        n = read_into(self.src, buf)
-        self.copy.write(memoryview(buf)[:n])
-        return n
 
 
 def _kind(info: tarfile.TarInfo) -> str:

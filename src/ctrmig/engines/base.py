@@ -32,7 +32,7 @@ from ctrmig.archive import (
     privileges,
 )
 from ctrmig.archive.layout import image_member
-from ctrmig.archive.reader import copy_member, spooled
+from ctrmig.archive.spool import copy_member, spooled
 from ctrmig.archive.streams import Progress
 from ctrmig.errors import (
     CheckpointError,
