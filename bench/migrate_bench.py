@@ -59,7 +59,8 @@ MIGRATE_SCRIPT = """
 import json, sys, time, ctrmig
 src = ctrmig.migrator("podman", url=sys.argv[1])
 dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None)
-report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4])
+report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4],
+                        insecure=True)
 print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
                   "total": report.total_s, "checkpoint": report.checkpoint_s,
                   "restore": report.restore_s, "bytes": report.bytes_moved}))

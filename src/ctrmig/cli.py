@@ -11,7 +11,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,12 +37,15 @@ import ctrmig
 from ctrmig import demo as _demo
 from ctrmig import doctor as _doctor
 from ctrmig import options, settings
-from ctrmig.archive import COMPRESSIONS, Manifest
+from ctrmig.archive import COMPRESSIONS, Manifest, crypto
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
+from ctrmig.archive.reader import read_signed
+from ctrmig.archive.sources import is_encrypted, plaintext
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
 from ctrmig.engines.base import listing
 from ctrmig.errors import ERROR_LINE, ContainerNotFoundError, CtrmigError, OptionError
+from ctrmig.host.files import open_private
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions
 
 log = logging.getLogger("ctrmig")
@@ -297,7 +302,7 @@ def restore(archive: str, engine: str | None, url: str | None, as_json: bool,
     if archive == "-" and engine is None:
         raise click.UsageError("--engine is required when the archive comes from stdin")
     if engine is None:
-        manifest = ctrmig.inspect(archive)
+        manifest = ctrmig.inspect(archive, identities=flags.get("identity") or ())
         engine, total = manifest.engine, manifest.total_bytes
     source = sys.stdin.buffer if archive == "-" else archive
     with contextlib.closing(_connect(engine, url)) as m, \
@@ -319,31 +324,85 @@ def _pids(manifest: Manifest) -> list[int]:
     return sorted(pids)
 
 
+identity_option = click.option(
+    "--identity", "-i", "identities", multiple=True, metavar="FILE",
+    help=options.IDENTITY.help)
+
+
+@contextlib.contextmanager
+def _plain(archive: str, identities: tuple[str, ...]) -> Iterator[Path]:
+    """The archive file, or for an encrypted one its plaintext in a private temp file
+    (0600 in a 0700 directory, removed after): decrypted once for inspect's passes."""
+    if not is_encrypted(Path(archive)):
+        yield Path(archive)
+        return
+    with tempfile.TemporaryDirectory(prefix="ctrmig-inspect-") as tmp:
+        path = Path(tmp) / "archive.tar"
+        with plaintext(Path(archive), identities) as src, open_private(path) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        yield path
+
+
 @cli.command()
 @click.argument("archive", type=click.Path(dir_okay=False))
+@identity_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def inspect(archive: str, as_json: bool) -> None:
-    """Show what ARCHIVE holds, where it came from, and whether its checksums hold."""
-    mf = ctrmig.inspect(archive)
-    try:
-        ctrmig.verify(archive)
-        checksums = "ok"
-    except CtrmigError as e:
-        checksums = e.message
+def inspect(archive: str, identities: tuple[str, ...], as_json: bool) -> None:
+    """Show what ARCHIVE holds, where it came from, who signed it, and whether its
+    checksums hold (an encrypted archive needs --identity)."""
+    encrypted = is_encrypted(Path(archive))
+    with _plain(archive, identities) as plain:
+        mf = ctrmig.inspect(plain)
+        try:
+            ctrmig.verify(plain)
+            checksums = "ok"
+        except CtrmigError as e:
+            checksums = e.message
+        signature = _signature(plain)
+        asks = _privileges(plain) if checksums == "ok" else "not judged (checksums)"
     pids = _pids(mf)
     sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
              "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
-    asks = _privileges(Path(archive)) if checksums == "ok" else "not judged (checksums)"
+    facts = {"encryption": "age" if encrypted else "none", "signature": signature}
     if as_json:
         listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]
         data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums,
-                               "privileges": listed}
+                               "privileges": listed} | facts
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         shown = asks if isinstance(asks, str) else summary(asks) or "none"
-        _print_inspect(mf, sizes, pids, checksums, shown)
+        _print_inspect(mf, sizes, pids, checksums, shown, facts)
     if checksums != "ok":
         raise click.exceptions.Exit(1)
+
+
+def _signature(archive: Path) -> str:
+    """Who signed the archive (the key's fingerprint) and whether the signature holds;
+    whether that key is trusted is ``verify --trusted-keys``'s to say."""
+    try:
+        data, sig = read_signed(archive)
+        if sig is None:
+            return "unsigned"
+        key = crypto.signer_key(sig)
+    except CtrmigError as e:
+        return f"unreadable: {e.message}"
+    valid = "valid" if crypto.signature_valid(data, sig) else "INVALID"
+    return f"{key} ({valid}; whether it is trusted: verify --trusted-keys)"
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@identity_option
+@click.option("--trusted-keys", metavar="FILE", help=options.TRUSTED_KEYS.help)
+def verify(archive: str, identities: tuple[str, ...], trusted_keys: str | None) -> None:
+    """Check every file of ARCHIVE against its manifest and, with --trusted-keys, that a
+    trusted key signed that manifest; exit 1 if not."""
+    manifest = ctrmig.verify(archive, identities=identities, trusted_keys=trusted_keys)
+    signed = ""
+    if trusted_keys is not None:
+        _, sig = read_signed(Path(archive), identities=identities)
+        signed = f", signed by {crypto.signer_key(sig)}" if sig else ""
+    _out().print(f"{archive}: ok ({len(manifest.files)} files verified{signed})")
 
 
 def _privileges(archive: Path) -> list[PrivilegeRequest] | str:
@@ -356,7 +415,7 @@ def _privileges(archive: Path) -> list[PrivilegeRequest] | str:
 
 
 def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
-                   checksums: str, privileges: str) -> None:
+                   checksums: str, privileges: str, facts: dict[str, str]) -> None:
     """inspect's tables: the facts, then the files."""
     c = mf.container
     table = Table(show_header=False, box=None)
@@ -372,6 +431,7 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
         ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
         ("checksums", checksums),
         ("privileges", privileges),
+        *facts.items(),
     ):
         table.add_row(f"[bold]{key}[/]", str(value) or "-")
     files = Table("file", "size")
@@ -577,7 +637,11 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
 @click.option("--from", "source", metavar="ENGINE[+ADDRESS]", required=True,
               help="Where CONTAINER runs, e.g. podman, docker+unix:///run/docker.sock.")
 @click.option("--to", "target", metavar="ENGINE[+ADDRESS]", required=True,
-              help="Where it should run, e.g. podman+tcp://host:8080, runc+ssh://root@host.")
+              help="Where it should run, e.g. podman+ssh://root@host, runc+ssh://root@host.")
+@click.option("--insecure", is_flag=True,
+              help="Allow a tcp:// API link: unauthenticated and in clear, root on that "
+                   "host to anyone who reaches the port. Prefer podman+ssh:// or "
+                   "docker+ssh://.")
 @click.option("--name", "-n", metavar="NEW", help="Name on the target [default: the same].")
 @click.option("--keep-source", is_flag=True, help="Keep the stopped source container.")
 @click.option("--compress", "compression", type=click.Choice(("auto", *COMPRESSIONS)),
@@ -585,21 +649,23 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
               help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
 @option_flags(CheckpointOptions, RestoreOptions, migrate=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def migrate(container: str, source: str, target: str, name: str | None, keep_source: bool,
-            compression: str, as_json: bool, **flags: Any) -> None:
+def migrate(container: str, source: str, target: str, insecure: bool, name: str | None,
+            keep_source: bool, compression: str, as_json: bool, **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
     kept, stopped, with --keep-source) and resumed if anything fails. An ADDRESS is
-    unix:// or tcp:// (podman's or docker's API) or ssh://[user@]host[:port] (runs ctrmig
-    there; set CTRMIG_REMOTE_COMMAND if it is not on the remote PATH).
+    ssh://[user@]host[:port] (podman: its API socket forwarded through ssh, a path after
+    the host names another socket; docker, runc, process: runs ctrmig there, set
+    CTRMIG_REMOTE_COMMAND if it is not on the remote PATH), unix:// (an API here), or
+    tcp:// (an API over the network in clear: only with --insecure).
     """
     with _progress(f"migrate {container}") as progress:
         report = ctrmig.migrate(
             container, source=source, target=target, name=name, keep_source=keep_source,
             compression="auto" if compression == "auto" else check_compression(compression),
             progress=progress, checkpoint_options=_built(CheckpointOptions, flags),
-            restore_options=_built(RestoreOptions, flags),
+            restore_options=_built(RestoreOptions, flags), insecure=insecure,
         )
     if as_json:
         data = dataclasses.asdict(report)

@@ -133,6 +133,15 @@ class CriuImageError(ArchiveError):
     """A CRIU image in the archive is malformed, truncated or implausibly large."""
 
 
+class EncryptedArchiveError(ArchiveError):
+    """The archive is encrypted (age) and no identity given can decrypt it."""
+
+
+class SignatureError(ArchiveError):
+    """The archive is unsigned, signed by a key not trusted, or differs from what was
+    signed."""
+
+
 #: The stderr line a ctrmig run by another ctrmig (over ssh) adds to say which error it was.
 ERROR_LINE = "ctrmig-error-json: "
 

@@ -22,18 +22,16 @@ from pathlib import Path
 from ctrmig import settings
 from ctrmig.errors import BusyError
 from ctrmig.host import proc
+from ctrmig.host.files import FILE_MODE, private_dir
 
 
 def lock_dir() -> Path:
     """The lock directory (a private temp one where /run is not writable)."""
     directory = settings.current().lock_dir
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        return directory
+        return private_dir(directory)
     except OSError:
-        fallback = Path(tempfile.gettempdir()) / "ctrmig-locks"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+        return private_dir(Path(tempfile.gettempdir()) / "ctrmig-locks")
 
 
 def _prefix(engine: str, scope: str) -> str:
@@ -58,7 +56,9 @@ def container_lock(engine: str, container: str, scope: str = "",
     """
     path = lock_path(engine, container, scope)
     while True:
-        f = open(path, "a+")
+        # 0600 from the start: "a+" without O_TRUNC, so a holder's file is never emptied.
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                              FILE_MODE), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -30,6 +30,7 @@ from ctrmig.engines.base import listing
 from ctrmig.engines.remote import is_remote
 from ctrmig.errors import BusyError, CtrmigError, NameInUseError, OptionError
 from ctrmig.host import proc
+from ctrmig.host.files import open_private, private_dir
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions, build
 from ctrmig.protocol import Migrator
 
@@ -95,7 +96,7 @@ class Journal:
     """
 
     def __init__(self, directory: Path, data: dict[str, Any]):
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.path = directory / f"{data['container']}-{uuid.uuid4().hex[:8]}.json"
         self.data = {**data, **_process(os.getpid()), "started": time.time()}
 
@@ -107,8 +108,8 @@ class Journal:
     def phase(self, phase: str, **facts: Any) -> None:
         self.data.update(facts, phase=phase)
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(self.data, f)
+        with open_private(tmp) as f:
+            f.write(json.dumps(self.data).encode())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)
@@ -129,6 +130,7 @@ def migrate(
     restore_options: RestoreOptions | Mapping[str, object] | None = None,
     journal_dir: Path | None = None,
     progress: Progress | None = None,
+    insecure: bool = False,
 ) -> MigrationReport:
     """Checkpoint ``container`` on ``source`` and restore it on ``target``.
 
@@ -138,6 +140,8 @@ def migrate(
     On success the source container is removed (or kept, stopped, with ``keep_source``).
     On failure the source container is resumed and the error re-raised.
     ``progress`` is called with the size of each piece of the archive as it goes.
+    A ``tcp://`` API on either side (unauthenticated, in clear) is refused unless
+    ``insecure``; ``podman+ssh://`` and ``docker+ssh://`` go through ssh.
 
     Defaults, the same as ``ctrmig migrate``'s: ``compression="auto"`` is zstd when either
     side is reached over ssh and none otherwise; the image travels in the archive when the
@@ -148,14 +152,36 @@ def migrate(
         raise OptionError("a migration stops the source: leave_running does not apply",
                           hint="to copy a running container, checkpoint it with "
                                "--leave-running and restore the archive elsewhere")
+    for side in (source, target):
+        endpoints.check_insecure(side if isinstance(side, str) else _api_url(side), insecure)
     journal = None
     if isinstance(source, str) and isinstance(target, str):
         journal = Journal(journal_dir or settings.current().journal_dir, {
             "container": container, "from": source, "to": target,
-            "name": name or container, "keep_source": keep_source,
+            "name": name or container, "keep_source": keep_source, "insecure": insecure,
         })
-    src = endpoints.connect(source) if isinstance(source, str) else source
-    dst = endpoints.connect(target) if isinstance(target, str) else target
+    # What we connect from strings we close again (an ssh-forwarded API's ssh client too).
+    with contextlib.ExitStack() as own:
+        src = _connected(own, source)
+        dst = _connected(own, target)
+        return _migrate_between(container, src, dst, name, compression, keep_source, ckpt,
+                                restore_options, journal, progress)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _connected(own: contextlib.ExitStack, endpoint: Migrator | str) -> Migrator:
+    if not isinstance(endpoint, str):
+        return endpoint
+    m = endpoints.connect(endpoint)
+    own.callback(m.close)
+    return m
+
+
+def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | None,
+                     compression: Compression | Literal["auto"], keep_source: bool,
+                     ckpt: CheckpointOptions,
+                     restore_options: RestoreOptions | Mapping[str, object] | None,
+                     journal: Journal | None, progress: Progress | None) -> MigrationReport:
     if compression == "auto":
         compression = "zstd" if is_remote(src) or is_remote(dst) else "none"
     ckpt = dataclasses.replace(ckpt, compression=compression,
@@ -179,6 +205,12 @@ def migrate(
     if journal:
         journal.close()
     return report
+
+
+def _api_url(m: Migrator) -> str:
+    """A migrator's API address as an ``ENGINE+ADDRESS`` string ("" if it has none)."""
+    url = getattr(m, "url", None) or getattr(m, "base_url", None)
+    return f"{m.engine}+{url}" if isinstance(url, str) else ""
 
 
 def _options(cls: type[Options], given: Options | Mapping[str, object] | None) -> Options:
@@ -433,8 +465,16 @@ def _recover_one(path: Path) -> str:
     data = json.loads(path.read_text())
     if data.get("pid") != os.getpid() and still_running(data):
         return f"{data['container']}: still being migrated by pid {data['pid']}"
+    for side in (data["from"], data["to"]):  # allowed as the migration was
+        endpoints.check_insecure(side, bool(data.get("insecure")))
+    with contextlib.ExitStack() as own:
+        return _recover_between(data, _connected(own, data["from"]),
+                                _connected(own, data["to"]), path)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: Path) -> str:
     container, target_name = data["container"], data["name"]
-    src, dst = endpoints.connect(data["from"]), endpoints.connect(data["to"])
     committed = data.get("phase") == "committed"
     helpers = data.get("helpers") or []
     _wait_for_helpers(helpers, container)

@@ -58,6 +58,18 @@ KEEP = Spec("Keep the engine's temporary checkpoint files.", podman="keep")
 IGNORE_ROOTFS = Spec("Leave out the container's rootfs changes.", podman="ignoreRootFS")
 IGNORE_VOLUMES = Spec("Leave out the content of volumes.", podman="ignoreVolumes")
 PRINT_STATS = Spec("Print the engine's checkpoint/restore statistics.", podman="printStats")
+# Secrecy (ctrmig.archive.crypto). Key files are read where ctrmig runs, so these are not
+# migrate's (its archive never rests, and goes over ssh): checkpoint and restore only.
+ENCRYPT_TO = Spec("Encrypt the archive (age) to RECIPIENT: an age recipient (age1...), an "
+                  "ssh public key, or a file of them; repeatable.", handled="ctrmig",
+                  metavar="RECIPIENT", not_for_migrate=True)
+SIGN = Spec("Sign the archive's manifest (which holds every file's sha256) with this ssh "
+            "private key.", handled="ctrmig", metavar="KEYFILE", not_for_migrate=True)
+IDENTITY = Spec("Decrypt an encrypted archive with FILE (an age identity or ssh private "
+                "key); repeatable.", handled="ctrmig", metavar="FILE", not_for_migrate=True)
+TRUSTED_KEYS = Spec("Refuse the archive unless a key in FILE (allowed_signers or "
+                    "authorized_keys style) signed it and nothing changed since.",
+                    handled="ctrmig", metavar="FILE", not_for_migrate=True)
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class CheckpointOptions:
         handled="ctrmig", flag="--include-image/--no-include-image")))
     compression: Compression = field(default="zstd", metadata=_spec(Spec(
         "Archive compression.", handled="ctrmig", flag="--compress")))
+    encrypt_to: tuple[str, ...] = field(default=(), metadata=_spec(ENCRYPT_TO))
+    sign: str | None = field(default=None, metadata=_spec(SIGN))
 
     def __post_init__(self) -> None:
         check_compression(self.compression)
@@ -115,6 +129,8 @@ class RestoreOptions:
     publish_ports: tuple[str, ...] = field(default=(), metadata=_spec(Spec(
         "Publish a port (podman syntax, e.g. 8080:80); repeatable.", podman="publishPorts",
         flag="--publish", short="-p", metavar="PORT")))
+    identity: tuple[str, ...] = field(default=(), metadata=_spec(IDENTITY))
+    trusted_keys: str | None = field(default=None, metadata=_spec(TRUSTED_KEYS))
     #: Called right before the target can finish the restore without the caller (the
     #: archive's last bytes leave for an engine that restores on its own, or the engine's
     #: final call is made), with the PIDs of local helper processes that may still carry
@@ -159,8 +175,9 @@ def build(cls: type[Options], base: Options | None = None,
     if unknown:
         raise OptionError(f"unknown option(s): {', '.join(unknown)}",
                           hint=f"valid: {', '.join(sorted(known))}")
-    if "publish_ports" in values:
-        values["publish_ports"] = tuple(values["publish_ports"] or ())
+    for name in values.keys() & known.keys():
+        if known[name].type == "tuple[str, ...]":
+            values[name] = tuple(values[name] or ())
     for name, value in values.items():
         if known[name].type in ("bool", bool) and not isinstance(value, bool):
             raise OptionError(f"option {name} takes true or false, not {value!r}")

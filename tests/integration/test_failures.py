@@ -162,7 +162,8 @@ class Pair:
         return side
 
     def migrate_argv(self, name: str, *extra: str) -> list[str]:
-        return [*self.netns, CTRMIG, "migrate", name,
+        insecure = ["--insecure"] if "tcp://" in self.dst_spec else []  # podman's tcp link
+        return [*self.netns, CTRMIG, "migrate", name, *insecure,
                 "--from", self.src_spec, "--to", self.dst_spec, *extra]
 
     def full_env(self, **more: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ MIGRATE_SCRIPT = """
 import json, sys, ctrmig
 src = ctrmig.migrator(sys.argv[1], url=sys.argv[2])
 dst = ctrmig.migrator(sys.argv[1], url=sys.argv[3])
-report = ctrmig.migrate(sys.argv[4], source=src, target=dst,
+report = ctrmig.migrate(sys.argv[4], source=src, target=dst, insecure=True,
                         checkpoint_options={"include_image": True})
 print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
                   "bytes": report.bytes_moved, "kept": report.source_kept}))

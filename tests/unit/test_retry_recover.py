@@ -76,6 +76,9 @@ class Host:
         self.removed: list[str] = []
         self.resumed: list[str] = []
 
+    def close(self) -> None:
+        """recover() closes the engines it connected (Migrator.close)."""
+
     def list(self) -> list[ContainerInfo]:
         rows = []
         for name, schedule in self.states.items():

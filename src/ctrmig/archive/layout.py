@@ -1,7 +1,8 @@
 """The archive's layout: every member name, declared once.
 
 The layout is podman's (and CRI-O's and the kubelet's): what checkpointctl reads. ctrmig adds
-``manifest.yaml`` as the last member and, in a self-contained archive, ``image/``.
+``manifest.yaml`` as the last member (followed only by its signature, if signed) and, in a
+self-contained archive, ``image/``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ DEVSHM = "devshm-checkpoint.tar"
 IMAGE_DIR = "image"
 #: ctrmig's manifest, the last member: format, engine, and every member's sha256.
 MANIFEST_NAME = "manifest.yaml"
+#: The SSH signature of manifest.yaml's bytes (``--sign``): the only member after it.
+SIGNATURE_NAME = "manifest.yaml.sig"
 
 
 def checkpoint_member(name: str) -> str:

@@ -67,7 +67,8 @@ from ctrmig.archive.criu_images import (
 )
 from ctrmig.archive.layout import CONFIG_DUMP, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
-from ctrmig.archive.reader import MAX_MANIFEST_BYTES, read_manifest, read_members
+from ctrmig.archive.reader import MAX_MANIFEST_BYTES, read_manifest
+from ctrmig.archive.spool import read_members
 from ctrmig.errors import ArchiveError, CriuImageError, PrivilegeError
 
 log = logging.getLogger(__name__)

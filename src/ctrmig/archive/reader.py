@@ -20,6 +20,11 @@ What is refused, and as what (every error is an :class:`ArchiveError`):
 * ChecksumError: a member's size or sha256 differs from the manifest (a member bigger
   than its entry is read to the end, within the caps, then refused), or a listed member
   is missing.
+* EncryptedArchiveError: an age-encrypted archive (decrypted on the fly with the
+  ``identities`` given, see :mod:`ctrmig.archive.crypto`) that none of them opens.
+* SignatureError (with ``trusted_keys``): no signature, a signer not trusted, or a
+  manifest that differs from what was signed. The signature, over the manifest's bytes as
+  stored, is the one member allowed after manifest.yaml.
 
 Each member's size is only known to be right once the manifest, the last member, is read:
 until then the total cap and free disk space bound what a hostile archive can write.
@@ -37,7 +42,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
@@ -45,8 +50,10 @@ from typing import Any, BinaryIO, cast
 import yaml
 import zstandard
 
-from ctrmig.archive.layout import MANIFEST_NAME
+from ctrmig.archive import crypto
+from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
+from ctrmig.archive.sources import Identities, open_plain, plaintext
 from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress, read_into
 from ctrmig.archive.writer import Compression
 from ctrmig.errors import (
@@ -56,6 +63,7 @@ from ctrmig.errors import (
     ManifestError,
     UnsafeArchiveError,
 )
+from ctrmig.host.files import private_dir
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -199,6 +207,8 @@ class _Scan:
         self.seen: dict[str, FileEntry] = {}
         self.dirs: set[str] = set()
         self.manifest: Manifest | None = None
+        self.manifest_bytes = b""
+        self.signature: bytes | None = None
         self.total = 0
         self.expanded = 0
 
@@ -218,6 +228,9 @@ class _Scan:
                         f"archive has more than {self.limits.max_members} members"
                     )
                 if self.manifest is not None:
+                    if self._is_signature(info):
+                        self.signature = self._read_small(info, _MemberData(stream, info))
+                        continue
                     raise UnsafeArchiveError(
                         f"member {info.name[:200]!r} follows manifest.yaml"
                     )
@@ -297,11 +310,25 @@ class _Scan:
     def _read_manifest(self, info: tarfile.TarInfo, data: BinaryIO) -> Manifest:
         if info.size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"manifest.yaml is implausibly large ({info.size} bytes)")
-        text = data.read()
+        self.manifest_bytes = self._read_small(info, data)
+        return parse_manifest(self.manifest_bytes)
+
+    def _is_signature(self, info: tarfile.TarInfo) -> bool:
+        """Whether ``info`` is the manifest's signature (once, a plain small file)."""
+        if self.signature is not None or not info.isfile() or info.sparse is not None:
+            return False
+        if safe_name(info.name) != SIGNATURE_NAME:
+            return False
+        if info.size > crypto.MAX_SIGNATURE_BYTES:
+            raise UnsafeArchiveError(f"the signature is implausibly large ({info.size} bytes)")
+        return True
+
+    def _read_small(self, info: tarfile.TarInfo, data: Any) -> bytes:
+        text: bytes = data.read()
         if len(text) != info.size:
-            raise ArchiveCorruptError("archive is truncated inside manifest.yaml")
+            raise ArchiveCorruptError(f"archive is truncated inside {info.name[:200]!r}")
         self._count(len(text))
-        return parse_manifest(text)
+        return text
 
     def hash_into(self, name: str, info: tarfile.TarInfo, data: BinaryIO,
                   sink: Callable[[bytes], object] | None) -> None:
@@ -326,8 +353,9 @@ class _Scan:
             raise ArchiveCorruptError(f"archive is truncated inside {name!r}")
         self.seen[name] = FileEntry(size=got, sha256=sha.hexdigest())
 
-    def check(self) -> Manifest:
-        """Compare what was read with the manifest; return the manifest."""
+    def check(self, trusted_keys: str | Path | None = None) -> Manifest:
+        """Compare what was read with the manifest, and (``trusted_keys``) check that a
+        trusted key signed it; return the manifest."""
         if self.manifest is None:
             raise ManifestError(
                 "archive has no manifest.yaml",
@@ -349,6 +377,8 @@ class _Scan:
                 raise ChecksumError(
                     f"{name}: sha256 differs from the manifest; archive tampered or corrupt"
                 )
+        if trusted_keys is not None:
+            crypto.verify_signature(self.manifest_bytes, self.signature, trusted_keys)
         return self.manifest
 
 
@@ -385,60 +415,59 @@ def parse_manifest(text: bytes) -> Manifest:
     return Manifest.from_dict(data)
 
 
-@contextlib.contextmanager
-def _open(source: Path | BinaryIO) -> Iterator[BinaryIO]:
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            f = open(source, "rb", buffering=CHUNK)
-        except FileNotFoundError:
-            raise ArchiveError(f"archive not found: {source}") from None
-        except OSError as e:
-            raise ArchiveError(f"cannot open archive {source}: {e.strerror}") from None
-        with f:
-            yield f
-    else:
-        yield source
-
-
 def verify(
-    source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS, progress: Progress | None = None
+    source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS, progress: Progress | None = None,
+    identities: Identities = (), trusted_keys: str | Path | None = None,
 ) -> Manifest:
-    """Read the whole archive, check every member against the manifest, return it."""
-    with _open(source) as raw:
+    """Read the whole archive, check every member against the manifest (and, with
+    ``trusted_keys``, the manifest's signature), return it."""
+    with plaintext(source, identities) as raw:
         scan = _Scan(raw, limits, progress)
         for name, info, data in scan.members():
             if data is not None:
                 scan.hash_into(name, info, data, None)
-        return scan.check()
+        return scan.check(trusted_keys)
 
 
-def read_manifest(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+def read_manifest(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
+                  identities: Identities = ()) -> Manifest:
     """Return the manifest without verifying checksums (fast on uncompressed archives)."""
+    return parse_manifest(read_signed(source, limits=limits, identities=identities)[0])
+
+
+def read_signed(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
+                identities: Identities = ()) -> tuple[bytes, bytes | None]:
+    """The manifest's bytes as stored and its signature (None if unsigned), unverified."""
     if isinstance(source, (str, os.PathLike)):
-        with _open(source) as raw:
-            head = raw.read(4)
-        if detect_compression(head) == "none":
+        with open_plain(Path(source)) as raw:
+            head = raw.read(crypto.HEAD_BYTES)
+        if detect_compression(head) == "none" and not crypto.is_encrypted(head):
             return _read_manifest_seeking(Path(source), limits)
-    # Compressed, or a stream: walk every header, decompressing the data but neither
-    # hashing it nor keeping it (half of a verify's CPU).
-    with _open(source) as raw:
+    # Compressed, encrypted or a stream: walk every header, decompressing the data but
+    # neither hashing it nor keeping it (half of a verify's CPU).
+    with plaintext(source, identities) as raw:
         scan = _Scan(raw, limits, None)
         for _member in scan.members():
             pass
     if scan.manifest is None:
         raise ManifestError("archive has no manifest.yaml",
                             hint="it was not written by ctrmig, or it is truncated")
-    return scan.manifest
+    return scan.manifest_bytes, scan.signature
 
 
-def _read_manifest_seeking(path: Path, limits: Limits) -> Manifest:
+def _read_manifest_seeking(path: Path, limits: Limits) -> tuple[bytes, bytes | None]:
     # An uncompressed tar can be walked header by header, seeking over the data.
     try:
         with tarfile.open(path, mode="r:", tarinfo=_SafeTarInfo) as tar:
-            info = None
+            info = signature = None
             for count, member in enumerate(tar, 1):
                 if count > limits.max_members:
                     raise UnsafeArchiveError(f"archive has more than {limits.max_members} members")
+                if member.name == SIGNATURE_NAME and info is not None \
+                        and info.name == MANIFEST_NAME and member.isfile() \
+                        and member.size <= crypto.MAX_SIGNATURE_BYTES:
+                    signature = member
+                    continue
                 info = member
             if info is None or info.name != MANIFEST_NAME or not info.isfile():
                 raise ManifestError(
@@ -449,7 +478,9 @@ def _read_manifest_seeking(path: Path, limits: Limits) -> Manifest:
                 raise ManifestError("manifest.yaml is implausibly large")
             data = tar.extractfile(info)
             assert data is not None
-            return parse_manifest(data.read())
+            text = data.read()
+            sig = tar.extractfile(signature) if signature is not None else None
+            return text, sig.read() if sig is not None else None
     except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError) as e:
         if isinstance(e, ArchiveError):
             raise
@@ -462,6 +493,8 @@ def extract(
     *,
     limits: Limits = DEFAULT_LIMITS,
     progress: Progress | None = None,
+    identities: Identities = (),
+    trusted_keys: str | Path | None = None,
 ) -> Manifest:
     """Extract into the empty directory ``dest`` and verify; raise on anything unsafe.
 
@@ -472,10 +505,10 @@ def extract(
     free = shutil.disk_usage(dest).free - limits.min_free_bytes
     cap = limits.max_total_bytes
     limits = dataclasses.replace(limits, max_total_bytes=min(cap, max(free, 0)))
-    with _open(source) as raw:
+    with plaintext(source, identities) as raw:
         scan = _Scan(raw, limits, progress)
         try:
-            return _extract_members(scan, dest)
+            return _extract_members(scan, dest, trusted_keys)
         except UnsafeArchiveError:
             # Past the disk's room but within what any archive may hold: say "space".
             if limits.max_total_bytes < scan.total <= cap:
@@ -489,63 +522,23 @@ def extract(
             raise
 
 
-def _extract_members(scan: _Scan, dest: Path) -> Manifest:
+def _extract_members(scan: _Scan, dest: Path, trusted_keys: str | Path | None) -> Manifest:
     """Write every member of ``scan`` below ``dest``; return the checked manifest."""
     for name, info, data in scan.members():
         target = dest / name
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(target.parent)
             if data is None:
-                target.mkdir(exist_ok=True)
+                private_dir(target)
                 continue
+            # Owner-only, whatever the archive says: the members are a container's memory.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o600 | (info.mode & 0o755))
+                         0o700 if info.mode & 0o100 else 0o600)
             with os.fdopen(fd, "wb") as out:
                 scan.hash_into(name, info, data, out.write)
         except OSError as e:
             raise ArchiveError(f"cannot extract {name!r} into {dest}: {e.strerror}") from None
-    return scan.check()
-
-
-def copy_member(source: Path, name: str, out: Path) -> None:
-    """Copy one member of an already verified archive into the file ``out``."""
-    with _open(source) as raw:
-        scan = _Scan(raw, DEFAULT_LIMITS, None)
-        for member, info, data in scan.members():
-            if member == name and data is not None:
-                with out.open("wb") as f:
-                    scan.hash_into(member, info, data, f.write)
-                return
-    raise ArchiveError(f"archive has no member {name!r}")
-
-
-def read_members(
-    source: Path, manifest: Manifest, names: Iterable[str], *, max_bytes: int = MAX_MANIFEST_BYTES
-) -> dict[str, bytes]:
-    """The contents of small members of a verified archive, each checked against
-    ``manifest`` again (the file may have changed since it was verified).
-
-    Names the manifest does not list are left out; the scan stops once all are read.
-    """
-    wanted = {n for n in names if n in manifest.files}
-    for name in sorted(wanted):
-        if manifest.files[name].size > max_bytes:
-            raise ArchiveError(f"{name} is implausibly large ({manifest.files[name].size} bytes)")
-    found: dict[str, bytes] = {}
-    if not wanted:
-        return found
-    with _open(source) as raw:
-        scan = _Scan(raw, DEFAULT_LIMITS, None)
-        for member, info, data in scan.members():
-            if member in wanted and data is not None:
-                chunks: list[bytes] = []
-                scan.hash_into(member, info, data, chunks.append)
-                if scan.seen[member] != manifest.files[member]:
-                    raise ChecksumError(f"{member} changed since the archive was verified")
-                found[member] = b"".join(chunks)
-                if len(found) == len(wanted):
-                    return found
-    raise ChecksumError(f"archive lacks {sorted(wanted - set(found))} since it was verified")
+    return scan.check(trusted_keys)
 
 
 @contextlib.contextmanager
@@ -555,12 +548,14 @@ def extracted(
     workdir: Path | None = None,
     limits: Limits = DEFAULT_LIMITS,
     progress: Progress | None = None,
+    identities: Identities = (),
+    trusted_keys: str | Path | None = None,
 ) -> Iterator[tuple[Path, Manifest]]:
     """Extract and verify into a private temporary directory, removed on exit."""
-    tmp = Path(tempfile.mkdtemp(prefix="ctrmig-archive-", dir=workdir))
+    tmp = Path(tempfile.mkdtemp(prefix="ctrmig-archive-", dir=workdir))  # made 0700
     try:
-        os.chmod(tmp, 0o700)
-        manifest = extract(source, tmp, limits=limits, progress=progress)
+        manifest = extract(source, tmp, limits=limits, progress=progress,
+                           identities=identities, trusted_keys=trusted_keys)
         yield tmp, manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,16 +12,17 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 import zstandard
 
-from ctrmig.archive.layout import MANIFEST_NAME
+from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
 from ctrmig.archive.streams import CHUNK, ForwardOnly, Progress
 from ctrmig.errors import ArchiveError, OptionError
+from ctrmig.host.files import open_private, private_dir
 
 Compression = Literal["none", "gzip", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "gzip", "zstd")
@@ -41,13 +42,17 @@ def check_compression(value: str) -> Compression:
 
 
 class ArchiveWriter:
-    """Builds one archive on ``out`` (a file or pipe opened for binary writing)."""
+    """Builds one archive on ``out`` (a file or pipe opened for binary writing).
+
+    ``sign``, if given, signs the manifest's bytes; the signature is the last member."""
 
     def __init__(
-        self, out: BinaryIO, compression: Compression = "none", progress: Progress | None = None
+        self, out: BinaryIO, compression: Compression = "none", progress: Progress | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
     ):
         self.compression = check_compression(compression)
         self.progress = progress
+        self.sign = sign
         self._stream: BinaryIO | None = None
         self._files: dict[str, FileEntry] = {}
         if compression == "zstd":
@@ -65,7 +70,7 @@ class ArchiveWriter:
 
     def _record(self, name: str) -> str:
         name = member_name(name)
-        if name in self._files or name == MANIFEST_NAME:
+        if name in self._files or name in (MANIFEST_NAME, SIGNATURE_NAME):
             raise ArchiveError(f"archive member {name!r} added twice")
         return name
 
@@ -162,10 +167,14 @@ class ArchiveWriter:
                     )
 
     def finish(self, manifest: Manifest) -> Manifest:
-        """Append manifest.yaml (with every member's size and sha256) and close."""
+        """Append manifest.yaml (with every member's size and sha256), its signature if
+        signing, and close."""
         manifest.files = dict(self._files)
         data = manifest.to_yaml().encode()
         self._member(MANIFEST_NAME, io.BytesIO(data), len(data), 0o644, None)
+        if self.sign is not None:  # over the bytes exactly as stored
+            signature = self.sign(data)
+            self._member(SIGNATURE_NAME, io.BytesIO(signature), len(signature), 0o644, None)
         self.close()
         return manifest
 
@@ -185,14 +194,16 @@ class ArchiveWriter:
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """Open ``path`` for writing via a ``.partial`` sibling renamed into place on success.
 
-    On any error the partial file is removed: a failed checkpoint never leaves a
+    The file is created ``0600`` (it holds a container's memory); missing directories
+    ``0700``. On any error the partial file is removed: a failed checkpoint never leaves a
     half-written archive that looks complete.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # a killed run's: created anew, 0600, below
     try:
-        with partial.open("wb") as f:
-            yield cast(BinaryIO, f)
+        with open_private(partial, exclusive=True) as f:
+            yield f
         partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -14,10 +14,9 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
@@ -28,13 +27,13 @@ from ctrmig.archive import (
     ContainerRecord,
     Manifest,
     atomic_output,
+    crypto,
     extracted,
     privileges,
-    verify,
 )
 from ctrmig.archive.layout import image_member
-from ctrmig.archive.reader import copy_member
-from ctrmig.archive.streams import CHUNK, Progress, read_into
+from ctrmig.archive.spool import copy_member, spooled
+from ctrmig.archive.streams import Progress
 from ctrmig.errors import (
     CheckpointError,
     CtrmigError,
@@ -111,6 +110,9 @@ class BaseMigrator(ABC):
         opts = build(CheckpointOptions, options, overrides)
         if opts.pre_checkpoint:
             criu.require_memory_tracking()
+        # Unusable keys are refused before the container is stopped for nothing.
+        crypto.check_recipients(opts.encrypt_to)
+        crypto.check_signing_key(opts.sign)
         self._refuse_unsupported(for_engine(opts), self.checkpoint_options, "checkpoint")
         if opts.include_image and not self.carries_images:
             raise OptionError(f"the {self.engine} engine cannot carry images in archives")
@@ -154,12 +156,19 @@ class BaseMigrator(ABC):
                 # Locked from the start: while the archive still arrives, `ctrmig ls` (and so
                 # a `ctrmig recover` elsewhere) sees the container as being restored.
                 stack.enter_context(self._lock(opts.name, "restoring"))
+            # Decrypted on the fly (opts.identity); with opts.trusted_keys the manifest's
+            # signature is checked here too: before any engine call.
+            keys: dict[str, Any] = {"identities": opts.identity,
+                                    "trusted_keys": opts.trusted_keys}
             if self.needs_extracted:
                 root, manifest = stack.enter_context(
-                    extracted(self._source(archive), workdir=self.workdir, progress=progress)
+                    extracted(self._source(archive), workdir=self.workdir, progress=progress,
+                              **keys)
                 )
             else:
-                root, manifest = stack.enter_context(self._spooled(archive, progress))
+                root, manifest = stack.enter_context(
+                    spooled(self._source(archive), workdir=self.workdir, progress=progress,
+                            **keys))
             self._check_archive(manifest, root, opts)
             # The one name policy: the name asked for, else the recorded one; taken -> refused.
             if opts.name is None:
@@ -316,22 +325,23 @@ class BaseMigrator(ABC):
         taken: builtins.list[Dump],
     ) -> Manifest:
         """Write the whole archive; the engine's dump goes into ``taken`` once it exists."""
-        writer = ArchiveWriter(out, opts.compression, progress)
-        # The image goes first, while the container still runs: it adds no downtime.
-        image = self._add_image(record, writer) if opts.include_image else None
-        dump = self._dump(record, opts)
-        taken.append(dump)
-        extra = dump.write(writer)
-        if image:
-            extra["image_archive"] = image
-        return writer.finish(Manifest(
-            engine=self.engine,
-            container=record,
-            engine_version=self.version(),
-            criu_version=self.criu_version(),
-            options=dataclasses.asdict(opts),
-            extra=extra,
-        ))
+        with crypto.encrypting(out, opts.encrypt_to) as sink:  # as is, without recipients
+            writer = ArchiveWriter(sink, opts.compression, progress, crypto.signer(opts.sign))
+            # The image goes first, while the container still runs: it adds no downtime.
+            image = self._add_image(record, writer) if opts.include_image else None
+            dump = self._dump(record, opts)
+            taken.append(dump)
+            extra = dump.write(writer)
+            if image:
+                extra["image_archive"] = image
+            return writer.finish(Manifest(
+                engine=self.engine,
+                container=record,
+                engine_version=self.version(),
+                criu_version=self.criu_version(),
+                options=dataclasses.asdict(opts),
+                extra=extra,
+            ))
 
     @staticmethod
     def _roll_back(record: ContainerRecord, dump: Dump, cause: BaseException) -> None:
@@ -366,39 +376,6 @@ class BaseMigrator(ABC):
             return as_path(archive)
         return archive
 
-    @contextlib.contextmanager
-    def _spooled(self, archive: ArchiveSource,
-                 progress: Progress | None) -> Iterator[tuple[Path, Manifest]]:
-        """The archive as a verified file, and its manifest. A stream is verified as it
-        is saved to a private temp file: one pass, hashing while the archive arrives."""
-        if isinstance(archive, (str, os.PathLike)):
-            yield as_path(archive), verify(as_path(archive), progress=progress)
-            return
-        fd, name = tempfile.mkstemp(prefix="ctrmig-spool-", suffix=".tar", dir=self.workdir)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                manifest = verify(cast(BinaryIO, _Tee(archive, out)), progress=progress)
-                shutil.copyfileobj(archive, out, CHUNK)  # any zero padding after the end
-            yield Path(name), manifest
-        finally:
-            os.unlink(name)
-
-
-class _Tee:
-    """A read stream that also writes what it reads to ``copy``."""
-
-    def __init__(self, src: BinaryIO, copy: BinaryIO):
-        self.src, self.copy = src, copy
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.src.read(size)
-        self.copy.write(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        n = read_into(self.src, buf)
-        self.copy.write(memoryview(buf)[:n])
-        return n
 
 def listing(m: Any) -> list[ContainerInfo]:
     """``m.list()``, with the state of each container a live ctrmig is checkpointing or

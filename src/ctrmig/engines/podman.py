@@ -13,7 +13,7 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -34,6 +34,8 @@ from ctrmig.errors import (
     RestoreError,
 )
 from ctrmig.host import http, proc
+from ctrmig.host.files import open_private
+from ctrmig.host.ssh import SocketTunnel
 from ctrmig.options import CheckpointOptions, RestoreOptions, podman_params
 from ctrmig.protocol import ContainerInfo
 
@@ -73,10 +75,21 @@ class PodmanMigrator(BaseMigrator):
     send_timeout: ClassVar[float] = 60.0
     retry_wait: ClassVar[tenacity.wait.wait_base] = http.RETRY_WAIT
 
-    def __init__(self, url: str | None = None, **kwargs: Any):
+    def __init__(self, url: str | None = None, *, ssh_options: Sequence[str] | None = None,
+                 **kwargs: Any):
+        """``url``: ``unix://``, ``tcp://``, or ``ssh://[user@]host[:port][/socket]`` (the
+        remote socket, default podman's rootful one, forwarded through ssh as podman-remote
+        does; ``ssh_options`` are added to ssh's flags)."""
         super().__init__(**kwargs)
         self.url = url or settings.current().podman_url
-        self.client = PodmanClient(base_url=self.url, timeout=self.timeout)
+        self._tunnel: SocketTunnel | None = None
+        api_url = self.url
+        if self.url.startswith("ssh://"):
+            opts = settings.current().ssh_options if ssh_options is None else ssh_options
+            self._tunnel = SocketTunnel(self.url, default_socket=str(
+                settings.DEFAULT_PODMAN_SOCKET), ssh_options=opts)
+            api_url = self._tunnel.url
+        self.client = PodmanClient(base_url=api_url, timeout=self.timeout)
 
     # --- one place for every API call ---------------------------------------------------------
 
@@ -157,6 +170,9 @@ class PodmanMigrator(BaseMigrator):
 
     def close(self) -> None:
         self.client.close()  # type: ignore[no-untyped-call]
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
 
     # --- hooks -----------------------------------------------------------------------------------
 
@@ -176,7 +192,7 @@ class PodmanMigrator(BaseMigrator):
                 timeout=self.timeout,
             )
             resp.raise_for_status()
-            with dest.open("wb") as f:
+            with open_private(dest) as f:
                 for chunk in resp.iter_content(1 << 20):
                     f.write(chunk)
         return "oci-archive"

@@ -21,7 +21,6 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 from ctrmig import settings
 from ctrmig.archive import Archive, read_manifest
@@ -37,6 +36,7 @@ from ctrmig.errors import (
     named,
 )
 from ctrmig.host import proc
+from ctrmig.host.ssh import SSH_FLAGS, ssh_destination
 from ctrmig.options import CheckpointOptions, RestoreOptions, build, cli_args
 from ctrmig.protocol import ArchivePath, ArchiveSource, ContainerInfo, as_path
 
@@ -56,20 +56,13 @@ class RemoteMigrator:
         ssh_options: Sequence[str] = (),
         timeout: float = 900.0,
     ):
-        parts = urlsplit(address)
-        if parts.scheme != "ssh" or not parts.hostname:
-            raise OptionError(f"not an ssh address: {address!r}",
-                              hint="use ssh://[user@]host[:port]")
+        port, self._dest, _ = ssh_destination(address)
         self.engine = engine
         self.address = address
         self.timeout = timeout
-        self._dest = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
-        # Keep-alives: a link that dies without a reset would otherwise hang a migration
-        # (with its source stopped) until TCP gives up, many minutes later.
-        self._ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5",
-                     "-o", "ServerAliveCountMax=3", *ssh_options]
-        if parts.port:
-            self._ssh += ["-p", str(parts.port)]
+        # Keep-alives (SSH_FLAGS): a link that dies without a reset would otherwise hang a
+        # migration (with its source stopped) until TCP gives up, many minutes later.
+        self._ssh = ["ssh", *SSH_FLAGS, *ssh_options, *port]
         command = remote_command or settings.current().remote_command
         self._remote = shlex.split(command)
         self._remote_args = list(remote_args)
@@ -130,6 +123,10 @@ class RemoteMigrator:
     ) -> Archive:
         """Checkpoint on the remote host, the archive streamed back over ssh to a file."""
         opts = build(CheckpointOptions, options, overrides)
+        if opts.encrypt_to or opts.sign:
+            raise OptionError("a remote checkpoint cannot be encrypted or signed from here",
+                              hint="run `ctrmig checkpoint --encrypt-to/--sign` on that host "
+                                   "(key files are read where ctrmig runs)")
         if not isinstance(archive, (str, os.PathLike)):
             raise OptionError(
                 "a remote checkpoint can only be written to a file",

@@ -21,6 +21,7 @@ from pathlib import Path
 from ctrmig import settings
 from ctrmig.errors import EngineUnavailableError
 from ctrmig.host import proc
+from ctrmig.host.files import open_private, private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +93,20 @@ class Service:
             log.info("%s already answers on %s", self.name, self.socket)
             return
         self.socket.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_path.parent)
+        private_dir(self.pidfile.parent)
         argv = self.argv
         if self.netns:
             if self.own_netns:
                 make_netns(self.netns)
             argv = [*netns_prefix(self.netns), *argv]
         try:
-            with self.log_path.open("ab") as logf:
+            with open_private(self.log_path, append=True) as logf:
                 self._proc = proc.spawn(argv, stdout=logf, stderr=logf, env=self.env)
         except BaseException:
             self._drop_netns()
             raise
-        self.pidfile.write_text(f"{self._proc.pid}\n")
+        write_private(self.pidfile, f"{self._proc.pid}\n")
         if not wait:
             return
         deadline = time.monotonic() + timeout
@@ -230,9 +231,9 @@ def dockerd_service(
     argv = ["dockerd", "-H", f"unix://{sock}", "--pidfile", str(state_dir / f"{tag}.dockerd-pid")]
     if data_root is not None:
         config = state_dir / f"{tag}.daemon.json"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)
         nofile = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-        config.write_text(json.dumps({
+        write_private(config, json.dumps({
             "experimental": experimental,
             "default-ulimits": {"nofile": {"Name": "nofile", "Soft": nofile, "Hard": nofile}},
         }))

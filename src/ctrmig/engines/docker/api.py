@@ -38,6 +38,7 @@ from ctrmig.errors import (
     ToolMissingError,
 )
 from ctrmig.host import http
+from ctrmig.host.files import open_private
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,7 +256,7 @@ class EngineAPI:
             res = api._get(api._url("/images/{0}/get", ref), stream=True,
                            timeout=self.timeout)
             api._raise_for_status(res)
-            with dest.open("wb") as f:
+            with open_private(dest) as f:
                 for chunk in res.iter_content(1 << 20):
                     f.write(chunk)
 

@@ -22,6 +22,7 @@ import tenacity
 from ctrmig.engines.docker.api import EngineAPI
 from ctrmig.errors import CheckpointError, EngineError
 from ctrmig.host import proc
+from ctrmig.host.files import private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Checkpoints:
         the container ``cid``: a rename on one filesystem. Returns its name and path."""
         name = new_name()
         target = self.data_root() / "containers" / cid / "checkpoints" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         shutil.move(images, target)
         return name, target
 
@@ -169,7 +170,7 @@ class Checkpoints:
         restores, no retry). The bounded retry stays for daemons that behave otherwise.
         """
         if path is not None and self.unique_uploads:
-            (path / NONCE_FILE).write_text(f"{cid} {name} {uuid.uuid4().hex}\n")
+            write_private(path / NONCE_FILE, f"{cid} {name} {uuid.uuid4().hex}\n")
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.start_attempts),
             wait=tenacity.wait_exponential(multiplier=0.25, max=4),

@@ -79,7 +79,7 @@ def inherited_fds(
             fd = os.open(os.devnull, os.O_RDONLY)
         else:
             logfile = log_file()
-            fd = os.open(logfile, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(logfile, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         stack.callback(os.close, fd)
         inherit[key] = fd
     for entry in config["files"]:

@@ -22,6 +22,7 @@ from ctrmig.engines.process.tree import alive, pid_of
 from ctrmig.errors import CheckpointError, ContainerNotFoundError, OptionError
 from ctrmig.host import criu as host_criu
 from ctrmig.host import proc
+from ctrmig.host.files import write_private
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 
@@ -145,7 +146,7 @@ class ProcessMigrator(BaseMigrator):
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
             tree.hash_files(config)  # the tree is stopped (or runs on): sizes as dumped
-            (dump / CONFIG_DUMP).write_text(json.dumps(config, indent=2))
+            write_private(dump / CONFIG_DUMP, json.dumps(config, indent=2))
             writer.add_tree(dump / CHECKPOINT_DIR, CHECKPOINT_DIR)
             writer.add_file(CONFIG_DUMP, dump / CONFIG_DUMP)
             return tree.manifest_extra(config)

@@ -21,6 +21,7 @@ from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP
 from ctrmig.engines.process.tree import CONFIG_VERSION, alive
 from ctrmig.errors import ArchiveError
 from ctrmig.host import proc
+from ctrmig.host.files import private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ class StateDir:
     def new_dump(self, pid: int) -> Path:
         """A fresh private directory for a dump of ``pid`` (with its images directory):
         on the same filesystem as the kept ones, so that keeping it is a rename."""
-        self.kept_dir.mkdir(parents=True, exist_ok=True)
-        dump = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=self.kept_dir))
-        (dump / CHECKPOINT_DIR).mkdir()
+        private_dir(self.kept_dir)
+        dump = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=self.kept_dir))  # made 0700
+        (dump / CHECKPOINT_DIR).mkdir(0o700)
         return dump
 
     def keep(self, dump: Path, pid: int) -> None:
@@ -85,7 +86,7 @@ class StateDir:
 
     def log_file(self, pid: int) -> str:
         """The log that takes the stdout/stderr of restored ``pid`` (its directory made)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         return str(self.root / f"{pid}.log")
 
     def record(self, pid: int) -> dict[str, Any] | None:
@@ -105,11 +106,11 @@ class StateDir:
     def write_record(self, pid: int, config: dict[str, Any], logfile: str | None) -> None:
         """Remember a restored process for list() and logs()."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             record = {"pid": pid, "start_time": proc.start_time(pid), "exe": config["exe"],
                       "argv": config["argv"], "log": logfile, "restored": time.time()}
             path = self.root / f"{pid}.json"
-            path.with_suffix(".tmp").write_text(json.dumps(record))
+            write_private(path.with_suffix(".tmp"), json.dumps(record))
             path.with_suffix(".tmp").replace(path)
         except OSError as e:  # the process runs; a missing record only hides it from list()
             log.warning("cannot record restored PID %d in %s: %s", pid, self.root, e)

@@ -19,6 +19,7 @@ from typing import Any
 from ctrmig.engines.runc.state import read_text
 from ctrmig.errors import CtrmigError
 from ctrmig.host import criu, proc
+from ctrmig.host.files import private_dir
 from ctrmig.protocol import CheckpointOptions, RestoreOptions
 
 TOOL_TIMEOUT = 120.0
@@ -157,7 +158,7 @@ def keep_logs(logs_dir: Path, name: str, work: Path | None) -> Path | None:
     if not logs:
         return None
     dest = logs_dir / "failed" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
-    dest.mkdir(parents=True, exist_ok=True)
+    private_dir(dest)
     for f in logs:
         shutil.copy2(f, dest / f.name)
     return dest

@@ -24,6 +24,7 @@ from typing import Any
 from ctrmig.engines.runc.state import StateDir, read_text, to_json
 from ctrmig.errors import CommandError, CtrmigError, ImageNotFoundError, OptionError
 from ctrmig.host import http, proc
+from ctrmig.host.files import open_private, write_private
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ImageCache:
                 self._unpack(ref, cache)
             refs = read_text(cache / "source-refs").splitlines()
             if ref not in refs:
-                (cache / "source-refs").write_text("\n".join([*refs, ref]) + "\n")
+                write_private(cache / "source-refs", "\n".join([*refs, ref]) + "\n")
         return self._cached(image, ref, found)
 
     def holds(self, digest: str) -> bool:
@@ -304,6 +305,6 @@ def _image_config(layout: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _flock(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
+    with open_private(path, append=True) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield

@@ -178,7 +178,7 @@ class RuncMigrator(BaseMigrator):
         # removed or resumed: resume() (the rollback, or migrate's) restores from them.
         images = self.bundles.kept_images(name)
         shutil.rmtree(images, ignore_errors=True)
-        images.mkdir()
+        images.mkdir(0o700)  # CRIU's images: the container's memory
         work = self.paths.new_workdir("checkpoint")
         try:
             dump_seconds = self._checkpoint(name, images, work, opts)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrmig.errors import OptionError
+from ctrmig.host.files import private_dir
 
 
 class StateDir:
@@ -44,7 +45,7 @@ class StateDir:
         self.logs = root / "logs"
         self.tmp = root / "tmp"
         for d in (self.runc_root, self.images, self.bundles, self.logs, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)  # 0700: images and logs describe, or hold, containers' memory
 
     def new_workdir(self, what: str) -> Path:
         """A fresh work directory under tmp/; the caller removes it."""
