@@ -42,6 +42,7 @@ from ctrmig.archive.writer import check_compression
 from ctrmig.engines.base import listing
 from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions
+from ctrmig.preflight import answer as preflight_answer
 
 log = logging.getLogger("ctrmig")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -578,16 +579,26 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
               default="auto", show_default=True,
               help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
 @option_flags(CheckpointOptions, RestoreOptions, migrate=True)
+@click.option("--check", is_flag=True,
+              help="Only check both hosts (nothing is frozen); exit 0 if the move can go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, name: str | None, keep_source: bool,
-            compression: str, as_json: bool, **flags: Any) -> None:
+            compression: str, check: bool, as_json: bool, **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
     kept, stopped, with --keep-source) and resumed if anything fails. An ADDRESS is
     unix:// or tcp:// (podman's or docker's API) or ssh://[user@]host[:port] (runs ctrmig
-    there; set CTRMIG_REMOTE_COMMAND if it is not on the remote PATH).
+    there; set CTRMIG_REMOTE_COMMAND if it is not on the remote PATH). Both hosts are
+    checked first (CRIU, CPU, image, mounts, ports, name, space, privileges): --check
+    shows those checks and stops there.
     """
+    if check:
+        _print_preflight(ctrmig.preflight(
+            container, source=source, target=target, name=name,
+            checkpoint_options=_built(CheckpointOptions, flags),
+            restore_options=_built(RestoreOptions, flags)), as_json)
+        return
     with _progress(f"migrate {container}") as progress:
         report = ctrmig.migrate(
             container, source=source, target=target, name=name, keep_source=keep_source,
@@ -601,6 +612,36 @@ def migrate(container: str, source: str, target: str, name: str | None, keep_sou
         click.echo(json.dumps(data))
     else:
         _out().print(report.summary())
+
+
+def _print_preflight(report: ctrmig.PreflightReport, as_json: bool) -> None:
+    """migrate --check's table (or JSON); exit 1 unless the migration can go."""
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table("host", "check", "status", "detail", "fix")
+        for c in report.checks:
+            table.add_row(c.host, c.name, f"[{_STATUS_STYLE[c.status]}]{c.status}[/]",
+                          c.detail, c.fix)
+        _out().print(table)
+        _out().print(f"{report.container}: {report.source} -> {report.target}: "
+                     + ("[green]can go[/]" if report.ok else
+                        f"[red]{len(report.failures)} check(s) failed[/]"))
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("preflight", hidden=True)
+@click.argument("role", type=click.Choice(("source", "target")))
+@click.argument("container", required=False)
+@engine_option
+@url_option
+def preflight_side(role: str, container: str | None, engine: str | None,
+                   url: str | None) -> None:
+    """This host's side of another host's `migrate --check` (JSON on stdin and stdout)."""
+    request = json.load(sys.stdin)
+    with contextlib.closing(_connect(engine or "podman", url)) as m:
+        click.echo(json.dumps(preflight_answer(m, role, container, request)))
 
 
 @cli.command()
