@@ -192,9 +192,9 @@ def cleanup_runc_state(m: RuncMigrator) -> list[str]:
         m.remove(c.name)
         locks.lock_path("runc", c.name, m.lock_scope).unlink(missing_ok=True)
     leaks = []
-    for name in (e["id"] for e in m._runc_list()):
+    for name in (e["id"] for e in m.runc.containers()):
         leaks.append(f"runc container {name}")
-        proc.run([*m._runc(), "delete", "--force", name], timeout=60, check=False)
+        proc.run(m.runc.argv("delete", "--force", name), timeout=60, check=False)
     for pid in processes_naming(str(m.state_dir)):
         leaks.append(f"process {pid}")
         os.kill(pid, signal.SIGKILL)

@@ -40,7 +40,7 @@ from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summ
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
 from ctrmig.engines.base import listing
-from ctrmig.errors import ContainerNotFoundError, CtrmigError, OptionError
+from ctrmig.errors import ERROR_LINE, ContainerNotFoundError, CtrmigError, OptionError
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions
 from ctrmig.preflight import answer as preflight_answer
 
@@ -74,15 +74,19 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CtrmigError as e:
-            _fail(e, verbose=bool((ctx.obj or {}).get("verbose")))
+            obj = ctx.obj or {}
+            _fail(e, verbose=bool(obj.get("verbose")), as_json=bool(obj.get("json_errors")))
 
 
-def _fail(e: CtrmigError, *, verbose: bool) -> NoReturn:
+def _fail(e: CtrmigError, *, verbose: bool, as_json: bool = False) -> NoReturn:
     click.echo(f"ctrmig: error: {e.message}", err=True)
     if e.hint:
         click.echo(f"hint: {e.hint}", err=True)
     if verbose and e.stderr:
         click.echo(e.stderr.rstrip(), err=True)
+    if as_json:
+        click.echo(ERROR_LINE + json.dumps({"type": type(e).__name__, "message": e.message,
+                                            "hint": e.hint}), err=True)
     raise click.exceptions.Exit(1)
 
 
@@ -218,8 +222,10 @@ url_option = click.option("--url", metavar="URL", help=URL_HELP)
 @click.version_option(ctrmig.__version__, "--version", "-V", prog_name="ctrmig")
 @click.option("-v", "--verbose", count=True,
               help="Debug log and tools' stderr on errors (-vv: libraries' too).")
+@click.option("--json-errors", is_flag=True, hidden=True,
+              help="Also report a failure as one JSON line (for a ctrmig driving this one).")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int) -> None:
+def cli(ctx: click.Context, verbose: int, json_errors: bool) -> None:
     """Checkpoint running containers with CRIU into one portable archive, and restore
     them: podman, docker, runc and plain processes.
 
@@ -228,7 +234,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
       ctrmig restore web.ckpt.tar --name web2
       ctrmig inspect web.ckpt.tar
     """
-    ctx.obj = {"verbose": verbose}
+    ctx.obj = {"verbose": verbose, "json_errors": json_errors}
     settings.use(settings.load(os.environ))  # the environment, read once, here
     # ctrmig's own notes (what it waits for, an image it loaded) show by default; -v adds
     # its debug log (the commands it runs); -vv every library's too.

@@ -142,3 +142,20 @@ class PrivilegeError(ArchiveError):
 
 class CriuImageError(ArchiveError):
     """A CRIU image in the archive is malformed, truncated or implausibly large."""
+
+
+#: The stderr line a ctrmig run by another ctrmig (over ssh) adds to say which error it was.
+ERROR_LINE = "ctrmig-error-json: "
+
+
+def named(name: str) -> type[CtrmigError]:
+    """The error class called ``name`` (as a remote ctrmig reports it), else EngineError.
+
+    Command errors (their argv belongs to the other host) come back as EngineError too."""
+    pending: list[type[CtrmigError]] = [CtrmigError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name and not issubclass(cls, CommandError):
+            return cls
+        pending += cls.__subclasses__()
+    return EngineError

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,12 +18,13 @@ from typing import Any
 
 import docker
 import pytest
+import requests
 
 import ctrmig
-from ctrmig.engines.docker import DockerMigrator, _create_body
+from ctrmig.engines.docker import DockerMigrator, rootfs
+from ctrmig.engines.docker.config import create_body
 from ctrmig.errors import (
     CheckpointError,
-    ContainerNotFoundError,
     EngineError,
     EngineUnavailableError,
     ImageNotFoundError,
@@ -35,7 +35,6 @@ from ctrmig.errors import (
     ToolMissingError,
 )
 from ctrmig.host import services
-from ctrmig.migrate import migrate
 from tests.conftest import COUNTER_CMD, first_count, last_count, unique, wait_for
 
 RACE = ("failed to upload checkpoint to containerd: commit failed: content "
@@ -105,45 +104,6 @@ def checkpoint_count(dk: Docker, name: str, archive: Path, **options: Any) -> in
 
 
 # --- the round trip ------------------------------------------------------------------------
-
-
-def test_checkpoint_then_restore_as_new_container(dk: Docker, tmp_path: Path) -> None:
-    src = dk.counter()
-    archive = tmp_path / "c.tar.zst"
-    start = time.monotonic()
-    result = dk.m.checkpoint(src, archive)
-    took = time.monotonic() - start
-    before = last_count(dk.m.logs(src))
-    assert dk.state(src) == "exited"
-    files = result.manifest.files
-    assert any(p.startswith("checkpoint/pages-") for p in files)
-    assert {"config.dump", "rootfs-diff.tar", "deleted.files", "spec.dump"} <= set(files)
-    assert result.manifest.engine == "docker" and result.manifest.container.name == src
-    assert result.manifest.extra["rootfs"]["changed"] >= 1
-    # the stopped source keeps docker's checkpoint, for resume
-    assert [n for n in dk.m._checkpoint_names(src) if n.startswith("ctrmig-")]
-    print(f"checkpoint {took:.2f} s, archive {archive.stat().st_size} bytes")
-
-    dk.m.remove(src)
-    assert not dk.m.exists(src)
-    start = time.monotonic()
-    restored = dk.track(dk.m.restore(archive))
-    print(f"restore {time.monotonic() - start:.2f} s")
-    assert restored == src  # the recorded name is free again
-    assert dk.api.inspect_container(restored)["Id"] != result.manifest.container.id
-    dk.assert_continues(restored, before)
-
-
-def test_same_archive_restores_twice(dk: Docker, tmp_path: Path) -> None:
-    src = dk.counter()
-    archive = tmp_path / "twice.tar"
-    before = checkpoint_count(dk, src, archive, compression="none")
-    first = dk.track(dk.m.restore(archive))  # the source still holds the name
-    assert first != src and first.startswith(src)
-    second = dk.track(dk.m.restore(archive, name=unique("ctrmig-dk-named")))
-    for name in (first, second):
-        dk.assert_continues(name, before)
-    assert dk.api.inspect_container(first)["Id"] != dk.api.inspect_container(second)["Id"]
 
 
 def test_restore_right_after_checkpoint_rounds(
@@ -235,7 +195,7 @@ def test_back_to_back_running_checkpoints_retry(
     """Without the wait for containerd's garbage collection, a container left running is
     safe to checkpoint again: the race is retried."""
     caplog.set_level(logging.WARNING, logger="ctrmig.engines.docker")
-    monkeypatch.setattr(dk.m, "_wait_for_content_gc", lambda: None)
+    monkeypatch.setattr(dk.m.checkpoints, "wait_for_content_gc", lambda: None)
     src = dk.counter()
     for i in range(6):
         dk.m.checkpoint(src, tmp_path / f"live-{i}.tar", leave_running=True,
@@ -248,11 +208,13 @@ def test_leave_running_and_keep(dk: Docker, tmp_path: Path) -> None:
     src = dk.counter()
     dk.m.checkpoint(src, tmp_path / "live0.tar", leave_running=True)
     assert dk.state(src) == "running"
-    assert dk.m._checkpoint_names(src) == []  # a running container needs no checkpoint
+    assert dk.m.api.checkpoint_names(src) == []  # a running container needs no checkpoint
     dk.m.checkpoint(src, tmp_path / "live.tar", leave_running=True, keep=True)
     assert dk.state(src) == "running"
     kept = dk.api.get(dk.api._url("/containers/{0}/checkpoints", src)).json()
     assert [c["Name"] for c in kept] and kept[0]["Name"].startswith("ctrmig-")
+    with pytest.raises(CheckpointError, match="running"):
+        dk.m.resume(src)  # nothing to resume
     restored = dk.track(dk.m.restore(tmp_path / "live.tar", name=unique("ctrmig-dk-live")))
     assert dk.state(restored) == "running"
 
@@ -264,7 +226,13 @@ def test_rootfs_deletion_travels(dk: Docker, tmp_path: Path) -> None:
     dk.api.start(dk.api.create_container(dk.image, cmd, name=name)["Id"])
     wait_for(lambda: dk.api.diff(name), what="the filesystem change")
     time.sleep(0.5)
-    dk.m.checkpoint(name, tmp_path / "rm.tar")
+    result = dk.m.checkpoint(name, tmp_path / "rm.tar")
+    files = result.manifest.files
+    assert any(p.startswith("checkpoint/pages-") for p in files)
+    assert {"config.dump", "rootfs-diff.tar", "deleted.files", "spec.dump"} <= set(files)
+    assert result.manifest.extra["rootfs"]["changed"] >= 1
+    # the stopped source keeps docker's checkpoint, for resume
+    assert [n for n in dk.m.api.checkpoint_names(name) if n.startswith("ctrmig-")]
     restored = dk.track(dk.m.restore(tmp_path / "rm.tar", name=unique("ctrmig-dk-rm2")))
     assert "No such file" in dk.read(restored, "/bin/vi")
     assert dk.read(restored, "/new/dir/f") == "x\n"
@@ -283,8 +251,7 @@ def test_publish_ports_replace_the_recorded_ones(dk: Docker, tmp_path: Path) -> 
 def test_rootfs_through_the_archive_api(dk: Docker, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a local overlay2 layer the changed files come through GET /archive."""
-    # (ctrmig.engines is also a function in ctrmig's namespace: reach the module this way)
-    monkeypatch.setattr(sys.modules[DockerMigrator.__module__], "_upper_dir", lambda d: None)
+    monkeypatch.setattr(rootfs, "upper_dir", lambda d: None)
     name = dk.track(unique("ctrmig-dk-api"))
     cmd = ["/bin/sh", "-c", "mkdir -p /new/dir; echo x > /new/dir/f; ln -s f /new/dir/l; "
            "echo y > /etc/added; while true; do sleep 0.1; done"]
@@ -303,14 +270,14 @@ def test_failed_rollback_keeps_dockers_checkpoint(
     """If the container cannot be brought back, its checkpoint is the only copy: kept."""
     src = dk.counter()
 
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     def no_start(cid: str, name: str) -> None:
         raise RestoreError("start failed", stderr="criu failed: type NOTIFY errno 0")
 
-    monkeypatch.setattr(dk.m, "_dump_rootfs", broken)
-    monkeypatch.setattr(dk.m, "_start_from", no_start)
+    monkeypatch.setattr(rootfs, "write_diff", broken)
+    monkeypatch.setattr(dk.m.api, "start_from", no_start)
     with pytest.raises(OSError):
         dk.m.checkpoint(src, tmp_path / "x.tar")
     assert dk.state(src) == "exited"
@@ -320,38 +287,7 @@ def test_failed_rollback_keeps_dockers_checkpoint(
     monkeypatch.undo()
     dk.m.resume(src)
     assert dk.state(src) == "running"
-    assert dk.m._checkpoint_names(src) == []
-
-
-def test_resume_in_place(dk: Docker, tmp_path: Path) -> None:
-    """The rollback of a failed migration: the stopped source runs on from its checkpoint."""
-    src = dk.counter()
-    before = checkpoint_count(dk, src, tmp_path / "r.tar")
-    assert dk.state(src) == "exited"
-    dk.m.resume(src)
-    assert dk.state(src) == "running"
-    wait_for(lambda: last_count(dk.m.logs(src)) > before, what="counting after resume")
-    assert dk.m.logs(src).splitlines().count("count=1") == 1  # not started afresh
-    assert dk.m._checkpoint_names(src) == []
-    with pytest.raises(CheckpointError, match="running"):
-        dk.m.resume(src)
-    dk.api.stop(src, timeout=1)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        dk.m.resume(src)
-
-
-def test_archive_carries_the_image(dk: Docker, tmp_path: Path) -> None:
-    tag = f"localhost/{unique('ctrmig-carried')}:latest"
-    dk.api.tag(dk.image, tag)
-    dk.images.append(tag)
-    src = dk.counter(image=tag)
-    result = dk.m.checkpoint(src, tmp_path / "img.tar", include_image=True)
-    assert result.manifest.extra["image_archive"]["format"] == "docker-archive"
-    dk.m.remove(src)
-    dk.api.remove_image(tag)
-    restored = dk.track(dk.m.restore(tmp_path / "img.tar"))
-    assert dk.api.inspect_image(tag)
-    assert dk.state(restored) == "running"
+    assert dk.m.api.checkpoint_names(src) == []
 
 
 # --- errors with a daemon ------------------------------------------------------------------
@@ -364,10 +300,13 @@ def test_failed_checkpoint_brings_the_container_back(
     """A failure after dockerd stopped the container restarts it from the checkpoint."""
     src = dk.counter()
 
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dk.m, "_dump_rootfs" if stage == "rootfs" else "criu_version", broken)
+    if stage == "rootfs":
+        monkeypatch.setattr(rootfs, "write_diff", broken)
+    else:
+        monkeypatch.setattr(dk.m, "criu_version", broken)
     with pytest.raises(OSError):
         dk.m.checkpoint(src, tmp_path / "x.tar")
     assert not (tmp_path / "x.tar").exists()
@@ -380,32 +319,19 @@ def test_failed_checkpoint_brings_the_container_back(
     assert dk.api.get(dk.api._url("/containers/{0}/checkpoints", src)).json() in ([], None)
 
 
-def test_unknown_container(dk: Docker, tmp_path: Path) -> None:
-    with pytest.raises(ContainerNotFoundError):
-        dk.m.checkpoint("ctrmig-no-such-container", tmp_path / "x.tar")
-    assert not (tmp_path / "x.tar").exists()
-    assert not dk.m.exists("ctrmig-no-such-container")
-    dk.m.remove("ctrmig-no-such-container")  # no error
-
-
 def test_refuses_stopped_and_auto_removed_containers(dk: Docker, tmp_path: Path) -> None:
     stopped = dk.track(unique("ctrmig-dk-stopped"))
     dk.api.create_container(dk.image, COUNTER_CMD, name=stopped)
     with pytest.raises(CheckpointError, match="not running"):
         dk.m.checkpoint(stopped, tmp_path / "s.tar")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        dk.m.resume(stopped)  # stopped, but not by a checkpoint
     auto = dk.counter(host_config=dk.api.create_host_config(auto_remove=True))
     with pytest.raises(CheckpointError, match="--rm") as err:
         dk.m.checkpoint(auto, tmp_path / "a.tar")
     assert err.value.hint and "leave_running" in err.value.hint
     assert dk.state(auto) == "running"
     assert not (tmp_path / "s.tar").exists() and not (tmp_path / "a.tar").exists()
-
-
-def test_explicit_name_taken(dk: Docker, tmp_path: Path) -> None:
-    src = dk.counter()
-    dk.m.checkpoint(src, tmp_path / "n.tar")
-    with pytest.raises(NameInUseError):
-        dk.m.restore(tmp_path / "n.tar", name=src)
 
 
 def test_missing_image_is_named(dk: Docker, tmp_path: Path) -> None:
@@ -420,21 +346,6 @@ def test_missing_image_is_named(dk: Docker, tmp_path: Path) -> None:
     with pytest.raises(ImageNotFoundError, match=tag):
         dk.m.restore(tmp_path / "img.tar")
     assert {c.name for c in dk.m.list()} == before  # nothing half-made
-
-
-def test_failed_start_leaves_nothing(dk: Docker, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    src = dk.counter()
-    dk.m.checkpoint(src, tmp_path / "f.tar")
-    before = {c.name for c in dk.m.list()}
-
-    def broken(cid: str, name: str) -> None:
-        raise RestoreError("criu said no", stderr="criu failed: type NOTIFY errno 0")
-
-    monkeypatch.setattr(dk.m, "_start_from", broken)
-    with pytest.raises(RestoreError):
-        dk.m.restore(tmp_path / "f.tar", name=unique("ctrmig-dk-fail"))
-    assert {c.name for c in dk.m.list()} == before
 
 
 def test_privileged_archive_refused(dk: Docker, tmp_path: Path) -> None:
@@ -487,68 +398,17 @@ def plain_dockerd(dockerd_socket: Path) -> Iterator[str]:
         yield f"unix://{sock}"
 
 
-@pytest.fixture
-def second_dockerd(dockerd_socket: Path, session_dir: Path) -> Iterator[str]:
-    """Another private dockerd (own data root, experimental on) with the test image: a
-    stand-in for a second host."""
-    with _private_dockerd(dockerd_socket.parent, f"dockerd-second-{os.getpid()}") as sock:
-        client = docker.APIClient(base_url=f"unix://{sock}", timeout=300)
-        with (session_dir / "test-image.tar").open("rb") as f:
-            for _ in client.load_image(f):
-                pass
-        client.close()
-        yield f"unix://{sock}"
 
-
-def test_migrate_to_another_daemon(dk: Docker, second_dockerd: str, tmp_path: Path) -> None:
-    """Checkpoint on one dockerd, restore on another with its own data root."""
-    src = dk.counter()
-    before = checkpoint_count(dk, src, tmp_path / "move.tar")
-    target = Docker(Path(second_dockerd.removeprefix("unix://")), dk.image)
-    try:
-        assert target.m._data_root() != dk.m._data_root()
-        name = target.track(target.m.restore(tmp_path / "move.tar"))
-        assert name == src  # the name is free over there
-        target.assert_continues(name, before)
-    finally:
-        target.cleanup()
-
-
-def test_migrate_streams_between_daemons(dk: Docker, second_dockerd: str) -> None:
-    """ctrmig.migrate: archive streamed through a pipe, no file; the source removed."""
-    src = dk.counter()
-    target = Docker(Path(second_dockerd.removeprefix("unix://")), dk.image)
-    try:
-        before = last_count(dk.m.logs(src))  # a lower bound: it counts on until frozen
-        report = migrate(src, source=dk.m, target=target.m)
-        target.track(report.target_name)
-        assert report.target_name == src and not dk.m.exists(src)
-        target.assert_continues(report.target_name, before)
-        print(f"migrated in {report.total_s:.2f} s, {report.bytes_moved} bytes")
-    finally:
-        target.cleanup()
-
-
-def test_failed_migration_resumes_the_source(dk: Docker,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    src = dk.counter()
-    target = DockerMigrator(dk.url)
-
-    def broken(cid: str, name: str) -> None:
-        raise RestoreError("the target broke", stderr="criu failed: type NOTIFY errno 0")
-
-    monkeypatch.setattr(target, "_start_from", broken)
-    moved = dk.track(unique("ctrmig-dk-moved"))
-    with pytest.raises(RestoreError, match="the target broke"):
-        migrate(src, source=dk.m, target=target, name=moved)
-    assert dk.state(src) == "running"
-    assert not dk.m.exists(moved)
-    assert dk.m.logs(src).splitlines().count("count=1") == 1  # resumed, not restarted
-    target.close()
+def _load_test_image(url: str, session_dir: Path) -> None:
+    client = docker.APIClient(base_url=url, timeout=300)
+    with (session_dir / "test-image.tar").open("rb") as f:
+        for _ in client.load_image(f):
+            pass
+    client.close()
 
 
 def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, session_dir: Path) -> None:
     src = dk.counter()
     dk.m.checkpoint(src, tmp_path / "e.tar")
     with DockerMigrator(plain_dockerd) as plain:
@@ -556,6 +416,30 @@ def test_experimental_off_on_a_real_daemon(dk: Docker, plain_dockerd: str,
             plain.restore(tmp_path / "e.tar")
         assert err.value.hint and "daemon.json" in err.value.hint
         assert plain.list() == []
+        # resume asks the daemon's state (/info), not the words of a refused call
+        _load_test_image(plain_dockerd, session_dir)
+        other = Docker(Path(plain_dockerd.removeprefix("unix://")), dk.image)
+        try:
+            stopped = other.track(unique("ctrmig-dk-plain"))
+            other.api.create_container(dk.image, COUNTER_CMD, name=stopped)
+            with pytest.raises(EngineError, match="experimental") as err:
+                plain.resume(stopped)
+            assert err.value.hint and "daemon.json" in err.value.hint
+        finally:
+            other.cleanup()
+
+
+def test_refused_create_is_classified_by_state(dk: Docker) -> None:
+    """A name taken now is NameInUseError, an image missing now ImageNotFoundError."""
+    taken = dk.track(unique("ctrmig-dk-taken"))
+    dk.api.create_container(dk.image, COUNTER_CMD, name=taken)
+    with pytest.raises(NameInUseError, match=taken):
+        dk.m.api.create({"Image": dk.image, "Cmd": COUNTER_CMD}, taken)
+    missing = f"localhost/{unique('ctrmig-none')}:latest"
+    fresh = dk.track(unique("ctrmig-dk-noimage"))
+    with pytest.raises(ImageNotFoundError, match="create container"):
+        dk.m.api.create({"Image": missing, "Cmd": COUNTER_CMD}, fresh)
+    assert not dk.m.exists(fresh)
 
 
 # --- errors without a daemon ---------------------------------------------------------------
@@ -573,20 +457,63 @@ def test_daemon_down(tmp_path: Path) -> None:
 
 def test_experimental_off_names_the_fix(tmp_path: Path) -> None:
     m = DockerMigrator(f"unix://{tmp_path}/dead.sock")
-    m._info = {"ExperimentalBuild": False, "DockerRootDir": str(tmp_path)}
+    m.api._info = {"ExperimentalBuild": False, "DockerRootDir": str(tmp_path)}
     with pytest.raises(EngineError, match="experimental") as err:
-        m._require_checkpoints()
+        m.checkpoints.require()
     assert err.value.hint and "daemon.json" in err.value.hint
 
 
 def test_criu_missing_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "containers").mkdir()
     m = DockerMigrator(f"unix://{tmp_path}/dead.sock")
-    m._info = {"ExperimentalBuild": True, "DockerRootDir": str(tmp_path)}
+    m.api._info = {"ExperimentalBuild": True, "DockerRootDir": str(tmp_path)}
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ToolMissingError, match="criu") as err:
-        m._require_checkpoints()
+        m.checkpoints.require()
     assert err.value.hint and "setup-host" in err.value.hint
+
+
+class RefusingClient:
+    """docker-py's client refusing every create with ``status`` and ``words``; inspects of
+    containers and images answer 404 unless the ref is in ``present``."""
+
+    def __init__(self, status: int, words: str, present: set[str]):
+        self.status, self.words, self.present = status, words, present
+
+    def _error(self, status: int, words: str) -> docker.errors.APIError:
+        response = requests.Response()
+        response.status_code = status
+        return docker.errors.APIError("refused", response=response, explanation=words)
+
+    def create_container_from_config(self, body: object, name: str) -> Any:
+        raise self._error(self.status, self.words)
+
+    def inspect_container(self, ref: str) -> Any:
+        if ref not in self.present:
+            raise self._error(404, f"No such container: {ref}")
+        return {"Id": ref}
+
+    inspect_image = inspect_container
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "words", "present", "expected"), [
+    (409, 'Conflict. The container name "/web" is already in use', {"img"}, RestoreError),
+    (409, "Conflict: something else", {"img", "web"}, NameInUseError),
+    (404, "No such image: img", {"img"}, RestoreError),
+    (404, "not found", set(), ImageNotFoundError),
+])
+def test_create_failure_follows_state_not_words(
+    status: int, words: str, present: set[str], expected: type[EngineError]
+) -> None:
+    m = DockerMigrator("unix:///nonexistent.sock")
+    m.api._client = RefusingClient(status, words, present)  # type: ignore[assignment]
+    with pytest.raises(EngineError) as err:
+        m.api.create({"Image": "img"}, "web")
+    assert type(err.value) is expected
+    assert words.splitlines()[0] in str(err.value)  # the daemon's words stay the message
 
 
 @pytest.mark.parametrize("race_failures", [0, 2])
@@ -600,8 +527,8 @@ def test_start_retries_only_the_race(race_failures: int,
         if len(calls) <= race_failures:
             raise RestoreError("start failed", stderr=RACE)
 
-    monkeypatch.setattr(m, "_start_from", start)
-    m._start_retrying("cid", "cp")
+    monkeypatch.setattr(m.api, "start_from", start)
+    m.checkpoints.start("cid", "cp")
     assert len(calls) == race_failures + 1
 
 
@@ -613,9 +540,9 @@ def test_start_other_error_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(name)
         raise RestoreError("start failed", stderr="criu failed: type NOTIFY errno 0")
 
-    monkeypatch.setattr(m, "_start_from", start)
+    monkeypatch.setattr(m.api, "start_from", start)
     with pytest.raises(RestoreError, match="start failed"):
-        m._start_retrying("cid", "cp")
+        m.checkpoints.start("cid", "cp")
     assert len(calls) == 1
 
     def always_race(cid: str, name: str) -> None:
@@ -623,9 +550,9 @@ def test_start_other_error_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RestoreError("start failed", stderr=RACE)
 
     calls.clear()
-    monkeypatch.setattr(m, "_start_from", always_race)
+    monkeypatch.setattr(m.api, "start_from", always_race)
     with pytest.raises(RestoreError):
-        m._start_retrying("cid", "cp")
+        m.checkpoints.start("cid", "cp")
     assert len(calls) == 3  # bounded
 
 
@@ -636,7 +563,7 @@ def test_create_body_keeps_config_and_maps_ports() -> None:
         "HostConfig": {"RestartPolicy": {"Name": "always"}, "ContainerIDFile": "/x",
                        "PortBindings": {"22/tcp": [{"HostIp": "", "HostPort": "2222"}]}},
     }
-    body = _create_body(config, ("8080:80", "127.0.0.1:53:53/udp"))
+    body = create_body(config, ("8080:80", "127.0.0.1:53:53/udp"))
     assert body["Image"] == "img" and body["Env"] == ["A=1"]
     assert "NetworkDisabled" not in body and "ContainerIDFile" not in body["HostConfig"]
     assert body["HostConfig"]["RestartPolicy"] == {"Name": "always"}
@@ -646,4 +573,4 @@ def test_create_body_keeps_config_and_maps_ports() -> None:
         "53/udp": [{"HostIp": "127.0.0.1", "HostPort": "53"}],
     }
     with pytest.raises(OptionError):
-        _create_body(config, ("80:90:100:x",))
+        create_body(config, ("80:90:100:x",))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import io
 import json
 import os
 import re
@@ -20,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +29,8 @@ from click.testing import CliRunner
 import ctrmig
 from ctrmig import cli
 from ctrmig.archive.privileges import archive_privileges
-from ctrmig.engines import process
+from ctrmig.engines.process import ProcessMigrator, inherit
 from ctrmig.errors import (
-    CheckpointError,
     ContainerNotFoundError,
     NameInUseError,
     OptionError,
@@ -326,7 +322,7 @@ def test_terminal_job_restored_onto_a_new_pty(
         p.wait(timeout=5)
         before = counts(old.until(lambda _: False))
         # A terminal can only be replaced by a terminal: without one, refuse up front.
-        monkeypatch.setattr(process, "_own_terminal", lambda: None)
+        monkeypatch.setattr(inherit, "own_terminal", lambda: None)
         with pytest.raises(OptionError, match="no terminal to restore it onto"):
             ctrmig.migrator("process", state_dir=state).restore(tmp_path / "tty.tar",
                                                                 allow_privileged=True)
@@ -343,96 +339,6 @@ def test_terminal_job_restored_onto_a_new_pty(
         os.close(new_master)
         if new_slave >= 0:
             os.close(new_slave)
-
-
-# --- kept checkpoint: resume, and migrate() with its rollback -----------------------------
-
-
-def test_resume_runs_it_again_from_the_kept_checkpoint(
-    binary: Path, procs: Procs, state: Path, tmp_path: Path
-) -> None:
-    p, old = start_piped(procs, binary)
-    r, w = os.pipe()
-    try:
-        m = ctrmig.migrator("process", stdout=w, state_dir=state)
-        m.checkpoint(str(p.pid), tmp_path / "c.tar")
-        p.wait(timeout=5)
-        before = counts(old.until(lambda _: False))
-        assert [(c.name, c.state) for c in m.list()] == [(str(p.pid), "checkpointed")]
-        assert (state / "checkpoints" / str(p.pid) / "checkpoint" / "inventory.img").is_file()
-
-        m.resume(str(p.pid))
-        procs.adopt(p.pid)
-        os.close(w)
-        w = -1
-        assert_continues(before, counts(Reader(r).until(n_counts(3))))
-        assert not (state / "checkpoints" / str(p.pid)).exists()  # used up: runs once
-        assert [(c.name, c.state) for c in m.list()] == [(str(p.pid), "running")]
-        with pytest.raises(CheckpointError, match="no checkpoint"):
-            m.resume(str(p.pid))
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-
-
-def test_failed_migration_rolls_back_to_the_kept_checkpoint(
-    binary: Path, procs: Procs, state: Path, tmp_path: Path
-) -> None:
-    # migrate() rolls back with source.resume() when the target fails after the
-    # checkpoint is complete (the source then is gone). (A successful migrate() of a
-    # plain process needs another host: here the target would find the PID taken.)
-    p, old = start_piped(procs, binary)
-    procs.adopt(p.pid)
-    threading.Thread(target=p.wait, daemon=True).start()  # its parent reaps it, as usual
-    r, w = os.pipe()
-    try:
-        source = ctrmig.migrator("process", stdout=w, state_dir=state)
-        refusing = ctrmig.migrator("process", state_dir=state)
-        with pytest.raises(OptionError, match="original PID"):
-            ctrmig.migrate(str(p.pid), source=source, target=refusing, name="elsewhere",
-                           restore_options={"allow_privileged": True})
-        before = counts(old.until(lambda _: False))
-        os.close(w)
-        w = -1
-        assert_continues(before, counts(Reader(r).until(n_counts(3))))
-        assert not (state / "checkpoints" / str(p.pid)).exists()
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-
-
-class _FullDisk(io.RawIOBase):
-    """An archive destination that fails like a full disk after ``limit`` bytes."""
-
-    def __init__(self, limit: int):
-        self.left = limit
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        if len(data) > self.left:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.left -= len(data)
-        return len(data)
-
-
-def test_a_failed_archive_write_lets_the_stopped_process_run_on(
-    binary: Path, procs: Procs, state: Path
-) -> None:
-    p, old = start_piped(procs, binary)
-    m = ctrmig.migrator("process", state_dir=state)
-    with pytest.raises(OSError, match="No space left"):
-        m.checkpoint(str(p.pid), _FullDisk(4096), compression="none")  # type: ignore[arg-type]
-    # CRIU left it stopped after the dump; the failure let it go on, on the same pipe.
-    n = len(old.lines)
-    assert counts(old.until(n_counts(n + 3))) == list(range(1, n + 4))
-    assert p.poll() is None
-    assert list((state / "checkpoints").iterdir()) == []  # no half-kept images
-    with pytest.raises(OptionError, match="cannot checkpoint with"):
-        m.checkpoint(str(p.pid), io.BytesIO(), ignore_rootfs=True)  # no rootfs here
 
 
 # --- stdout to a file that keeps growing --------------------------------------------------
@@ -601,8 +507,7 @@ def test_refuses_while_the_source_still_runs(
 
     # Should the PID be taken between that check and CRIU (a race), CRIU's own error is
     # turned into the same clear one.
-    monkeypatch.setattr(process.ProcessMigrator, "_check_pids_free",
-                        staticmethod(lambda config: None))
+    monkeypatch.setattr(ProcessMigrator, "_check_name_free", lambda self, name, source=None: None)
     with pytest.raises(NameInUseError, match="taken") as e:
         m.restore(tmp_path / "live.tar", allow_privileged=True)
     assert "Can't fork for" in (e.value.stderr or "")
@@ -616,6 +521,7 @@ def test_refuses_another_name_and_unknown_pids(
     binary: Path, procs: Procs, state: Path, tmp_path: Path
 ) -> None:
     m, archive, _, pid = checkpointed_to_file(binary, procs, state, tmp_path)
+    assert [(c.name, c.state) for c in m.list()] == [(str(pid), "checkpointed")]
     with pytest.raises(OptionError, match="original PID"):
         m.restore(archive, name="web", allow_privileged=True)
     with pytest.raises(ContainerNotFoundError):
@@ -625,6 +531,10 @@ def test_refuses_another_name_and_unknown_pids(
     assert not (tmp_path / "x.tar").exists()
     with pytest.raises(ContainerNotFoundError):
         m.logs(str(pid))
+    # Its own PID is the one name it takes; the base's name check then finds it free.
+    assert procs.adopt(m.restore(archive, name=str(pid), allow_privileged=True)) == pid
+    with pytest.raises(NameInUseError, match=f"PID {pid}.* taken"):
+        m.restore(archive, name=str(pid), allow_privileged=True)
 
 
 def test_refused_without_allow_privileged_and_inspect_says_why(

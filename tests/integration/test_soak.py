@@ -71,7 +71,7 @@ def test_checkpoint_restore_many_times(runc_state: RuncMigrator, tmp_path: Path)
 
     # Still the same one container, intact, and nothing piled up on the way.
     assert [(c.name, c.state) for c in m.list()] == [(name, "running")]
-    assert [s["id"] for s in m._runc_list()] == [name]
+    assert [s["id"] for s in m.runc.containers()] == [name]
     assert sorted(mounts.mounts_under(m.state_dir)) == mounts_before
     assert len(processes_naming(str(m.state_dir))) == procs_before
     assert list((m.state_dir / "tmp").iterdir()) == []

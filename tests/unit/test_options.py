@@ -80,3 +80,17 @@ def test_derived_engine_spellings() -> None:
     assert "lazy_pages" not in params and "lazyPages" not in params
     assert options.for_engine(dataclasses.replace(opts, allow_privileged=True)) == {
         "tcp_established", "file_locks", "publish_ports"}
+
+
+def test_a_remote_error_keeps_its_class() -> None:
+    """ctrmig over ssh reports NameInUseError as NameInUseError, not a bare EngineError."""
+    from ctrmig.engines.remote import _remote_error
+    from ctrmig.errors import ERROR_LINE, CommandError, EngineError, NameInUseError, named
+
+    stderr = ("ctrmig: error: a runc container named 'web' already exists\nhint: pick another\n"
+              + ERROR_LINE + '{"type": "NameInUseError", "message": "taken", "hint": "h"}\n')
+    err = _remote_error(stderr, "ctrmig restore on ssh://b failed (exit 1)")
+    assert type(err) is NameInUseError and err.hint == "h" and "taken" in err.message
+    assert type(_remote_error("bash: ctrmig: command not found\n", "x")) is EngineError
+    assert named("CommandError") is EngineError and named("NoSuchThing") is EngineError
+    assert issubclass(named("ChecksumError"), CommandError) is False

@@ -197,10 +197,10 @@ def docker_error(status: int) -> BaseException:
 def fake_docker(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[DockerMigrator,
                                                                         FakeDockerClient]]:
     def make(*script: object) -> tuple[DockerMigrator, FakeDockerClient]:
+        monkeypatch.setattr(DockerMigrator, "retry_wait", tenacity.wait_none())
         m = DockerMigrator(base_url="unix:///nonexistent/docker.sock")
         client = FakeDockerClient(*script)
-        m._client = client  # type: ignore[assignment]
-        monkeypatch.setattr(DockerMigrator, "retry_wait", tenacity.wait_none())
+        m.api._client = client  # type: ignore[assignment]
         return m, client
 
     return make

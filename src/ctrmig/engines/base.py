@@ -9,6 +9,7 @@ fills in a few ``_``-prefixed hooks.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import logging
@@ -115,12 +116,24 @@ class BaseMigrator(ABC):
             raise OptionError(f"the {self.engine} engine cannot carry images in archives")
         with self._lock(container, "checkpointing"):
             record = self._describe(container)
-            if isinstance(archive, (str, os.PathLike)):
-                path = as_path(archive)
-                with atomic_output(path) as out:
-                    manifest = self._write(record, opts, out, progress)
-                return Archive(path, manifest)
-            return Archive(None, self._write(record, opts, archive, progress))
+            taken: builtins.list[Dump] = []  # the dump, once the engine took it
+            path = as_path(archive) if isinstance(archive, (str, os.PathLike)) else None
+            try:
+                if path is not None:
+                    with atomic_output(path) as out:
+                        manifest = self._write(record, opts, out, progress, taken)
+                else:
+                    manifest = self._write(record, opts, cast(BinaryIO, archive), progress,
+                                           taken)
+            except BaseException as e:
+                if taken:
+                    self._roll_back(record, taken[0], e)
+                raise
+            # Only now, with the archive complete (and renamed into place), may the engine
+            # drop the container's running state.
+            if taken:
+                taken[0].commit()
+            return Archive(path, manifest)
 
     def restore(
         self,
@@ -153,7 +166,7 @@ class BaseMigrator(ABC):
                 stack.enter_context(self._lock(manifest.container.name, "restoring"))
                 opts = dataclasses.replace(opts, name=manifest.container.name)
             assert opts.name is not None
-            self._check_name_free(opts.name)
+            self._check_name_free(opts.name, root)
             self._ensure_image(manifest, root)
             if not self.commits_in_restore:
                 opts.commit()
@@ -300,37 +313,39 @@ class BaseMigrator(ABC):
         opts: CheckpointOptions,
         out: BinaryIO,
         progress: Progress | None,
+        taken: builtins.list[Dump],
     ) -> Manifest:
+        """Write the whole archive; the engine's dump goes into ``taken`` once it exists."""
         writer = ArchiveWriter(out, opts.compression, progress)
         # The image goes first, while the container still runs: it adds no downtime.
         image = self._add_image(record, writer) if opts.include_image else None
         dump = self._dump(record, opts)
-        try:
-            extra = dump.write(writer)
-            if image:
-                extra["image_archive"] = image
-            manifest = writer.finish(Manifest(
-                engine=self.engine,
-                container=record,
-                engine_version=self.version(),
-                criu_version=self.criu_version(),
-                options=dataclasses.asdict(opts),
-                extra=extra,
-            ))
-        except BaseException as e:
-            log.warning("checkpoint of %s failed (%s); bringing it back", record.name,
-                        e or type(e).__name__)
-            try:
-                dump.rollback()
-            except CtrmigError as undo:
-                # The original error is the one to report; the container's state is logged.
-                log.error("could not bring %s back after the failed checkpoint: %s "
-                          "(retry: ctrmig resume %s)", record.name, undo, record.name)
-            raise
-        dump.commit()
-        return manifest
+        taken.append(dump)
+        extra = dump.write(writer)
+        if image:
+            extra["image_archive"] = image
+        return writer.finish(Manifest(
+            engine=self.engine,
+            container=record,
+            engine_version=self.version(),
+            criu_version=self.criu_version(),
+            options=dataclasses.asdict(opts),
+            extra=extra,
+        ))
 
-    def _check_name_free(self, name: str) -> None:
+    @staticmethod
+    def _roll_back(record: ContainerRecord, dump: Dump, cause: BaseException) -> None:
+        """The one rollback of a failed checkpoint; never masks ``cause``."""
+        log.warning("checkpoint of %s failed (%s); bringing it back", record.name,
+                    cause or type(cause).__name__)
+        try:
+            dump.rollback()
+        except CtrmigError as undo:
+            log.error("could not bring %s back after the failed checkpoint: %s "
+                      "(retry: ctrmig resume %s)", record.name, undo, record.name)
+
+    def _check_name_free(self, name: str, source: Path | None = None) -> None:
+        """Refuse a taken name; ``source`` is the verified archive being restored, if any."""
         if self.exists(name):
             raise NameInUseError(
                 f"a {self.engine} container named {name!r} already exists",

@@ -27,7 +27,15 @@ from ctrmig import settings
 from ctrmig.archive import Archive, read_manifest
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.archive.writer import atomic_output
-from ctrmig.errors import CommandError, EngineError, OptionError, RestoreError
+from ctrmig.errors import (
+    ERROR_LINE,
+    CommandError,
+    CtrmigError,
+    EngineError,
+    OptionError,
+    RestoreError,
+    named,
+)
 from ctrmig.host import proc
 from ctrmig.options import CheckpointOptions, RestoreOptions, build, cli_args
 from ctrmig.protocol import ArchivePath, ArchiveSource, ContainerInfo, as_path
@@ -69,7 +77,7 @@ class RemoteMigrator:
     # --- one place for every remote call -------------------------------------------------
 
     def _argv(self, *args: str, engine_args: bool = True) -> list[str]:
-        remote = [*self._remote, *args]
+        remote = [*self._remote, "--json-errors", *args]
         if engine_args:
             remote += ["--engine", self.engine, *self._remote_args]
         # ssh hands the remote side one command line for its shell: quote every word.
@@ -82,7 +90,7 @@ class RemoteMigrator:
             res = proc.run(argv, timeout=timeout, stdin=stdin,
                            what=f"ctrmig {args[0]} on {self.address}")
         except CommandError as e:
-            raise EngineError(f"{e.message}", stderr=e.stderr, hint=_hint(e.stderr)) from None
+            raise _remote_error(e.stderr or "", e.message) from None
         return res.stdout.decode(errors="replace").strip()
 
     def call(self, *args: str, input: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -219,12 +227,25 @@ class RemoteMigrator:
         reader.join()
         stderr = b"".join(errors).decode(errors="replace")
         if child.returncode != 0:
-            first = _first_error(stderr)
-            raise EngineError(
-                f"ctrmig {args[0]} on {self.address} failed (exit {child.returncode}): {first}",
-                stderr=proc.tail(stderr), hint=_hint(stderr),
-            )
+            raise _remote_error(stderr, f"ctrmig {args[0]} on {self.address} failed "
+                                        f"(exit {child.returncode})")
         return answer.decode(errors="replace").strip()
+
+
+def _remote_error(stderr: str, what: str) -> CtrmigError:
+    """The error the remote ctrmig reported, as the same class here (NameInUseError stays
+    NameInUseError), with its message and hint; EngineError when it said nothing usable."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(ERROR_LINE):
+            try:
+                data = json.loads(line[len(ERROR_LINE):])
+                cls = named(str(data["type"]))
+                return cls(f"{what}: {data['message']}", hint=data.get("hint"),
+                           stderr=proc.tail(stderr))
+            except (ValueError, KeyError, TypeError):
+                break
+    return EngineError(f"{what}: {_first_error(stderr)}", stderr=proc.tail(stderr),
+                       hint=_hint(stderr))
 
 
 def _first_error(stderr: str) -> str:

@@ -4,6 +4,9 @@ Every call takes an argument list (never a shell string) and a timeout. A child 
 outlives its timeout is killed together with its process group (runc and criu fork), and
 every failure raises :class:`~ctrmig.errors.CommandError` carrying the command, the exit
 code, the tail of stderr and, when given, the tail of a CRIU log file.
+
+It is also the one place that reads ``/proc``: a process's state, start time, tree,
+threads, open fds, mappings, and the host's unix sockets and file locks.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -207,13 +212,33 @@ def stop_pid(pid: int, *, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+# --- /proc ---------------------------------------------------------------------------------
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (index 0 is the state, 19 the
+    start time), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def state(pid: int) -> str | None:
+    """The one-letter state of process ``pid`` (R, S, T, Z, ...), or None if there is none.
+    A zombie still holds its PID."""
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
+
+
 def start_time(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot): with the PID, it names one
     process, not whichever process reuses the number later. None if it is gone."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(") ", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
         return None
 
 
@@ -223,25 +248,133 @@ def running(pid: int, start: int | None) -> bool:
     return alive(pid) and start_time(pid) == start
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not; a child of ours is reaped)."""
+def alive(pid: int, *, reap: bool = True) -> bool:
+    """Whether process ``pid`` runs (a zombie does not). A dead child of ours is reaped,
+    unless ``reap`` is false (it may be a child whose owner waits for it, e.g. a Popen)."""
     if pid <= 0:
         return False
+    if reap:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return False
+        except ChildProcessError:
+            pass
+    return state(pid) not in (None, "Z", "X")
+
+
+def threads(pid: int) -> list[int]:
+    """The thread IDs of process ``pid``, sorted ([] if it is gone)."""
     try:
-        # Reap it if it is our child; otherwise just probe.
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError:
-        return False
+        return []
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of any of its threads)."""
+    found: list[int] = []
+    for tid in threads(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+            found += [int(c) for c in f.read().split() if int(c) not in found]
+    return found
+
+
+def tree(root: int) -> list[int]:
+    """The PIDs of ``root`` and all its descendants, root first (breadth first)."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        pids.append(pid)
+        todo.extend(c for c in children(pid) if c not in pids)
+    return pids
+
+
+def exe(pid: int) -> str:
+    """The executable of ``pid`` (ends in " (deleted)" if it was); OSError if unreadable."""
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def cwd(pid: int) -> str:
+    """The working directory of ``pid``; OSError if unreadable."""
+    return os.readlink(f"/proc/{pid}/cwd")
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of ``pid``; OSError if unreadable."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+
+
+def namespace(pid: int | str, kind: str) -> str:
+    """The ``kind`` namespace ("mnt", "pid", ...) of ``pid`` (or "self"), e.g.
+    ``mnt:[4026531841]``; OSError if unreadable."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+@dataclass(frozen=True)
+class OpenFd:
+    """One open fd of a process, as /proc shows it."""
+
+    fd: int
+    target: str  # readlink of /proc/PID/fd/N: a path, pipe:[N], socket:[N], ...
+    stat: os.stat_result  # of what it refers to
+    flags: int  # the open flags (fdinfo)
+
+
+def open_fds(pid: int) -> list[OpenFd]:
+    """The open fds of ``pid`` in fd order; fds closed while reading are left out."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    result = []
+    for name in sorted(names, key=int):
+        link = f"/proc/{pid}/fd/{name}"
+        try:
+            target = os.readlink(link)
+            st = os.stat(link)
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                info = f.read()
+        except OSError:
+            continue  # closed meanwhile
+        m = re.search(r"^flags:\s*(\d+)", info, re.M)
+        result.append(OpenFd(int(name), target, st, int(m.group(1), 8) if m else 0))
+    return result
+
+
+def mapped_paths(pid: int) -> set[str]:
+    """The paths of the files mapped into ``pid`` (deleted ones left out)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    paths = set()
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith("/") and not parts[5].endswith("(deleted)"):
+            paths.add(parts[5])
+    return paths
+
+
+def unix_socket_inodes() -> set[int]:
+    """The inodes of this network namespace's unix sockets (/proc/net/unix)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return set()
+    return {int(fields[6]) for ln in lines if len(fields := ln.split()) > 6
+            and fields[6].isdigit()}
+
+
+def lock_holders() -> set[int]:
+    """The PIDs that hold a file lock (/proc/locks; waiters for one are not counted)."""
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    return {int(fields[4]) for ln in lines
+            if len(fields := ln.split()) > 4 and fields[4].lstrip("-").isdigit()}

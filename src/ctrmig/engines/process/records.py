@@ -1,0 +1,127 @@
+"""The process engine's state dir, and the ``config.dump`` it reads back.
+
+``PID.json``: a record of a process this engine restored (for ``list()`` and ``logs()``),
+valid while that very process (same PID and start time) runs. ``PID.log``: the output of
+one whose stdout/stderr had to be replaced. ``checkpoints/PID/``: the images and
+``config.dump`` of a checkpoint kept for ``resume()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP
+from ctrmig.engines.process.tree import CONFIG_VERSION, alive
+from ctrmig.errors import ArchiveError
+from ctrmig.host import proc
+
+log = logging.getLogger(__name__)
+
+
+def read_config(source: Path) -> dict[str, Any]:
+    """The ``config.dump`` in ``source`` (an extracted archive or a kept checkpoint)."""
+    try:
+        config: dict[str, Any] = json.loads((source / CONFIG_DUMP).read_text())
+    except FileNotFoundError:
+        raise ArchiveError(f"the archive has no {CONFIG_DUMP}",
+                           hint="it was not written by the process engine") from None
+    except ValueError as e:
+        raise ArchiveError(f"{CONFIG_DUMP} is not valid JSON: {e}") from None
+    if config.get("version") != CONFIG_VERSION:
+        raise ArchiveError(f"unsupported {CONFIG_DUMP} version {config.get('version')!r}",
+                           hint="upgrade ctrmig")
+    return config
+
+
+class StateDir:
+    """Records of restored processes, their logs, and kept checkpoints, under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.kept_dir = root / "checkpoints"
+
+    # --- kept checkpoints ------------------------------------------------------------------
+
+    def kept(self, pid: int) -> Path:
+        """Where the checkpoint of ``pid`` is kept (it may not be)."""
+        return self.kept_dir / str(pid)
+
+    def has_kept(self, pid: int) -> bool:
+        return (self.kept(pid) / CHECKPOINT_DIR / "inventory.img").is_file()
+
+    def kept_configs(self) -> Iterator[dict[str, Any]]:
+        """The config of every kept checkpoint (unreadable ones left out)."""
+        for path in self.kept_dir.glob("*/" + CONFIG_DUMP):
+            try:
+                yield read_config(path.parent)
+            except ArchiveError:
+                continue
+
+    def new_dump(self, pid: int) -> Path:
+        """A fresh private directory for a dump of ``pid`` (with its images directory):
+        on the same filesystem as the kept ones, so that keeping it is a rename."""
+        self.kept_dir.mkdir(parents=True, exist_ok=True)
+        dump = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=self.kept_dir))
+        (dump / CHECKPOINT_DIR).mkdir()
+        return dump
+
+    def keep(self, dump: Path, pid: int) -> None:
+        """Keep the images in ``dump`` (from :meth:`new_dump`) as the checkpoint of ``pid``."""
+        kept = self.kept(pid)
+        shutil.rmtree(kept, ignore_errors=True)
+        dump.rename(kept)
+
+    def drop_kept(self, pid: int) -> None:
+        shutil.rmtree(self.kept(pid), ignore_errors=True)
+
+    # --- restored processes ----------------------------------------------------------------
+
+    def log_file(self, pid: int) -> str:
+        """The log that takes the stdout/stderr of restored ``pid`` (its directory made)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return str(self.root / f"{pid}.log")
+
+    def record(self, pid: int) -> dict[str, Any] | None:
+        """The restore record of ``pid`` if that process still runs, else None."""
+        return self._live(self.root / f"{pid}.json")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """The restore records whose processes still run."""
+        for path in self.root.glob("*.json"):
+            data = self._live(path)
+            if data is not None:
+                yield data
+
+    def forget(self, pid: int) -> None:
+        (self.root / f"{pid}.json").unlink(missing_ok=True)
+
+    def write_record(self, pid: int, config: dict[str, Any], logfile: str | None) -> None:
+        """Remember a restored process for list() and logs()."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            record = {"pid": pid, "start_time": proc.start_time(pid), "exe": config["exe"],
+                      "argv": config["argv"], "log": logfile, "restored": time.time()}
+            path = self.root / f"{pid}.json"
+            path.with_suffix(".tmp").write_text(json.dumps(record))
+            path.with_suffix(".tmp").replace(path)
+        except OSError as e:  # the process runs; a missing record only hides it from list()
+            log.warning("cannot record restored PID %d in %s: %s", pid, self.root, e)
+
+    @staticmethod
+    def _live(path: Path) -> dict[str, Any] | None:
+        """A restore record whose process still runs (same PID and start time), or None."""
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            pid = int(data["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not alive(pid) or proc.start_time(pid) != data.get("start_time"):
+            return None
+        return data
