@@ -17,7 +17,7 @@ import pytest
 
 import ctrmig
 from ctrmig.engines.remote import RemoteMigrator
-from ctrmig.errors import OptionError, PreflightError
+from ctrmig.errors import ERROR_LINE, BusyError, OptionError, PreflightError
 from ctrmig.host import criu, resources
 from ctrmig.options import CheckpointOptions, RestoreOptions
 from ctrmig.preflight import (
@@ -255,6 +255,16 @@ def test_ssh_and_the_remote_ctrmig_are_checks_of_their_own(
     missing = _answered(monkeypatch, 127, err=b"sh: 1: ctrmig: not found")
     assert [(c.name, c.status) for c in missing] == [("ssh", "pass"), ("ctrmig", "fail")]
     assert "install ctrmig" in missing[1].fix
+    old = _answered(monkeypatch, 2, err=b"Error: No such command 'preflight'.")
+    assert old[1].name == "ctrmig" and "update ctrmig there" in old[1].fix
+    engine = _answered(monkeypatch, 1, err=ERROR_LINE.encode() + json.dumps(
+        {"type": "EngineUnavailableError", "message": "podman is down", "hint": "start it"}
+    ).encode())
+    assert (engine[1].status, engine[1].fix) == ("fail", "start it")
+    assert "podman is down" in engine[1].detail
+    with pytest.raises(BusyError, match="busy"):  # as from a local source: no judgement
+        _answered(monkeypatch, 1, err=ERROR_LINE.encode() + json.dumps(
+            {"type": "BusyError", "message": "web is busy", "hint": "wait"}).encode())
     good = json.dumps({"checks": [asdict(Check("target", "name", "pass", "free"))]})
     assert [c.name for c in _answered(monkeypatch, 0, good.encode())] == ["ssh", "name"]
 

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ctrmig import endpoints, options
-from ctrmig.engines.remote import RemoteMigrator
+from ctrmig.engines.remote import RemoteMigrator, _remote_error
 from ctrmig.errors import BusyError, CommandError, CtrmigError, OptionError
 from ctrmig.host import criu, proc, resources
 from ctrmig.options import CheckpointOptions, RestoreOptions
@@ -165,6 +165,8 @@ def source_side(m: Migrator, container: str, ckpt: CheckpointOptions, *,
         checks.append(Check(SOURCE, "container", "pass", describe(facts)))
     except CtrmigError as e:
         checks.append(Check(SOURCE, "container", "fail", e.message, e.hint or ""))
+    except (OSError, ValueError, KeyError) as e:  # /proc or an answer changed under us
+        checks.append(Check(SOURCE, "container", "unavailable", f"not all facts read: {e!r}"))
     checks.append(options_check(SOURCE, m, ckpt, "checkpoint_options", "checkpoint"))
     if ckpt.include_image and not facts.carries_images:
         checks.append(Check(SOURCE, "image", "fail", f"the {m.engine} engine cannot carry "
@@ -222,12 +224,16 @@ def _ask(m: RemoteMigrator, role: str, request: Mapping[str, Any],
         data["checks"] = [Check(**c) for c in data.get("checks", [])]
         data["checks"].insert(0, Check(role, "ssh", "pass", f"{m.address}: ctrmig answers"))
         return data
-    if res is not None:
-        error = proc.tail(res.stderr.decode(errors="replace"), 1) or f"exit {res.returncode}"
     if res is not None and res.returncode != 255:  # ssh itself exits 255 on its failures
-        hint = "install ctrmig there, or set CTRMIG_REMOTE_COMMAND"
+        err = _remote_error(res.stderr.decode(errors="replace"), f"ctrmig on {m.address}")
+        if isinstance(err, BusyError):
+            raise err  # as a local source would: nothing to judge while it changes
+        hint = err.hint or ("update ctrmig there: it has no preflight" if "No such command"
+                            in err.message else "install ctrmig there, or set "
+                            "CTRMIG_REMOTE_COMMAND")
         return {"checks": [Check(role, "ssh", "pass", f"{m.address}: reached"),
-                           Check(role, "ctrmig", "fail", f"ctrmig on {m.address}: {error}",
-                                 hint)]}
+                           Check(role, "ctrmig", "fail", err.message, hint)]}
+    if res is not None:
+        error = proc.tail(res.stderr.decode(errors="replace"), 1) or "exit 255"
     return {"checks": [Check(role, "ssh", "fail", f"{m.address}: {error}",
                              "check that `ssh` reaches that host without a prompt")]}

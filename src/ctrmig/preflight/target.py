@@ -60,6 +60,8 @@ def target_side(m: Migrator, facts: Facts, ckpt: CheckpointOptions, rest: Restor
             checks.append(step())
         except CtrmigError as e:  # the engine could not be asked: says the engine check
             checks.append(Check(TARGET, name, "unavailable", e.message))
+        except (OSError, ValueError, KeyError) as e:  # an answer or /proc changed meanwhile
+            checks.append(Check(TARGET, name, "unavailable", f"could not tell: {e!r}"))
     order = ["engine", "criu", "criu check", "cpu", "kernel features"]
     return sorted(checks, key=lambda c: order.index(c.name) if c.name in order else 9)
 
@@ -169,9 +171,10 @@ def _image_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions,
 
 def _mounts_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions, local: bool) -> Check:
     name = "mounts"
+    if not facts.found:
+        return Check(TARGET, name, "unavailable", "the source's mounts are unknown")
     if not facts.mounts:
-        return Check(TARGET, name, "pass", "no volumes or bind mounts" if facts.found
-                     else "the source's mounts are unknown")
+        return Check(TARGET, name, "pass", "no volumes or bind mounts")
     missing: list[str] = []
     unknown: list[str] = []
     fine: list[str] = []
@@ -211,6 +214,8 @@ def publish_ports(specs: tuple[str, ...]) -> list[tuple[int, str, str]]:
 def _ports_check(m: Migrator, facts: Facts, rest: RestoreOptions, local: bool) -> Check:
     name = "ports"
     ports = publish_ports(rest.publish_ports) if rest.publish_ports else facts.ports
+    if not ports and not facts.found and not rest.publish_ports:
+        return Check(TARGET, name, "unavailable", "the source's ports are unknown")
     if not ports:
         return Check(TARGET, name, "pass", "no published ports")
     shown = ", ".join(f"{p}/{proto}" for p, proto, _ in ports)
@@ -259,34 +264,34 @@ def _space_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions, local: bool
     spool = Path(getattr(m, "workdir", None) or tempfile.gettempdir())
     # An extracting engine's reader keeps this much free besides (ctrmig.archive.reader).
     spare = DEFAULT_LIMITS.min_free_bytes if getattr(m, "needs_extracted", True) else 0
+    # The archive's estimate, once per place that holds a copy of it.
     places: list[tuple[str, Path | None, int | None]] = [("spool", spool, None)]
     places += space_places(m, local, info())
-    wanted: dict[object, list[Any]] = {}
+    filesystems: dict[object, tuple[list[str], int, list[int]]] = {}
     unknown = []
     for what, path, free in places:
+        label = f"{what} {path}" if path else what
         if free is None and path is not None:
-            path, free = resources.free_bytes(path)
-            key: object = os.stat(path).st_dev
+            measured, free = resources.free_bytes(path)
+            key: object = os.stat(measured).st_dev
         else:
-            key = what
+            key = label
         if free is None:
-            unknown.append(what)
+            unknown.append(label)
             continue
-        entry = wanted.setdefault(key, ["", path, free, 0])
-        entry[0] = f"{entry[0]}, {what}" if entry[0] else what
-        entry[3] += need + (spare if what == "spool" else 0)
-    short = [f"{what} {path}: {free >> 20} MiB free, about {n >> 20} MiB needed"
-             for what, path, free, n in wanted.values() if free < n]
-    mib = f"about {need >> 20} MiB for the archive"
-    if short:
-        return Check(TARGET, "space", "fail", f"not enough free space ({mib}): "
-                     f"{'; '.join(short)}", "free space there, or point TMPDIR (the spool) "
-                     "at a bigger filesystem on the target")
-    measured = ", ".join(f"{w} {p} {f >> 20} MiB free" for w, p, f, _ in wanted.values())
+        labels, _, needed = filesystems.setdefault(key, ([], free, [0]))
+        labels.append(label)
+        needed[0] += need + (spare if what == "spool" else 0)
+    shown = {f"{' + '.join(labels)}: {free >> 20} MiB free, {n[0] >> 20} MiB needed":
+             free < n[0] for labels, free, n in filesystems.values()}
+    if any(shown.values()):
+        return Check(TARGET, "space", "fail", "not enough free space: " + "; ".join(
+            s for s, short in shown.items() if short), "free space there, or point TMPDIR "
+            "(the spool) at a bigger filesystem on the target")
     if unknown:
-        return Check(TARGET, "space", "unavailable", f"{mib}: {measured}; "
-                     f"{', '.join(unknown)} not told over the API")
-    return Check(TARGET, "space", "pass", f"{mib}: {measured}")
+        return Check(TARGET, "space", "unavailable", "; ".join(
+            [*shown, f"{', '.join(unknown)}: not told over the API"]))
+    return Check(TARGET, "space", "pass", "; ".join(shown))
 
 
 def _privileges_check(facts: Facts, rest: RestoreOptions) -> Check:
