@@ -21,17 +21,20 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import docker
 import pytest
 from bench import workload
 
 import ctrmig
+from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, proc, services
 from tests import cpuinfo
-from tests.conftest import need, unique, wait_for
+from tests.conftest import cleanup_runc_state, need, unique, wait_for
 from tests.hosts import Host, TwoHosts
 
 CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
@@ -47,13 +50,17 @@ NEVER = "0001-01-01T00:00:00Z"  # podman's CheckpointedAt/RestoredAt of a contai
 
 @dataclass
 class Topology:
+    """Host A's source container and how to reach host B; one per source engine."""
+
     hosts: TwoHosts
-    source: str  # ENGINE+ADDRESS of host A's podman
+    source: str  # --from
     ssh: str  # host B over ssh
-    api: str  # host B's podman API
+    api: str  # host B's API ("" for runc)
     container: str
     bind_dir: Path
-    env: dict[str, str]
+    env: dict[str, str]  # ctrmig's on host A (CTRMIG_REMOTE_COMMAND: on host B)
+    logs: Callable[[], str]
+    pid: Callable[[], int]  # the container's memhog, as host A numbers it
 
     def ctrmig(self, *args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
         """``ctrmig ARGS`` on host A (in its network namespace)."""
@@ -61,16 +68,22 @@ class Topology:
         return subprocess.run(argv, env={**os.environ, **self.env, **env},
                               capture_output=True, timeout=300, check=False)
 
-    def podman(self, host: Host, *args: str) -> str:
-        """podman through ``host``'s API service: its containers live in its network
-        namespace (the podman CLI's own would be made in this one)."""
-        return proc.output(["podman", "--remote", "--url", f"unix://{host.podman_socket}",
-                            *args], timeout=300)
 
-    def logs(self) -> str:
-        with contextlib.closing(ctrmig.migrator(
-                "podman", url=f"unix://{self.hosts.a.podman_socket}")) as m:
-            return m.logs(self.container)
+def api_podman(host: Host, *args: str) -> str:
+    """podman through ``host``'s API service: its containers live in its network namespace
+    (the podman CLI's own would be made in this one)."""
+    return proc.output(["podman", "--remote", "--url", f"unix://{host.podman_socket}",
+                        *args], timeout=300)
+
+
+def podman_logs(host: Host, name: str) -> str:
+    with contextlib.closing(ctrmig.migrator("podman", url=f"unix://{host.podman_socket}")) as m:
+        return m.logs(name)
+
+
+def podman_state(host: Host, name: str) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads(host.podman_cli("inspect", name))[0]["State"]
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -89,42 +102,58 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         two.load_test_image(two.b, base)  # B has busybox (for its own containers), no memhog
         bind_dir = base / "shared" / "data"
         bind_dir.mkdir(parents=True)
+        name = unique("ctrmig-pf")
+        api_podman(two.a, "run", "-d", "--name", name, "-v", f"{bind_dir}:/data",
+                   "-p", f"{PUBLISHED}:80", ref, *workload.command(MIB))
         topo = Topology(
             two, f"podman+unix://{two.a.podman_socket}",
             f"podman+ssh://root@{two.b.address}:{SSH_PORT}", f"podman+{two.b.podman_tcp}",
-            unique("ctrmig-pf"), bind_dir, {
+            name, bind_dir, {
                 "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
                 "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_PODMAN_URL=unix://"
                                          f"{two.b.podman_socket} {CTRMIG}",
                 "CTRMIG_JOURNAL_DIR": str(base / "journal"),
-            })
-        topo.podman(two.a, "run", "-d", "--name", topo.container, "-v", f"{bind_dir}:/data",
-                    "-p", f"{PUBLISHED}:80", ref, *workload.command(MIB))
-        wait_for(lambda: workload.health(topo.logs()).last_pass >= 1, timeout=120,
-                 what="memhog filled and verified")
+            }, lambda: podman_logs(two.a, name),
+            lambda: int(podman_state(two.a, name)["Pid"]))
+        filled(topo)
         yield topo
-        health = workload.health(topo.logs())
-        assert health.intact and not health.corrupt
+        assert workload.health(topo.logs()).intact
+
+
+def filled(topo: Topology) -> None:
+    wait_for(lambda: workload.health(topo.logs()).last_pass >= 1, timeout=120,
+             what="memhog filled and verified")
+
+
+@contextlib.contextmanager
+def never_frozen(topo: Topology) -> Iterator[None]:
+    """The source as it was found after the block: the same process (no checkpoint and
+    restore made a new one), no stall in memhog's rounds, verifying on, memory intact."""
+    before = workload.health(topo.logs())
+    pid = topo.pid()
+    start = proc.start_time(pid)
+    yield
+    assert proc.running(pid, start), "the source's process was replaced"
+    wait_for(lambda: workload.health(topo.logs()).last_round > before.last_round + 2,
+             timeout=30, what="memhog verifying on")
+    text = topo.logs()
+    assert "CORRUPT" not in text
+    gap = workload.gap_after(text, before.last_round)
+    assert gap < STALL_MS, f"memhog stalled {gap} ms: the source was frozen"
 
 
 @pytest.fixture
 def untouched(topo: Topology) -> Iterator[None]:
-    """The test must leave the source as it found it: never frozen, no stall, running."""
-    before = workload.health(topo.logs())
-    yield
-    state = json.loads(topo.hosts.a.podman_cli("inspect", topo.container))[0]["State"]
+    """podman's source, untouched by the test; podman never checkpointed or restored it."""
+    with never_frozen(topo):
+        yield
+    state = podman_state(topo.hosts.a, topo.container)
     assert state["Running"], state
     assert state["CheckpointedAt"] == NEVER and state["RestoredAt"] == NEVER, state
-    text = topo.logs()
-    wait_for(lambda: workload.health(topo.logs()).last_round > before.last_round + 2,
-             timeout=30, what="memhog verifying on")
-    assert "CORRUPT" not in text
-    gap = workload.gap_after(topo.logs(), before.last_round)
-    assert gap < STALL_MS, f"memhog stalled {gap} ms: the source was frozen"
 
 
 def check_report(topo: Topology, target: str, *flags: str, **env: str) -> dict[str, dict]:
-    """``migrate --check --json``: the checks by "host name"; asserts it refused."""
+    """``migrate --check --json``: the checks by "host name"; exit 0 exactly when ok."""
     res = topo.ctrmig("migrate", topo.container, "--from", topo.source, "--to", target,
                       "--check", "--json", *flags, **env)
     report = json.loads(res.stdout)
@@ -154,6 +183,7 @@ def assert_refused(topo: Topology, target: str, failed: str, words: list[str],
 def test_good_target_passes_every_check(topo: Topology, untouched: None, via: str) -> None:
     target = getattr(topo, via)
     checks = check_report(topo, target, "--allow-privileged")
+    assert f"memory {MIB}." in checks["source container"]["detail"]  # the estimate's part
     statuses = {k: c["status"] for k, c in checks.items()}
     if via == "ssh":
         assert set(statuses.values()) == {"pass"}, checks
@@ -217,11 +247,16 @@ def test_spool_of_4_mib(topo: Topology, untouched: None) -> None:
 def test_bind_mount_source_missing(topo: Topology, untouched: None) -> None:
     """On host B the bind mount's source is not there: ctrmig there runs in a mount
     namespace of its own whose view of the source's parent is an empty tmpfs."""
-    hide = f"mount -t tmpfs -o size=1m tmpfs {topo.bind_dir.parent} && exec \"$0\" \"$@\""
-    remote = f"unshare -m sh -c {shlex.quote(hide)} {topo.env['CTRMIG_REMOTE_COMMAND']}"
     assert_refused(topo, topo.ssh, "target mounts", ["missing", str(topo.bind_dir)],
-                   CTRMIG_REMOTE_COMMAND=remote)
+                   CTRMIG_REMOTE_COMMAND=hiding_the_bind_source(topo))
     assert topo.bind_dir.is_dir()  # hidden from ctrmig on B only
+
+
+def hiding_the_bind_source(topo: Topology) -> str:
+    """Host B's ctrmig, in a mount namespace where an empty tmpfs covers the bind
+    mount's parent directory."""
+    hide = f"mount -t tmpfs -o size=1m tmpfs {topo.bind_dir.parent} && exec \"$0\" \"$@\""
+    return f"unshare -m sh -c {shlex.quote(hide)} {topo.env['CTRMIG_REMOTE_COMMAND']}"
 
 
 LISTEN = ("import socket,sys,time; s=socket.socket(); s.bind(('0.0.0.0',int(sys.argv[1]))); "
@@ -241,8 +276,8 @@ def test_port_taken(topo: Topology, untouched: None, via: str) -> None:
         words = [f"{PUBLISHED}/tcp", "in use"]
     else:
         other = unique("ctrmig-pf-port")
-        topo.podman(b, "run", "-d", "--name", other, "-p", f"{PUBLISHED}:80",
-                    images.TEST_IMAGE, "sleep", "1000")
+        api_podman(b, "run", "-d", "--name", other, "-p", f"{PUBLISHED}:80",
+                   images.TEST_IMAGE, "sleep", "1000")
         words = [f"{PUBLISHED}/tcp", "published by a container"]
     try:
         assert_refused(topo, getattr(topo, via), "target ports", words)
@@ -250,7 +285,7 @@ def test_port_taken(topo: Topology, untouched: None, via: str) -> None:
         if via == "ssh":
             proc.kill_group(holder)
         else:
-            topo.podman(b, "rm", "-f", "-t", "0", other)
+            api_podman(b, "rm", "-f", "-t", "0", other)
 
 
 CRIU_SHIM = """#!/bin/sh
@@ -275,3 +310,89 @@ def test_cpu_incompatible(topo: Topology, untouched: None, tmp_path: Path) -> No
     (shims / "criu").chmod(0o755)
     assert_refused(topo, topo.ssh, "target cpu", ["CPU", "SIGILL"],
                    PATH=f"{shims}:{os.environ['PATH']}")
+
+
+# --- runc and docker sources, to host B over ssh -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runc_topo(topo: Topology) -> Iterator[Topology]:
+    """memhog in runc on host A; host B's ctrmig restores into a runc state dir of its own."""
+    for tool in ("runc", "skopeo", "umoci"):
+        need(tool)
+    a, b = topo.hosts.a, topo.hosts.b
+    src, dst = RuncMigrator(state_dir=a.root / "runc"), RuncMigrator(state_dir=b.root / "runc")
+    try:
+        name = src.run(workload.IMAGE, name=unique("ctrmig-pf-runc"),
+                       command=workload.command(MIB))
+        runc = replace(
+            topo, source="runc", ssh=f"runc+ssh://root@{b.address}:{SSH_PORT}", api="",
+            container=name, env={
+                **topo.env, "CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+                "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}"},
+            logs=lambda: src.logs(name), pid=lambda: int(src.runc.state(name)["pid"]))
+        filled(runc)
+        yield runc
+    finally:
+        leaks = cleanup_runc_state(src) + cleanup_runc_state(dst)
+        assert not leaks, leaks
+
+
+@pytest.mark.runc
+def test_runc_good_target_and_name_taken(runc_topo: Topology) -> None:
+    topo = runc_topo
+    with never_frozen(topo):
+        checks = check_report(topo, topo.ssh)
+        assert {c["status"] for c in checks.values()} == {"pass"}, checks
+        assert f"memory {MIB}." in checks["source container"]["detail"]
+        assert {"target ssh", "target cpu", "target space", "target privileges"} <= set(checks)
+        dst = RuncMigrator(state_dir=topo.hosts.b.root / "runc")
+        dst.run(images.TEST_IMAGE, name=topo.container, command=["true"])  # holds the name
+        try:
+            assert_refused(topo, topo.ssh, "target name",
+                           ["already has a container", topo.container])
+        finally:
+            dst.remove(topo.container)
+
+
+@pytest.fixture(scope="module")
+def docker_topo(topo: Topology) -> Iterator[Topology]:
+    """memhog in host A's own dockerd, with the bind mount; host B's dockerd is empty."""
+    need("dockerd")
+    a, b = topo.hosts.a, topo.hosts.b
+    a_sock, b_sock = a.start_dockerd(), b.start_dockerd()
+    archive = images.podman_save(workload.IMAGE, a.root / "memhog-docker.tar")
+    client = docker.APIClient(base_url=f"unix://{a_sock}", timeout=300)
+    try:
+        with archive.open("rb") as f:
+            for _ in client.load_image(f):
+                pass
+        name = unique("ctrmig-pf-docker")
+        client.start(client.create_container(
+            workload.IMAGE, workload.command(MIB), name=name, host_config=(
+                client.create_host_config(binds=[f"{topo.bind_dir}:/data"],
+                                          network_mode="none")))["Id"])
+        dk = replace(
+            topo, source=f"docker+unix://{a_sock}",
+            ssh=f"docker+ssh://root@{b.address}:{SSH_PORT}", api="", container=name,
+            env={**topo.env, "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{b_sock} "
+                                                      f"{CTRMIG}"},
+            logs=lambda: client.logs(name).decode(errors="replace"),
+            pid=lambda: int(client.inspect_container(name)["State"]["Pid"]))
+        filled(dk)
+        yield dk
+        client.remove_container(name, force=True)
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+def test_docker_good_target_and_bind_source_missing(docker_topo: Topology) -> None:
+    topo = docker_topo
+    with never_frozen(topo):
+        checks = check_report(topo, topo.ssh, "--allow-privileged")
+        assert {c["status"] for c in checks.values()} == {"pass"}, checks
+        assert str(topo.bind_dir) in checks["target mounts"]["detail"]
+        assert f"memory {MIB}." in checks["source container"]["detail"]
+        assert_refused(topo, topo.ssh, "target mounts", ["missing", str(topo.bind_dir)],
+                       CTRMIG_REMOTE_COMMAND=hiding_the_bind_source(topo))

@@ -1,5 +1,6 @@
-"""What this host offers a restore, and what a running process tree holds, read from the
-kernel: free space, free ports, a tree's memory and credentials (/proc), directory sizes.
+"""What this host offers a restore, and what a running container holds, read from the
+kernel: free space, free ports, its processes' memory and credentials (/proc), directory
+sizes. (Process trees and namespaces come from :mod:`ctrmig.host.proc`.)
 
 Used by :mod:`ctrmig.preflight` on whichever host it runs (ctrmig on an ssh target runs
 these there): nothing here runs a program or changes anything.
@@ -7,12 +8,14 @@ these there): nothing here runs a program or changes anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 from pathlib import Path
 
 from ctrmig.archive.criu_images import Creds
+from ctrmig.host import proc
 from ctrmig.host.mounts import unescape
 
 
@@ -64,39 +67,18 @@ def host_key() -> str:
 # --- a running process tree ----------------------------------------------------------------
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (by each process's parent in /proc), root first."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found, i = [root], 0
-    while i < len(found):
-        found += sorted(parents.get(found[i], []))
-        i += 1
-    return found
-
-
-def rooted_at(root: Path) -> list[int]:
-    """Every process whose root directory is ``root`` (a container's rootfs): the
-    container's processes, whatever runtime made them. None for the host's own root."""
-    wanted = os.path.realpath(root)
-    if wanted == "/":
-        return []
+def sharing_mounts(pid: int) -> list[int]:
+    """Every process in ``pid``'s mount namespace: a container's processes, whatever
+    runtime made them (just ``pid`` when that namespace is the host's own)."""
+    ns = proc.namespace(pid, "mnt")
+    if ns == proc.namespace("self", "mnt"):
+        return [pid]
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry.name}/root") == wanted:
+            with contextlib.suppress(OSError):
+                if proc.namespace(int(entry.name), "mnt") == ns:
                     found.append(int(entry.name))
-            except OSError:
-                continue
     return sorted(found)
 
 

@@ -3,9 +3,9 @@
 The source side reads the container's image, mounts, published ports, sizes and what it
 asks of a host; the target side asks its engine for volumes, published ports and where a
 restore writes. Only the adapters' public attributes (``url``, ``base_url``, ``api``,
-``client``, ``state_dir``, ``bundles_dir``, ``info()``) and each engine's own API are used,
-and, on the host itself, /proc: a container's processes are those whose root is its
-rootfs (or, for the process engine, the PID's tree).
+``client``, ``state_dir``, ``bundles_dir``, ``runc``, ``info()``) and each engine's own API
+are used, and, on the host itself, /proc: a container's processes are those in its init's
+mount namespace (for the process engine, the PID's tree).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import requests
 
 from ctrmig.archive import privileges
 from ctrmig.errors import CheckpointError, ContainerNotFoundError, EngineError
-from ctrmig.host import http, resources
+from ctrmig.host import http, proc, resources
 from ctrmig.protocol import Migrator
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def _podman(m: Any, container: str, facts: Facts, local: bool) -> None:
                   "namedVolumes": [{"volumeName": n} for k, n, _ in facts.mounts
                                    if k == "volume"]}
         spec = _json_file(Path(str(data.get("OCIConfigPath") or "")))
-        _from_proc(facts, _rooted_at(int(state["Pid"])),
+        _from_proc(facts, _container_of(int(state["Pid"])),
                    privileges.requests(spec, config) if spec is not None else None)
     else:
         stats = m._get("/containers/stats", "podman stats", containers=[data.get("Id")],
@@ -121,7 +121,7 @@ def _docker(m: Any, container: str, facts: Facts, local: bool) -> None:
         facts.image_bytes = int(image.get("Size") or 0)
     if local and state.get("Pid"):
         # docker's restore judges config.dump, which is this inspect document.
-        _from_proc(facts, _rooted_at(int(state["Pid"])), privileges.requests({}, data))
+        _from_proc(facts, _container_of(int(state["Pid"])), privileges.requests({}, data))
     else:
         stats = _docker_call(m, f"stats {container}", lambda c: c.stats(cid, stream=False))
         facts.memory_bytes = int((stats.get("memory_stats") or {}).get("usage") or 0)
@@ -160,8 +160,11 @@ def _runc(m: Any, container: str, facts: Facts, local: bool) -> None:
                         mt.get("options") or [])) and not str(mt.get("source")).startswith(own)]
     upper = resources.overlay_upper(rootfs)
     facts.rootfs_bytes = resources.dir_bytes(upper) if upper else None
+    state = m.runc.state(container) or {}
+    if not state.get("pid"):
+        raise EngineError(f"runc does not say which process runs {container!r}")
     # runc restores on its own bundle template: only what CRIU restores counts.
-    _from_proc(facts, resources.rooted_at(rootfs), [])
+    _from_proc(facts, _container_of(int(state["pid"])), [])
 
 
 def _process(m: Any, container: str, facts: Facts, local: bool) -> None:
@@ -174,7 +177,7 @@ def _process(m: Any, container: str, facts: Facts, local: bool) -> None:
         raise ContainerNotFoundError(f"no process {pid}")
     facts.name = container
     facts.rootfs_bytes = 0
-    facts.pids = resources.descendants(pid)
+    facts.pids = proc.tree(pid)
     _from_proc(facts, facts.pids, [])
 
 
@@ -240,13 +243,12 @@ def _require_running(engine: str, container: str, running: bool, state: object) 
                               f"{state or '?'})", hint="only a running container migrates")
 
 
-def _rooted_at(pid: int) -> list[int]:
-    """The container of process ``pid``: every process sharing its root."""
+def _container_of(pid: int) -> list[int]:
+    """The processes of the container whose init is ``pid``."""
     try:
-        root = Path(os.readlink(f"/proc/{pid}/root"))
+        return resources.sharing_mounts(pid)
     except OSError:
         raise EngineError(f"process {pid} of the container is gone") from None
-    return resources.rooted_at(root) or [pid]
 
 
 def _from_proc(facts: Facts, pids: list[int],
