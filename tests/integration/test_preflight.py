@@ -33,7 +33,6 @@ from bench import workload
 import ctrmig
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, proc, services
-from tests import cpuinfo
 from tests.conftest import cleanup_runc_state, need, unique, wait_for
 from tests.hosts import Host, TwoHosts
 
@@ -292,7 +291,7 @@ CRIU_SHIM = """#!/bin/sh
 # criu, except that the CPU a dump records claims every instruction set there is.
 if [ "$1" = cpuinfo ] && [ "$2" = dump ] && [ "$3" = -D ]; then
     {criu} "$@" || exit $?
-    exec {python} {script} "$4/cpuinfo.img"
+    PYTHONPATH={root} exec {python} -m tests.cpuinfo "$4/cpuinfo.img"
 fi
 exec {criu} "$@"
 """
@@ -306,7 +305,7 @@ def test_cpu_incompatible(topo: Topology, untouched: None, tmp_path: Path) -> No
     shims.mkdir()
     real = proc.which("criu")
     (shims / "criu").write_text(CRIU_SHIM.format(criu=real, python=sys.executable,
-                                                 script=cpuinfo.__file__))
+                                                 root=Path(__file__).parents[2]))
     (shims / "criu").chmod(0o755)
     assert_refused(topo, topo.ssh, "target cpu", ["CPU", "SIGILL"],
                    PATH=f"{shims}:{os.environ['PATH']}")
