@@ -581,8 +581,9 @@ def _journal_phase(pair: Pair) -> str:
 
 SLOW_REMOTE = """#!/bin/sh
 # host B's ctrmig, except that a restore first takes in the whole archive, says so, and
-# waits before it starts: the moment after the last byte left host A.
-if [ "$1" = restore ]; then
+# waits before it starts: the moment after the last byte left host A. (ctrmig calls its
+# remote self as `ctrmig --json-errors SUBCOMMAND ...`.)
+if [ "$1" = --json-errors ] && [ "$2" = restore ]; then
     cat > {spool}
     touch {arrived}
     sleep 4
