@@ -26,6 +26,7 @@ from ctrmig.preflight import (
     PreflightReport,
     answer,
     publish_ports,
+    run,
     split_options,
     target_side,
 )
@@ -267,6 +268,25 @@ def test_ssh_and_the_remote_ctrmig_are_checks_of_their_own(
             {"type": "BusyError", "message": "web is busy", "hint": "wait"}).encode())
     good = json.dumps({"checks": [asdict(Check("target", "name", "pass", "free"))]})
     assert [c.name for c in _answered(monkeypatch, 0, good.encode())] == ["ssh", "name"]
+
+
+def test_an_ssh_source_hands_its_facts_to_the_target(
+        tmp_path: Path, stub_criu: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctrmig on the source host answers with its facts; the target judges them here."""
+    remote = RemoteMigrator("fake", "ssh://root@host-a")
+
+    def call(*args: str, input: bytes) -> subprocess.CompletedProcess[bytes]:
+        assert args == ("preflight", "source", "web")
+        out = answer(Fake(tmp_path, names=("web",)), "source", "web", json.loads(input))
+        return subprocess.CompletedProcess(args, 0, json.dumps(out).encode(), b"")
+
+    monkeypatch.setattr(remote, "call", call)
+    report = run("web", remote, Fake(tmp_path, names=("web",)),  # type: ignore[arg-type]
+                 CheckpointOptions(), RestoreOptions(name="web"))
+    assert [(c.host, c.name) for c in report.checks[:2]] == [("source", "ssh"),
+                                                             ("source", "criu")]
+    assert [c.name for c in report.failures] == ["name"]  # judged on the source's facts
+    assert report.source == "fake+ssh://root@host-a"
 
 
 def test_migrate_refuses_before_the_source_is_touched(
