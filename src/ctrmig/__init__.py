@@ -21,6 +21,7 @@ from ctrmig.archive import read_manifest as _read_manifest
 from ctrmig.archive import verify as _verify
 from ctrmig.errors import CtrmigError
 from ctrmig.migrate import MigrationReport, migrate, recover
+from ctrmig.preflight import PreflightReport, preflight
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, Migrator, RestoreOptions
 from ctrmig.registry import engine_names, migrator, register
 
@@ -58,6 +59,7 @@ __all__ = [
     "Manifest",
     "MigrationReport",
     "Migrator",
+    "PreflightReport",
     "RestoreOptions",
     "__version__",
     "engine_names",
@@ -65,6 +67,7 @@ __all__ = [
     "inspect",
     "migrate",
     "migrator",
+    "preflight",
     "recover",
     "register",
     "verify",

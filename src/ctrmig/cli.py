@@ -36,7 +36,7 @@ from rich.table import Table
 import ctrmig
 from ctrmig import demo as _demo
 from ctrmig import doctor as _doctor
-from ctrmig import options, settings
+from ctrmig import endpoints, options, settings
 from ctrmig.archive import COMPRESSIONS, Manifest, crypto
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.reader import read_signed
@@ -47,6 +47,7 @@ from ctrmig.engines.base import listing
 from ctrmig.errors import ERROR_LINE, ContainerNotFoundError, CtrmigError, OptionError
 from ctrmig.host.files import open_private
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions
+from ctrmig.preflight import answer as preflight_answer
 
 log = logging.getLogger("ctrmig")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -648,9 +649,12 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
               default="auto", show_default=True,
               help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
 @option_flags(CheckpointOptions, RestoreOptions, migrate=True)
+@click.option("--check", is_flag=True,
+              help="Only check both hosts (nothing is frozen); exit 0 if the move can go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, insecure: bool, name: str | None,
-            keep_source: bool, compression: str, as_json: bool, **flags: Any) -> None:
+            keep_source: bool, compression: str, check: bool, as_json: bool,
+            **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
@@ -659,7 +663,17 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
     the host names another socket; docker, runc, process: runs ctrmig there, set
     CTRMIG_REMOTE_COMMAND if it is not on the remote PATH), unix:// (an API here), or
     tcp:// (an API over the network in clear: only with --insecure).
+    Both hosts are checked first (CRIU, CPU, image, mounts, ports, name, space,
+    privileges): --check shows those checks and stops there.
     """
+    if check:
+        for side in (source, target):  # the same refusal as the migration's own
+            endpoints.check_insecure(side, insecure)
+        _print_preflight(ctrmig.preflight(
+            container, source=source, target=target, name=name,
+            checkpoint_options=_built(CheckpointOptions, flags),
+            restore_options=_built(RestoreOptions, flags)), as_json)
+        return
     with _progress(f"migrate {container}") as progress:
         report = ctrmig.migrate(
             container, source=source, target=target, name=name, keep_source=keep_source,
@@ -673,6 +687,36 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
         click.echo(json.dumps(data))
     else:
         _out().print(report.summary())
+
+
+def _print_preflight(report: ctrmig.PreflightReport, as_json: bool) -> None:
+    """migrate --check's table (or JSON); exit 1 unless the migration can go."""
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table("host", "check", "status", "detail", "fix")
+        for c in report.checks:
+            table.add_row(c.host, c.name, f"[{_STATUS_STYLE[c.status]}]{c.status}[/]",
+                          c.detail, c.fix)
+        _out().print(table)
+        _out().print(f"{report.container}: {report.source} -> {report.target}: "
+                     + ("[green]can go[/]" if report.ok else
+                        f"[red]{len(report.failures)} check(s) failed[/]"))
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("preflight", hidden=True)
+@click.argument("role", type=click.Choice(("source", "target")))
+@click.argument("container", required=False)
+@engine_option
+@url_option
+def preflight_side(role: str, container: str | None, engine: str | None,
+                   url: str | None) -> None:
+    """This host's side of another host's `migrate --check` (JSON on stdin and stdout)."""
+    request = json.load(sys.stdin)
+    with contextlib.closing(_connect(engine or "podman", url)) as m:
+        click.echo(json.dumps(preflight_answer(m, role, container, request)))
 
 
 @cli.command()

@@ -98,6 +98,17 @@ class BusyError(CtrmigError):
     """Another ctrmig operation holds the lock on this container."""
 
 
+class PreflightError(CtrmigError):
+    """A migration was refused before anything was frozen: ``failures`` lists each check
+    that failed ("target image: ..."), ``report`` is the whole preflight report."""
+
+    def __init__(self, message: str, *, hint: str | None = None,
+                 failures: list[str] | None = None):
+        super().__init__(message, hint=hint)
+        self.failures = failures or []
+        self.report: object = None
+
+
 # --- archives ---------------------------------------------------------------------------
 
 

@@ -28,10 +28,11 @@ from ctrmig.archive import Compression, Manifest
 from ctrmig.archive.streams import Progress
 from ctrmig.engines.base import listing
 from ctrmig.engines.remote import is_remote
-from ctrmig.errors import BusyError, CtrmigError, NameInUseError, OptionError
+from ctrmig.errors import BusyError, CtrmigError, OptionError
 from ctrmig.host import proc
 from ctrmig.host.files import open_private, private_dir
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions, build
+from ctrmig.preflight import require as require_preflight
 from ctrmig.protocol import Migrator
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ def migrate(
     ``source`` and ``target`` are migrators or ``ENGINE[+ADDRESS]`` strings (see
     :mod:`ctrmig.endpoints`); with strings, a journal in ``journal_dir`` lets
     :func:`recover` finish or roll back a migration whose ctrmig was killed.
+    First, before the source is touched, every check of :func:`ctrmig.preflight` runs:
+    failed ones raise one :class:`~ctrmig.errors.PreflightError` listing them all.
     On success the source container is removed (or kept, stopped, with ``keep_source``).
     On failure the source container is resumed and the error re-raised.
     ``progress`` is called with the size of each piece of the archive as it goes.
@@ -187,12 +190,8 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
     ckpt = dataclasses.replace(ckpt, compression=compression,
                                include_image=_carry_image(container, src, dst, ckpt))
     target_name = name or container
-    if dst.exists(target_name):
-        raise NameInUseError(
-            f"the target {dst.engine} already has a container named {target_name!r}",
-            hint="pick another name with --name, or remove that container",
-        )
     rest = dataclasses.replace(_options(RestoreOptions, restore_options), name=target_name)
+    require_preflight(container, src, dst, ckpt, rest)  # every check, before the source is touched
     if journal:
         journal.phase("migrating")
         rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))

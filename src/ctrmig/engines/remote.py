@@ -86,6 +86,12 @@ class RemoteMigrator:
             raise _remote_error(e.stderr or "", e.message) from None
         return res.stdout.decode(errors="replace").strip()
 
+    def call(self, *args: str, input: bytes) -> subprocess.CompletedProcess[bytes]:
+        """Run ``ctrmig ARGS`` (with the engine's arguments) there, ``input`` on its stdin;
+        not checked: ssh exits 255 on its own failures, the remote ctrmig otherwise."""
+        return proc.run(self._argv(*args), input=input, timeout=SSH_TIMEOUT, check=False,
+                        what=f"ctrmig {args[0]} on {self.address}")
+
     # --- protocol ----------------------------------------------------------------------------
 
     def version(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+import tempfile
+from pathlib import Path
 
 from ctrmig.errors import CommandError, CtrmigError, FeatureUnavailableError
 from ctrmig.host import proc
@@ -39,6 +41,34 @@ def version() -> str:
         return ""
     m = re.search(r"Version:\s*(\S+)", text)
     return m.group(1) if m else text.splitlines()[0] if text else ""
+
+
+def version_key(text: str) -> tuple[int, ...]:
+    """"4.2.1" -> (4, 2, 1), for comparing CRIU versions (() when there are no numbers)."""
+    m = re.match(r"\d+(?:\.\d+)*", text.strip())
+    return tuple(int(n) for n in m.group(0).split(".")) if m else ()
+
+
+#: The CPU description CRIU writes into every dump and checks at restore.
+CPUINFO_IMAGE = "cpuinfo.img"
+
+
+def cpuinfo_dump() -> bytes:
+    """``criu cpuinfo dump``: this host's CPU as CRIU records it in a dump (cpuinfo.img)."""
+    with tempfile.TemporaryDirectory(prefix="ctrmig-cpuinfo-") as tmp:
+        proc.run(["criu", "cpuinfo", "dump", "-D", tmp], timeout=TIMEOUT,
+                 what="criu cpuinfo dump")
+        return (Path(tmp) / CPUINFO_IMAGE).read_bytes()
+
+
+def cpuinfo_check(image: bytes) -> tuple[bool, str]:
+    """``criu cpuinfo check`` of another host's cpuinfo.img: whether a process dumped there
+    can run on this CPU (CRIU's defaults, as a restore uses them), and CRIU's reason."""
+    with tempfile.TemporaryDirectory(prefix="ctrmig-cpuinfo-") as tmp:
+        (Path(tmp) / CPUINFO_IMAGE).write_bytes(image)
+        res = proc.run(["criu", "cpuinfo", "check", "-D", tmp], timeout=TIMEOUT, check=False)
+    text = (res.stdout + res.stderr).decode(errors="replace")
+    return res.returncode == 0, first_error(text) or proc.tail(text, 1)
 
 
 def check() -> tuple[bool, str]:

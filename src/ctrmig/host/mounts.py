@@ -16,7 +16,7 @@ def mount_points() -> list[Path]:
             lines = f.read().splitlines()
     except OSError:
         return []
-    return [Path(_unescape(fields[4])) for fields in (ln.split() for ln in lines)
+    return [Path(unescape(fields[4])) for fields in (ln.split() for ln in lines)
             if len(fields) > 4]
 
 
@@ -40,5 +40,6 @@ def unmount_under(path: Path) -> None:
             proc.run(["umount", "-l", str(mountpoint)], timeout=60, check=False)
 
 
-def _unescape(s: str) -> str:
+def unescape(s: str) -> str:
+    """A mountinfo field as the path it names (its octal escapes, e.g. \\040, undone)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
