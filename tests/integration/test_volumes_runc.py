@@ -8,8 +8,10 @@ image and the volume content were captured at the same moment).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +35,14 @@ from ctrmig.host import proc
 from tests.conftest import (
     cleanup_runc_state,
     last_count,
+    need,
     podman_read_file,
     unique,
     wait_for,
 )
+from tests.hosts import TwoHosts
+
+CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
 
 # Copies the bind-mounted blob into the volume, then counts, in memory and in the volume.
 VOLUME_CMD = [
@@ -152,11 +158,12 @@ def test_named_volume_travels_and_bind_mount_is_required(
 
     restored = target.restore(archive.path, allow_privileged=True)  # type: ignore[arg-type]
     assert restored == name
-    assert tree(target.volumes.data("data")) == at_checkpoint  # byte for byte
-    before = counted(at_checkpoint["log"])[-1]  # type: ignore[arg-type]
-    counting(target, name, above=before)
-    log = counted(target.volumes.data("data").joinpath("log").read_bytes())
-    assert consecutive(log) and log[-1] > before + 5  # went on from where it stopped
+    before = counted(at_checkpoint["log"])  # type: ignore[arg-type]
+    counting(target, name, above=before[-1])
+    arrived = tree(target.volumes.data("data"))
+    log = counted(arrived.pop("log"))  # type: ignore[arg-type]
+    assert arrived == {k: v for k, v in at_checkpoint.items() if k != "log"}  # byte for byte
+    assert log[:len(before)] == before and consecutive(log)  # went on from where it stopped
 
 
 def test_restore_reuses_same_content_and_refuses_other_content(
@@ -185,6 +192,11 @@ def test_restore_reuses_same_content_and_refuses_other_content(
         m.restore(archive)  # type: ignore[arg-type]
     assert "--replace-volumes" in str(caught.value.hint)
     assert m.list() == [] and tree(data) == changed
+    # Told to leave volume content alone, the restore uses the volume as it is.
+    m.restore(archive, ignore_volumes=True)  # type: ignore[arg-type]
+    counting(m, name, above=stopped)
+    m.remove(name)
+    assert data.joinpath("log").read_bytes().startswith(changed["log"])  # type: ignore[arg-type]
 
     # Replaced, it holds the archive's content again: had the later numbers stayed, the
     # restored counter would write them a second time.
@@ -239,6 +251,61 @@ def test_left_running_volume_matches_the_memory_image(
     counting(other_host, restored)
     log = counted(other_host.volumes.data("data").joinpath("log").read_bytes())
     assert consecutive(log), log
+
+
+@pytest.fixture
+def two_hosts(session_dir: Path) -> Iterator[TwoHosts]:
+    need("ip")
+    with TwoHosts(session_dir / unique("hosts")) as hosts:
+        yield hosts
+
+
+def test_migrate_over_ssh_carries_the_volume_and_needs_the_bind_source(
+    two_hosts: TwoHosts, test_image: str, host_dir: Path, tmp_path: Path,
+) -> None:
+    """ctrmig on host B restores the volume's bytes; where B lacks the bind mount's
+    source (hidden by a tmpfs in its private mount namespace) the migration is refused,
+    naming the path, and the source runs on."""
+    for tool in ("runc", "criu", "skopeo", "umoci", "sshd", "unshare"):
+        need(tool)
+    a, b = two_hosts.a, two_hosts.b
+    ssh_options = b.start_sshd(port=2222)
+    src = RuncMigrator(state_dir=a.root / "runc")
+    dst = RuncMigrator(state_dir=b.root / "runc")
+    name = src.run(test_image, name=unique(), command=VOLUME_CMD,
+                   volumes=["data:/data", f"{host_dir}:/hb:ro"])
+    remote = f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}"
+    env = {"CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+           "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
+           "CTRMIG_SSH_OPTIONS": " ".join(ssh_options)}
+    migrate = [CTRMIG, "migrate", name, "--from", "runc", "--to",
+               f"runc+ssh://root@{b.address}:2222", "--allow-privileged", "--json"]
+    try:
+        counting(src, name)
+        hidden = (f"unshare -m sh -c 'mount -t tmpfs none {host_dir.parent} && "
+                  f"exec \"$@\"' sh {remote}")
+        res = a.run(migrate, env=env | {"CTRMIG_REMOTE_COMMAND": hidden})
+        assert res.returncode == 1
+        assert f"missing on this host: {host_dir} (for /hb)" in res.stderr.decode()
+        assert dst.list() == [] and not dst.volumes.exists("data")
+        assert [(c.name, c.state) for c in src.list()] == [(name, "running")]
+        counting(src, name, above=last_count(src.logs(name)))  # resumed
+
+        res = a.run(migrate, env=env | {"CTRMIG_REMOTE_COMMAND": remote})
+        assert res.returncode == 0, res.stderr.decode()
+        assert json.loads(res.stdout)["target_name"] == name
+        left = tree(src.volumes.data("data"))  # the volume stays on A, as it was
+        counting(dst, name, above=counted(left["log"])[-1])  # type: ignore[arg-type]
+        arrived = tree(dst.volumes.data("data"))
+        assert {k: v for k, v in arrived.items() if k != "log"} == \
+            {k: v for k, v in left.items() if k != "log"}
+        log = counted(arrived["log"])  # type: ignore[arg-type]
+        assert log[:len(counted(left["log"]))] == counted(left["log"])  # type: ignore[arg-type]
+        assert consecutive(log)
+    finally:
+        for m in (src, dst):
+            for c in m.list():
+                m.remove(c.name)
 
 
 def test_cli_run_with_volumes(runc_state: RuncMigrator, test_image: str, host_dir: Path
