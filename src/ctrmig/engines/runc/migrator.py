@@ -210,9 +210,10 @@ class RuncMigrator(BaseMigrator):
         # them as the memory image knows them: it stays paused until then (runc keeps a
         # paused container paused through checkpoint --leave-running).
         carried = not opts.ignore_volumes and any(m.kind == "volume" for m in mounts)
-        unpause = (self._pause(name) if opts.leave_running and carried
-                   and status == "running" else _nothing)
+        unpause: Callable[[], None] = _nothing
         try:
+            if opts.leave_running and carried and status == "running":
+                unpause = self._pause(name)
             dump_seconds = self._checkpoint(name, images, work, opts)
             if not opts.leave_running:
                 self.bundles.drained(name)  # so that logs() holds all it wrote before the dump
@@ -221,6 +222,8 @@ class RuncMigrator(BaseMigrator):
                 unpause()
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+                if opts.leave_running:  # nothing to resume from: the container runs
+                    shutil.rmtree(images, ignore_errors=True)
             raise
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
