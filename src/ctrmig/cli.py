@@ -287,6 +287,30 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
         _out().print(table)
 
 
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("image")
+@click.argument("command", nargs=-1)
+@click.option("--name", "-n", metavar="NAME", help="Container name [default: generated].")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Add to the image's environment; repeatable.")
+@click.option("--volume", "-v", "volumes", multiple=True, metavar="SOURCE:DEST[:ro]",
+              help="A named volume (NAME:/path) or a host bind mount (/host/path:/path); "
+                   "repeatable.")
+def run(image: str, command: tuple[str, ...], name: str | None, env: tuple[str, ...],
+        volumes: tuple[str, ...]) -> None:
+    """Start a detached runc container from local IMAGE; COMMAND replaces its CMD.
+
+    \b
+      ctrmig run -v data:/data -v /srv/www:/www:ro localhost/web /bin/httpd -f
+    """
+    from ctrmig.engines.runc import RuncMigrator
+
+    with contextlib.closing(RuncMigrator()) as m:
+        started = m.run(image, name=name, command=command or None, env=list(env),
+                        volumes=volumes)
+    _out().print(f"started runc container {started}")
+
+
 @cli.command()
 @click.argument("archive", type=click.Path(dir_okay=False))
 @engine_option
@@ -432,6 +456,7 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
         ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
         ("checksums", checksums),
         ("privileges", privileges),
+        ("volumes", _volumes(mf)),
         *facts.items(),
     ):
         table.add_row(f"[bold]{key}[/]", str(value) or "-")
@@ -441,6 +466,20 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
     out = _out()
     out.print(table)
     out.print(files)
+
+
+def _volumes(mf: Manifest) -> str:
+    """inspect's line of volumes: "data at /data (volume, 4.0 KiB carried); /srv at /www
+    (bind, not carried)"."""
+    shown = []
+    for v in mf.extra.get("volumes") or []:
+        if isinstance(v, dict):
+            size = v.get("bytes")
+            carried = (f"{_size(size)} carried" if v.get("carried") and isinstance(size, int)
+                       else "not carried")
+            shown.append(f"{v.get('name') or v.get('source')} at {v.get('destination')} "
+                         f"({v.get('kind')}, {carried})")
+    return "; ".join(shown)
 
 
 @cli.command("ls")

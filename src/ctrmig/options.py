@@ -120,6 +120,9 @@ class RestoreOptions:
         "Do not apply the archive's rootfs changes.", podman="ignoreRootFS")))
     ignore_volumes: bool = field(default=False, metadata=_spec(Spec(
         "Do not restore the content of volumes.", podman="ignoreVolumes")))
+    replace_volumes: bool = field(default=False, metadata=_spec(Spec(
+        "Replace existing volumes of the same name with the archive's content.",
+        handled="ctrmig")))
     print_stats: bool = field(default=False, metadata=_spec(PRINT_STATS))
     lazy_pages: bool = field(default=False, metadata=_spec(Spec(
         "Restore memory lazily, page by page on demand (needs userfaultfd).")))

@@ -14,6 +14,7 @@ import stat
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from ctrmig.archive.layout import ROOTFS_DIFF
 from ctrmig.errors import UnsafeArchiveError
 
 WHITEOUT = ".wh."
@@ -68,18 +69,72 @@ def apply_rootfs_diff(diff: Path, rootfs: Path) -> None:
                 _remove(target)
             else:
                 keep.append(m)
-        try:
-            tar.extractall(root, members=keep, filter=_diff_filter)
-        except tarfile.FilterError as e:
-            raise UnsafeArchiveError(f"rootfs-diff.tar: {e}") from None
+        _extract(tar, root, keep, ROOTFS_DIFF)
 
 
-def _diff_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """tarfile's "tar" filter (nothing outside ``dest``), and no device nodes: deletions
-    travel as whiteout names, so an archive has no reason to create devices."""
+def _extract(tar: tarfile.TarFile, dest: Path, members: list[tarfile.TarInfo], what: str,
+             *, volume: bool = False) -> None:
+    """Extract ``members`` of the archive's inner tar ``what`` with :func:`_safe_filter`."""
+    def safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        return _safe_filter(member, path, what, volume=volume)
+
+    try:
+        tar.extractall(dest, members=members, filter=safe, numeric_owner=volume)
+    except tarfile.FilterError as e:
+        raise UnsafeArchiveError(f"{what}: {e}") from None
+
+
+def _safe_filter(member: tarfile.TarInfo, dest: str, what: str, *,
+                 volume: bool = False) -> tarfile.TarInfo | None:
+    """tarfile's "tar" filter (nothing outside ``dest``), no device nodes (deletions travel
+    as whiteout names, so an archive has no reason to create devices), and no hard link to
+    a file outside ``dest``: Python 3.11's "tar" filter lets ``/etc/shadow`` through.
+
+    A ``volume`` keeps its group/other write and sticky bits (shared directories are what
+    volumes are for); setuid and setgid bits are dropped either way.
+    """
     if member.ischr() or member.isblk():
-        raise UnsafeArchiveError(f"rootfs-diff.tar: {member.name!r} is a device node")
-    return tarfile.tar_filter(member, dest)
+        raise UnsafeArchiveError(f"{what}: {member.name!r} is a device node")
+    if member.islnk():
+        root = os.path.realpath(dest)
+        target = os.path.realpath(os.path.join(root, member.linkname))
+        if os.path.isabs(member.linkname) or os.path.commonpath([root, target]) != root:
+            raise UnsafeArchiveError(
+                f"{what}: {member.name!r} is a hard link to {member.linkname!r}, outside")
+    filtered = tarfile.tar_filter(member, dest)
+    if volume and filtered is not None and not member.issym():
+        return filtered.replace(mode=member.mode & ~(stat.S_ISUID | stat.S_ISGID),
+                                deep=False)
+    return filtered
+
+
+def write_volume(data: Path, out: Path) -> int:
+    """Pack a named volume's ``_data`` directory as podman's volume tar (``./``,
+    ``./sub/f``, ...); return the bytes of its regular files.
+
+    Device nodes are refused (a restore would refuse them too); sockets are left out, as
+    tar leaves them out.
+    """
+    total = 0
+
+    def check(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal total
+        if info.ischr() or info.isblk():
+            raise UnsafeArchiveError(f"volume {data}: {info.name!r} is a device node",
+                                     hint="leave volumes out with --ignore-volumes")
+        total += info.size if info.isfile() else 0
+        return info
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(data, arcname=".", filter=check)
+    return total
+
+
+def extract_volume(volume_tar: Path, dest: Path, what: str) -> None:
+    """Extract a volume tar (from the archive, member ``what``) into the empty directory
+    ``dest``: nothing lands outside it, no device nodes, numeric owners kept."""
+    with tarfile.open(volume_tar, "r:") as tar:
+        _extract(tar, dest, tar.getmembers(), what, volume=True)
 
 
 def _inside(root: Path, rel: Path) -> Path:

@@ -22,6 +22,9 @@ STATS_DUMP = "stats-dump"
 #: podman's network state and /dev/shm content.
 NETWORK_STATUS = "network.status"
 DEVSHM = "devshm-checkpoint.tar"
+#: Named volumes' content, one tar per volume (``volumes/<name>.tar``, podman's layout:
+#: the volume's ``_data`` with entries ``./``, ``./sub/f``, ...).
+VOLUMES_DIR = "volumes"
 #: A carried image (``image/<format>.tar``).
 IMAGE_DIR = "image"
 #: ctrmig's manifest, the last member: format, engine, and every member's sha256.
@@ -38,3 +41,8 @@ def checkpoint_member(name: str) -> str:
 def image_member(fmt: str) -> str:
     """The archive member of a carried image saved in format ``fmt``."""
     return f"{IMAGE_DIR}/{fmt}.tar"
+
+
+def volume_member(name: str) -> str:
+    """The archive member holding the content of named volume ``name``."""
+    return f"{VOLUMES_DIR}/{name}.tar"

@@ -32,7 +32,10 @@ caller passed ``allow_privileged``. The choices, deliberately:
 * **group**: supplementary group 0 for a process that is not root already.
 
 Which members count depends on the engine that restores (see :data:`RESTORE_MEMBERS`):
-what the engine actually builds the container from, nothing else.
+what the engine actually builds the container from, nothing else. runc takes only the
+process and the volumes from its config.dump: each bind mount of a host path there is a
+**host path**; a named volume is the container's own (ctrmig keeps it in runc's state dir,
+and its content is whatever the archive carries).
 
 What an archive declares is not all: CRIU restores every task's credentials from its
 core-<pid>.img image, whatever the spec says (see :mod:`ctrmig.archive.criu_images`). So,
@@ -77,13 +80,14 @@ HINT = "pass --allow-privileged (allow_privileged=True) if you trust this archiv
 
 #: The members each engine builds the restored container from. podman runs spec.dump
 #: (config.dump says whether it was privileged); docker creates the container from
-#: config.dump (its inspect document); runc restores on its own bundle template and the
-#: process engine a plain process, so neither takes a privilege from the archive.
+#: config.dump (its inspect document); runc restores on its own bundle template, taking
+#: only the process and the volumes from config.dump (see :func:`runc_requests`), and the
+#: process engine a plain process, which takes no privilege from the archive.
 #: Engines not listed here: both members.
 RESTORE_MEMBERS: dict[str, tuple[str, ...]] = {
     "podman": (SPEC_DUMP, CONFIG_DUMP),
     "docker": (CONFIG_DUMP,),
-    "runc": (),
+    "runc": (CONFIG_DUMP,),
     "process": (),
 }
 
@@ -187,7 +191,7 @@ def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> li
         images = {n: both[n] for n in cores}
     spec = _json(SPEC_DUMP, raw[SPEC_DUMP]) if SPEC_DUMP in raw else {}
     config = _json(CONFIG_DUMP, raw[CONFIG_DUMP]) if CONFIG_DUMP in raw else None
-    declared = requests(spec, config)
+    declared = runc_requests(config) if manifest.engine == "runc" else requests(spec, config)
     read = {n: read_core_creds(data, n) for n, data in images.items()}
     creds = {n: c for n, c in read.items() if c is not None}  # zombies hold nothing
     return declared + image_requests(creds, manifest.engine, declared)
@@ -376,6 +380,20 @@ def _confinement(process: dict[str, Any], linux: dict[str, Any],
         yield PrivilegeRequest("unconfined", "AppArmor unconfined")
     if not _list(linux.get("maskedPaths")):
         yield PrivilegeRequest("unconfined", "no masked /proc paths")
+
+
+# --- the runc engine's config.dump --------------------------------------------------------
+
+
+def runc_requests(config: dict[str, Any] | None) -> list[PrivilegeRequest]:
+    """What a runc config.dump asks: each of its ``volumes`` that is not a named volume
+    (a bind mount, or anything malformed) is a host path."""
+    found = []
+    for volume in map(_dict, _list(_dict(config).get("volumes"))):
+        if volume.get("kind") != "volume":
+            found.append(PrivilegeRequest(
+                "host path", f"{volume.get('source')} at {volume.get('destination')}"))
+    return found
 
 
 # --- docker's inspect document (the docker engine's config.dump) ----------------------------

@@ -21,6 +21,7 @@ from ctrmig.archive.layout import CHECKPOINT_DIR
 from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc
 from ctrmig.engines.runc.state import StateDir, to_json
 from ctrmig.engines.runc.supervisor import Stdio
+from ctrmig.engines.runc.volumes import spec_mounts
 from ctrmig.errors import EngineError, NameInUseError, OptionError
 from ctrmig.host import mounts, proc
 
@@ -107,7 +108,8 @@ class Bundles:
                      what=f"create the network namespace of {name}")
             proc.run(["ip", "-n", netns, "link", "set", "lo", "up"], timeout=TOOL_TIMEOUT,
                      what=f"bring up loopback for {name}")
-            (bundle / "config.json").write_bytes(to_json(self.spec(meta["process"], netns)))
+            spec = self.spec(meta["process"], netns, meta.get("volumes") or [])
+            (bundle / "config.json").write_bytes(to_json(spec))
         except BaseException:
             self.cleanup(name)
             raise
@@ -124,8 +126,10 @@ class Bundles:
         digest = hashlib.sha256(f"{self.state_dir}\0{name}".encode()).hexdigest()[:16]
         return f"ctrmig-runc-{digest}"
 
-    def spec(self, process: dict[str, Any], netns: str) -> dict[str, Any]:
-        """config.json from the bundle template and the container's process settings."""
+    def spec(self, process: dict[str, Any], netns: str,
+             volumes: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """config.json from the bundle template, the container's process settings and its
+        volumes (bind mounts, see :mod:`.volumes`)."""
         try:
             spec: dict[str, Any] = json.loads(self.template.read_text())
         except (OSError, ValueError) as e:
@@ -141,6 +145,7 @@ class Bundles:
         namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
         namespaces[:] = [ns for ns in namespaces if ns.get("type") != "network"]
         namespaces.append({"type": "network", "path": f"/run/netns/{netns}"})
+        spec.setdefault("mounts", []).extend(spec_mounts(volumes))
         return spec
 
     def drained(self, name: str) -> int | None:
@@ -186,6 +191,7 @@ def config_dump(meta: dict[str, Any]) -> dict[str, Any]:
         "env": meta.get("process", {}).get("env", []),
         "process": meta.get("process", {}),
         "created": meta.get("created"),
+        "volumes": meta.get("volumes", []),
     }
 
 

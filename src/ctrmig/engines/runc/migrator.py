@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,14 +31,23 @@ from ctrmig.archive.layout import (
     ROOTFS_DIFF,
     SPEC_DUMP,
     STATS_DUMP,
+    volume_member,
 )
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.runc import lazy
 from ctrmig.engines.runc.bundle import TEMPLATE, Bundles, config_dump, process_settings
-from ctrmig.engines.runc.commands import Runc, keep_logs, summary, with_criu_logs
+from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc, keep_logs, summary, with_criu_logs
 from ctrmig.engines.runc.images import ImageCache
 from ctrmig.engines.runc.state import StateDir, to_json
 from ctrmig.engines.runc.supervisor import Stdio
+from ctrmig.engines.runc.volumes import (
+    Mount,
+    Prepared,
+    Volumes,
+    from_records,
+    missing_binds,
+    parse_all,
+)
 from ctrmig.errors import (
     ArchiveError,
     CheckpointError,
@@ -60,9 +69,10 @@ class RuncMigrator(BaseMigrator):
 
     engine: ClassVar[str] = "runc"
     commits_in_restore: ClassVar[bool] = True  # right before `runc restore`
-    checkpoint_options: ClassVar[frozenset[str]] = frozenset({"tcp_established", "file_locks"})
+    checkpoint_options: ClassVar[frozenset[str]] = frozenset(
+        {"tcp_established", "file_locks", "ignore_volumes"})
     restore_options: ClassVar[frozenset[str]] = frozenset(
-        {"tcp_established", "file_locks", "lazy_pages"})
+        {"tcp_established", "file_locks", "lazy_pages", "ignore_volumes"})
 
     def __init__(
         self,
@@ -82,6 +92,7 @@ class RuncMigrator(BaseMigrator):
         self.runc = Runc(self.paths.runc_root)
         self.stdio = Stdio(self.runc, self.paths.logs, timeout)
         self.bundles = Bundles(self.paths, self.template, self.runc, self.stdio)
+        self.volumes = Volumes(self.state_dir / "volumes")
         self.images = ImageCache(self.paths,
                                  docker_url=docker_url or settings.current().docker_url)
 
@@ -102,26 +113,38 @@ class RuncMigrator(BaseMigrator):
         name: str | None = None,
         command: Sequence[str] | None = None,
         env: Mapping[str, str] | Sequence[str] | None = None,
+        volumes: Sequence[str] = (),
     ) -> str:
         """Start a detached container from a local image; return its name.
 
         ``command`` replaces the image's CMD (its ENTRYPOINT stays); ``env`` adds to the
-        image's environment.
+        image's environment; ``volumes`` are ``-v`` specs: ``NAME:/path[:ro]`` (a named
+        volume, made if missing) or ``/host/path:/path[:ro]`` (a bind mount).
         """
         name = name or f"ctrmig-{uuid.uuid4().hex[:8]}"
         self._check_name(name)
         self._check_name_free(name)
+        mounts = parse_all(volumes)
+        missing_binds(mounts, OptionError)
         img = self.images.get(image)
         process = process_settings(image, img.config, command=command, env=env, hostname=name)
-        meta = {"name": name, "image": image, "transport_ref": img.transport_ref,
-                "digest": img.digest, "process": process, "created": _now()}
-        bundle = self.bundles.make(name, img.rootfs, meta)
+        made = Prepared()
         try:
-            self._start(name, self.runc.run_args(name, bundle), work=None, error=EngineError,
-                        what=f"runc run {name}")
+            self.volumes.create(mounts, made)
+            meta = {"name": name, "image": image, "transport_ref": img.transport_ref,
+                    "digest": img.digest, "process": process, "created": _now(),
+                    "volumes": self.volumes.sources(mounts)}
+            bundle = self.bundles.make(name, img.rootfs, meta)
+            try:
+                self._start(name, self.runc.run_args(name, bundle), work=None,
+                            error=EngineError, what=f"runc run {name}")
+            except BaseException:
+                self.bundles.cleanup(name)
+                raise
         except BaseException:
-            self.bundles.cleanup(name)
+            made.rollback()
             raise
+        made.commit()
         return name
 
     def list(self) -> list[ContainerInfo]:
@@ -174,21 +197,40 @@ class RuncMigrator(BaseMigrator):
                                   "checkpointed" else None)
         bundle = self.bundles.path(name)
         meta = self.bundles.meta(name) or {}
+        mounts = from_records(meta.get("volumes"))
+        if not opts.ignore_volumes:
+            self._refuse_shared(name, mounts)
         # Without leave_running the images stay in the bundle until the container is
         # removed or resumed: resume() (the rollback, or migrate's) restores from them.
         images = self.bundles.kept_images(name)
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(0o700)  # CRIU's images: the container's memory
         work = self.paths.new_workdir("checkpoint")
+        # Left running, the container must not change its volumes before write() packed
+        # them as the memory image knows them: it stays paused until then (runc keeps a
+        # paused container paused through checkpoint --leave-running).
+        carried = not opts.ignore_volumes and any(m.kind == "volume" for m in mounts)
+        unpause: Callable[[], None] = _nothing
         try:
+            if opts.leave_running and carried and status == "running":
+                unpause = self._pause(name)
             dump_seconds = self._checkpoint(name, images, work, opts)
             if not opts.leave_running:
                 self.bundles.drained(name)  # so that logs() holds all it wrote before the dump
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            try:
+                unpause()
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+                if opts.leave_running:  # nothing to resume from: the container runs
+                    shutil.rmtree(images, ignore_errors=True)
             raise
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
+            try:
+                volumes = self.volumes.pack(mounts, work, ignore=opts.ignore_volumes)
+            finally:
+                unpause()
             writer.add_tree(images, CHECKPOINT_DIR)
             writer.add_file(SPEC_DUMP, bundle / "config.json")
             writer.add_bytes(CONFIG_DUMP, to_json(config_dump(meta)))
@@ -201,7 +243,12 @@ class RuncMigrator(BaseMigrator):
                 if stats.is_file():  # CRIU's dump statistics, where podman keeps them
                     writer.add_file(STATS_DUMP, stats)
                     break
+            for v in volumes:
+                if v["carried"]:
+                    writer.add_file(volume_member(v["name"]), self.volumes.packed(work,
+                                                                                v["name"]))
             return {
+                "volumes": volumes,
                 "runc_root": str(self.runc.root),
                 "image_transport": meta.get("transport_ref", ""),
                 "image_digest": meta.get("digest", ""),
@@ -216,6 +263,7 @@ class RuncMigrator(BaseMigrator):
 
         def rollback() -> None:
             try:
+                unpause()
                 if opts.leave_running:
                     shutil.rmtree(images, ignore_errors=True)
                 else:
@@ -280,19 +328,28 @@ class RuncMigrator(BaseMigrator):
     # --- restore ---------------------------------------------------------------------------
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        config = _read_config(source)
+        config, mounts = _read_config(source)
         name = opts.name or manifest.container.name
         self._check_name(name)
+        missing_binds(mounts)  # before anything is made or started
         carried = manifest.extra.get("image_archive")
         digest = config.get("digest")
         if (isinstance(carried, dict) and carried.get("member") in manifest.files
                 and digest and not self.images.holds(digest)):
             self.images.load(source / str(carried["member"]), str(carried.get("format")))
         img = self.images.get(config["image"], config.get("transport_ref"), digest)
+        volumes = self.volumes.restore(
+            mounts, source, lambda v: not opts.ignore_volumes and volume_member(v) in
+            manifest.files, replace=opts.replace_volumes, users=self._volume_users)
         meta = {"name": name, "image": config["image"], "transport_ref": img.transport_ref,
                 "digest": img.digest, "process": config["process"], "created": _now(),
-                "restored_from": manifest.container.name}
-        bundle = self.bundles.make(name, img.rootfs, meta)
+                "restored_from": manifest.container.name,
+                "volumes": self.volumes.sources(mounts)}
+        try:
+            bundle = self.bundles.make(name, img.rootfs, meta)
+        except BaseException:
+            volumes.rollback()
+            raise
         try:
             diff = source / ROOTFS_DIFF
             if diff.exists():
@@ -306,10 +363,12 @@ class RuncMigrator(BaseMigrator):
                             work=work, error=RestoreError, what=f"runc restore {name}")
         except BaseException as e:
             self.bundles.cleanup(name)
+            volumes.rollback()
             if isinstance(e, CtrmigError) and not isinstance(e, (RestoreError, ArchiveError)):
                 raise RestoreError(f"restore of {name!r} failed: {e.message}",
                                    stderr=e.stderr, hint=e.hint) from e
             raise
+        volumes.commit()
         return name
 
     # --- small helpers --------------------------------------------------------------------
@@ -321,6 +380,40 @@ class RuncMigrator(BaseMigrator):
                          work=work, error=error, what=what,
                          record=lambda pid: self.bundles.record_supervisor(name, pid))
 
+    def _pause(self, name: str) -> Callable[[], None]:
+        """``runc pause`` the container; return what resumes it (once, however often
+        called)."""
+        proc.run(self.runc.argv("pause", name), timeout=TOOL_TIMEOUT, what=f"runc pause {name}")
+        paused = [True]
+
+        def unpause() -> None:
+            if paused:
+                proc.run(self.runc.argv("resume", name), timeout=TOOL_TIMEOUT,
+                         what=f"runc resume {name}")
+                paused.clear()
+
+        return unpause
+
+    def _volume_users(self, volume: str) -> builtins.list[str]:
+        """Containers of this state dir, running or paused, that mount named ``volume``."""
+        states = {s["id"]: s for s in self.runc.containers()}
+        return [n for n in self.bundles.names()
+                if self.bundles.status(n, states) in ("running", "paused")
+                and any(m.kind == "volume" and m.name == volume
+                        for m in from_records((self.bundles.meta(n) or {}).get("volumes")))]
+
+    def _refuse_shared(self, name: str, mounts: builtins.list[Mount]) -> None:
+        """Refuse to carry a volume another running container may be writing to."""
+        shared = [f"{m.name} (also mounted by {', '.join(users)})" for m in mounts
+                  if m.kind == "volume"
+                  and (users := [u for u in self._volume_users(m.name) if u != name])]
+        if shared:
+            raise CheckpointError(
+                "the content of volume(s) shared with running containers cannot be "
+                f"captured consistently: {'; '.join(shared)}",
+                hint="stop those containers first, or pass --ignore-volumes to leave "
+                     "volume content out of the archive")
+
     @staticmethod
     def _check_name(name: str) -> None:
         if not NAME_RE.fullmatch(name):
@@ -328,8 +421,9 @@ class RuncMigrator(BaseMigrator):
                               hint="letters, digits, '_', '.', '-'; at most 128")
 
 
-def _read_config(source: Path) -> dict[str, Any]:
-    """The archive's config.dump, checked: the process must be lists of strings."""
+def _read_config(source: Path) -> tuple[dict[str, Any], builtins.list[Mount]]:
+    """The archive's config.dump, checked: the process must be lists of strings, the
+    volumes plain (see :func:`.volumes.from_records`); and those volumes."""
     try:
         config: dict[str, Any] = json.loads((source / CONFIG_DUMP).read_text())
         process = config["process"]
@@ -341,9 +435,15 @@ def _read_config(source: Path) -> dict[str, Any]:
             raise ValueError("process.args and process.env must be lists of strings")
         for key in ("uid", "gid"):
             int(process.get(key, 0))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RestoreError(f"archive's config.dump is missing or malformed: {e}") from None
-    return config
+        mounts = from_records(config.get("volumes"))
+    except (OSError, ValueError, KeyError, TypeError, OptionError) as e:
+        msg = e.message if isinstance(e, OptionError) else e
+        raise RestoreError(f"archive's config.dump is missing or malformed: {msg}") from None
+    return config, mounts
+
+
+def _nothing() -> None:
+    """Nothing to undo."""
 
 
 def _now() -> str:

@@ -10,6 +10,7 @@ Layout under ``state_dir`` (default /var/lib/ctrmig/runc)::
                         layer is the pristine image), diff/upper (the container's
                         changes: exactly what goes into rootfs-diff.tar), diff/work,
                         checkpoint/ (images a checkpoint kept) (bundle.Bundles)
+    volumes/NAME/_data  a named volume's content, outlives containers (volumes.Volumes)
     logs/NAME.log       what the container wrote on stdout/stderr (supervisor.Stdio)
     logs/failed/        the runc/CRIU logs of failed runs, kept for the user
     tmp/                work directories of checkpoints and restores
