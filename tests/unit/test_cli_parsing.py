@@ -144,20 +144,20 @@ def test_error_hint_and_stderr_only_with_verbose(runner: CliRunner, archive: Pat
 
 
 def test_engine_detection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_holders", lambda c, url: ["podman", "docker"])
+    monkeypatch.setattr(cli.app, "_holders", lambda c, url: ["podman", "docker"])
     with pytest.raises(ctrmig.errors.OptionError, match="podman, docker"):
-        cli._pick(None, "web", None)
-    monkeypatch.setattr(cli, "_holders", lambda c, url: [])
+        cli.pick_engine(None, "web", None)
+    monkeypatch.setattr(cli.app, "_holders", lambda c, url: [])
     with pytest.raises(ctrmig.errors.ContainerNotFoundError):
-        cli._pick(None, "web", None)
-    monkeypatch.setattr(cli, "_holders", lambda c, url: ["runc"])
-    assert cli._pick(None, "web", None) == "runc"
-    assert cli._pick("docker", "web", None) == "docker"
+        cli.pick_engine(None, "web", None)
+    monkeypatch.setattr(cli.app, "_holders", lambda c, url: ["runc"])
+    assert cli.pick_engine(None, "web", None) == "runc"
+    assert cli.pick_engine("docker", "web", None) == "docker"
 
 
 def test_url_only_for_api_engines() -> None:
     with pytest.raises(ctrmig.errors.OptionError, match="--url"):
-        cli._connect("runc", "unix:///tmp/x.sock")
+        cli.connect("runc", "unix:///tmp/x.sock")
 
 
 def test_stale_pidfile_is_not_our_process() -> None:

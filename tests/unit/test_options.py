@@ -44,13 +44,13 @@ def test_cli_args_round_trip_through_the_real_parser(cls: type[Any], command: An
     """What the remote adapter sends is what ctrmig on the other host parses back."""
     for opts in (cls(), _non_default(cls)):
         ctx = command.make_context(command.name, [*fixed, *options.cli_args(opts)])
-        assert cli._built(cls, ctx.params) == opts
+        assert cli.built(cls, ctx.params) == opts
 
 
 def test_include_image_true_round_trips() -> None:
     opts = CheckpointOptions(include_image=True)
     ctx = cli.checkpoint.make_context("checkpoint", ["w", "-o", "-", *options.cli_args(opts)])
-    assert cli._built(CheckpointOptions, ctx.params) == opts
+    assert cli.built(CheckpointOptions, ctx.params) == opts
 
 
 @pytest.mark.parametrize(("cls", "command", "excluded"), [

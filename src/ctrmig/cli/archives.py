@@ -1,0 +1,249 @@
+"""Commands on archives: checkpoint, restore, inspect, verify."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+import ctrmig
+from ctrmig import options
+from ctrmig.archive import Manifest, crypto
+from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
+from ctrmig.archive.reader import read_signed
+from ctrmig.archive.sources import is_encrypted, plaintext
+from ctrmig.cli.app import (
+    built,
+    cli,
+    connect,
+    console_out,
+    engine_option,
+    option_flags,
+    pick_engine,
+    progress_bar,
+    size_text,
+    url_option,
+)
+from ctrmig.errors import CtrmigError
+from ctrmig.host.files import open_private
+from ctrmig.options import CheckpointOptions, RestoreOptions
+
+
+@cli.command()
+@click.argument("container")
+@click.option("-o", "--output", "archive", required=True, type=click.Path(dir_okay=False),
+              help="Archive file to write ('-': standard output).")
+@engine_option
+@url_option
+@option_flags(CheckpointOptions)
+def checkpoint(container: str, archive: str, engine: str | None, url: str | None,
+               **flags: Any) -> None:
+    """Checkpoint CONTAINER into one archive file (stops it unless --leave-running)."""
+    opts = built(CheckpointOptions, flags)
+    print_stats = opts.print_stats
+    engine = pick_engine(engine, container, url)
+    to_stdout = archive == "-"
+    started = time.monotonic()
+    with contextlib.closing(connect(engine, url)) as m, \
+            progress_bar(f"checkpoint {container}") as progress:
+        result = m.checkpoint(container, sys.stdout.buffer if to_stdout else archive, opts,
+                              progress=progress)
+    mf = result.manifest
+    if to_stdout:  # stdout carries the archive: say nothing more there
+        return
+    console_out().print(f"checkpointed {engine} container {mf.container.name} -> {archive} "
+                 f"({size_text(result.size)}; memory {size_text(mf.memory_bytes)}, "
+                 f"rootfs diff {size_text(mf.rootfs_diff_bytes)})")
+    if print_stats:
+        table = Table(show_header=False, box=None)
+        for key, value in (("time", f"{time.monotonic() - started:.2f} s"),
+                           ("files", str(len(mf.files))), ("total", size_text(mf.total_bytes)),
+                           ("criu statistics", "stats-dump in the archive"
+                            if "stats-dump" in mf.files else "-"),
+                           *((k, json.dumps(v, default=str)) for k, v in mf.extra.items()
+                             if "stat" in k.lower())):
+            table.add_row(f"[bold]{key}[/]", value)
+        console_out().print(table)
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@engine_option
+@url_option
+@option_flags(RestoreOptions)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def restore(archive: str, engine: str | None, url: str | None, as_json: bool,
+            **flags: Any) -> None:
+    """Restore ARCHIVE into a running container (engine: the archive's, by default).
+
+    ARCHIVE '-' reads the archive from standard input (then --engine is required).
+    """
+    total = None
+    if archive == "-" and engine is None:
+        raise click.UsageError("--engine is required when the archive comes from stdin")
+    if engine is None:
+        manifest = ctrmig.inspect(archive, identities=flags.get("identity") or ())
+        engine, total = manifest.engine, manifest.total_bytes
+    source = sys.stdin.buffer if archive == "-" else archive
+    with contextlib.closing(connect(engine, url)) as m, \
+            progress_bar(f"restore {Path(archive).name}", total) as progress:
+        restored = m.restore(source, built(RestoreOptions, flags), progress=progress)
+    if as_json:
+        click.echo(json.dumps({"engine": engine, "name": restored}))
+    else:
+        console_out().print(f"restored {engine} container {restored}")
+
+
+def _pids(manifest: Manifest) -> list[int]:
+    """PIDs (inside the container) of the dumped processes, from CRIU's core-PID.img names."""
+    pids = []
+    for path in manifest.files:
+        base = os.path.basename(path)
+        if base.startswith("core-") and base.endswith(".img") and base[5:-4].isdigit():
+            pids.append(int(base[5:-4]))
+    return sorted(pids)
+
+
+identity_option = click.option(
+    "--identity", "-i", "identities", multiple=True, metavar="FILE",
+    help=options.IDENTITY.help)
+
+
+@contextlib.contextmanager
+def _plain(archive: str, identities: tuple[str, ...]) -> Iterator[Path]:
+    """The archive file, or for an encrypted one its plaintext in a private temp file
+    (0600 in a 0700 directory, removed after): decrypted once for inspect's passes."""
+    if not is_encrypted(Path(archive)):
+        yield Path(archive)
+        return
+    with tempfile.TemporaryDirectory(prefix="ctrmig-inspect-") as tmp:
+        path = Path(tmp) / "archive.tar"
+        with plaintext(Path(archive), identities) as src, open_private(path) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        yield path
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@identity_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(archive: str, identities: tuple[str, ...], as_json: bool) -> None:
+    """Show what ARCHIVE holds, where it came from, who signed it, and whether its
+    checksums hold (an encrypted archive needs --identity)."""
+    encrypted = is_encrypted(Path(archive))
+    with _plain(archive, identities) as plain:
+        mf = ctrmig.inspect(plain)
+        try:
+            ctrmig.verify(plain)
+            checksums = "ok"
+        except CtrmigError as e:
+            checksums = e.message
+        signature = _signature(plain)
+        asks = _privileges(plain) if checksums == "ok" else "not judged (checksums)"
+    pids = _pids(mf)
+    sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
+             "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
+    facts = {"encryption": "age" if encrypted else "none", "signature": signature}
+    if as_json:
+        listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]
+        data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums,
+                               "privileges": listed} | facts
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        shown = asks if isinstance(asks, str) else summary(asks) or "none"
+        _print_inspect(mf, sizes, pids, checksums, shown, facts)
+    if checksums != "ok":
+        raise click.exceptions.Exit(1)
+
+
+def _signature(archive: Path) -> str:
+    """Who signed the archive (the key's fingerprint) and whether the signature holds;
+    whether that key is trusted is ``verify --trusted-keys``'s to say."""
+    try:
+        data, sig = read_signed(archive)
+        if sig is None:
+            return "unsigned"
+        key = crypto.signer_key(sig)
+    except CtrmigError as e:
+        return f"unreadable: {e.message}"
+    valid = "valid" if crypto.signature_valid(data, sig) else "INVALID"
+    return f"{key} ({valid}; whether it is trusted: verify --trusted-keys)"
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@identity_option
+@click.option("--trusted-keys", metavar="FILE", help=options.TRUSTED_KEYS.help)
+def verify(archive: str, identities: tuple[str, ...], trusted_keys: str | None) -> None:
+    """Check every file of ARCHIVE against its manifest and, with --trusted-keys, that a
+    trusted key signed that manifest; exit 1 if not."""
+    manifest = ctrmig.verify(archive, identities=identities, trusted_keys=trusted_keys)
+    signed = ""
+    if trusted_keys is not None:
+        _, sig = read_signed(Path(archive), identities=identities)
+        signed = f", signed by {crypto.signer_key(sig)}" if sig else ""
+    console_out().print(f"{archive}: ok ({len(manifest.files)} files verified{signed})")
+
+
+def _privileges(archive: Path) -> list[PrivilegeRequest] | str:
+    """What the archive asks beyond an ordinary container (what restore would refuse
+    without --allow-privileged), or why that cannot be told."""
+    try:
+        return archive_privileges(archive)
+    except CtrmigError as e:
+        return f"unreadable: {e.message}"
+
+
+def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
+                   checksums: str, privileges: str, facts: dict[str, str]) -> None:
+    """inspect's tables: the facts, then the files."""
+    c = mf.container
+    table = Table(show_header=False, box=None)
+    for key, value in (
+        ("engine", f"{mf.engine} {mf.engine_version}".strip()),
+        ("container", f"{c.name} ({c.id[:12]})" if c.id else c.name),
+        ("image", c.image), ("command", " ".join(c.command)), ("created", mf.created),
+        ("criu", mf.criu_version), ("kernel", f"{mf.kernel} {mf.arch}".strip()),
+        ("source host", mf.source_host),
+        ("memory pages", size_text(mf.memory_bytes)),
+        ("rootfs diff", size_text(mf.rootfs_diff_bytes)),
+        ("total", f"{size_text(mf.total_bytes)} in {len(mf.files)} files "
+                  f"({size_text(sizes['archive_bytes'])} on disk)"),
+        ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
+        ("checksums", checksums),
+        ("privileges", privileges),
+        ("volumes", _volumes(mf)),
+        *facts.items(),
+    ):
+        table.add_row(f"[bold]{key}[/]", str(value) or "-")
+    files = Table("file", "size")
+    for path, entry in sorted(mf.files.items()):
+        files.add_row(path, size_text(entry.size))
+    out = console_out()
+    out.print(table)
+    out.print(files)
+
+
+def _volumes(mf: Manifest) -> str:
+    """inspect's line of volumes: "data at /data (volume, 4.0 KiB carried); /srv at /www
+    (bind, not carried)"."""
+    shown = []
+    for v in mf.extra.get("volumes") or []:
+        if isinstance(v, dict):
+            size = v.get("bytes")
+            carried = (f"{size_text(size)} carried" if v.get("carried") and isinstance(size, int)
+                       else "not carried")
+            shown.append(f"{v.get('name') or v.get('source')} at {v.get('destination')} "
+                         f"({v.get('kind')}, {carried})")
+    return "; ".join(shown)
