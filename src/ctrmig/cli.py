@@ -36,6 +36,7 @@ from ctrmig import demo as _demo
 from ctrmig import doctor as _doctor
 from ctrmig import options, settings
 from ctrmig.archive import COMPRESSIONS, Manifest
+from ctrmig.archive.layout import VOLUMES_DIR, volume_member
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
@@ -334,14 +335,15 @@ def inspect(archive: str, as_json: bool) -> None:
     sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
              "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
     asks = _privileges(Path(archive)) if checksums == "ok" else "not judged (checksums)"
+    volumes = _volumes(mf)
     if as_json:
         listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]
         data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums,
-                               "privileges": listed}
+                               "privileges": listed, "volumes": volumes}
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         shown = asks if isinstance(asks, str) else summary(asks) or "none"
-        _print_inspect(mf, sizes, pids, checksums, shown)
+        _print_inspect(mf, sizes, pids, checksums, shown, volumes)
     if checksums != "ok":
         raise click.exceptions.Exit(1)
 
@@ -355,8 +357,29 @@ def _privileges(archive: Path) -> list[PrivilegeRequest] | str:
         return f"unreadable: {e.message}"
 
 
+def _volumes(mf: Manifest) -> list[dict[str, Any]]:
+    """The archive's volumes: name, kind, mount point, size, whether the content is inside.
+    docker archives list them in the manifest; podman's only have volumes/NAME.tar."""
+    found: dict[str, dict[str, Any]] = {}
+    recorded = mf.extra.get("volumes")
+    for v in recorded if isinstance(recorded, list) else []:
+        if isinstance(v, dict) and isinstance(v.get("name"), str):
+            member = v.get("member")
+            found[v["name"]] = {
+                "name": v["name"], "kind": "anonymous" if v.get("anonymous") else "named",
+                "destination": str(v.get("destination") or ""),
+                "bytes": v.get("size") if isinstance(v.get("size"), int) else None,
+                "content": member in mf.files}
+    for member, entry in mf.files.items():
+        name = member.removeprefix(f"{VOLUMES_DIR}/").removesuffix(".tar")
+        if member == volume_member(name) and name not in found:
+            found[name] = {"name": name, "kind": "", "destination": "", "bytes": entry.size,
+                           "content": True}
+    return list(found.values())
+
+
 def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
-                   checksums: str, privileges: str) -> None:
+                   checksums: str, privileges: str, volumes: list[dict[str, Any]]) -> None:
     """inspect's tables: the facts, then the files."""
     c = mf.container
     table = Table(show_header=False, box=None)
@@ -372,6 +395,11 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
         ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
         ("checksums", checksums),
         ("privileges", privileges),
+        ("volumes", "; ".join(
+            f"{v['name']} ({', '.join(filter(None, (v['kind'], v['destination'])))}"
+            f"{', ' if v['kind'] or v['destination'] else ''}"
+            f"{_size(v['bytes'] or 0) + ' inside' if v['content'] else 'content not inside'})"
+            for v in volumes) or "-"),
     ):
         table.add_row(f"[bold]{key}[/]", str(value) or "-")
     files = Table("file", "size")

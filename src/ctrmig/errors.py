@@ -94,6 +94,10 @@ class RestoreError(EngineError):
     """Restoring failed; nothing of the new container was left behind."""
 
 
+class VolumeConflictError(RestoreError):
+    """A volume the archive carries exists on this host with other content."""
+
+
 class BusyError(CtrmigError):
     """Another ctrmig operation holds the lock on this container."""
 

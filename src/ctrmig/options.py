@@ -106,6 +106,9 @@ class RestoreOptions:
         "Do not apply the archive's rootfs changes.", podman="ignoreRootFS")))
     ignore_volumes: bool = field(default=False, metadata=_spec(Spec(
         "Do not restore the content of volumes.", podman="ignoreVolumes")))
+    replace_volumes: bool = field(default=False, metadata=_spec(Spec(
+        "Replace the content of an existing volume of the same name that differs from "
+        "the archive's (else the restore refuses).")))
     print_stats: bool = field(default=False, metadata=_spec(PRINT_STATS))
     lazy_pages: bool = field(default=False, metadata=_spec(Spec(
         "Restore memory lazily, page by page on demand (needs userfaultfd).")))

@@ -23,6 +23,9 @@ NETWORK_STATUS = "network.status"
 DEVSHM = "devshm-checkpoint.tar"
 #: A carried image (``image/<format>.tar``).
 IMAGE_DIR = "image"
+#: The content of each volume the container mounts, ``volumes/<volume name>.tar``: a tar
+#: of the volume's root (``./`` and below), as podman writes it.
+VOLUMES_DIR = "volumes"
 #: ctrmig's manifest, the last member: format, engine, and every member's sha256.
 MANIFEST_NAME = "manifest.yaml"
 
@@ -35,3 +38,8 @@ def checkpoint_member(name: str) -> str:
 def image_member(fmt: str) -> str:
     """The archive member of a carried image saved in format ``fmt``."""
     return f"{IMAGE_DIR}/{fmt}.tar"
+
+
+def volume_member(name: str) -> str:
+    """The archive member holding the content of the volume called ``name``."""
+    return f"{VOLUMES_DIR}/{name}.tar"
