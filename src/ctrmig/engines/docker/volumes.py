@@ -136,7 +136,7 @@ def require_consistent(api: EngineAPI, cid: str, volumes: Iterable[Volume], labe
                 continue
             rw = any(m.get("Name") == v.name and m.get("RW", True) for m in row.get("Mounts") or [])
             if rw:
-                shared.append(f"{v.name} (with {(row.get('Names') or [row['Id'][:12]])[0]})")
+                shared.append(f"{v.name} (with {_name(row)})")
     if shared:
         raise CheckpointError(
             f"docker container {label!r}: volume(s) {', '.join(shared)} are mounted "
@@ -413,7 +413,7 @@ class Restorer:
             if busy:
                 raise VolumeConflictError(
                     f"volume {v.name} is in use by running container(s) "
-                    f"{', '.join((r.get('Names') or [r['Id'][:12]])[0] for r in busy)}: "
+                    f"{', '.join(_name(r) for r in busy)}: "
                     "ctrmig does not replace its content under them",
                     hint="stop them first")
         self.fill_named = self.missing + conflicts
@@ -463,6 +463,11 @@ class Restorer:
 def moved(manifest: Manifest) -> list[str]:
     """The named volumes whose content the archive carries (a migration took them)."""
     return [v.name for v in recorded(manifest) if v.member is not None and not v.anonymous]
+
+
+def _name(row: dict[str, Any]) -> str:
+    """A container's name in a GET /containers/json row."""
+    return str((row.get("Names") or [str(row.get("Id", ""))[:12]])[0]).lstrip("/")
 
 
 def _strings(value: object) -> dict[str, str]:
