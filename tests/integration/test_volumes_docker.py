@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import logging
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,9 +233,6 @@ def test_leave_running_pauses_while_the_volumes_are_read(vols: Volumes, tmp_path
 
 # --- docker -> docker over two hosts -------------------------------------------------------
 
-CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
-
-
 @pytest.mark.docker
 @pytest.mark.slow
 def test_migrate_takes_the_volume_to_the_other_host(
@@ -257,13 +253,7 @@ def test_migrate_takes_the_volume_to_the_other_host(
             name = src.counter([f"{data}:/data"], anonymous=("/anon",))
             src.write(name, "/data", "moved")
             src.write(name, "/anon", "moved-anon")
-            env = {
-                "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
-                "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
-                "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{sock_b} {CTRMIG}",
-            }
-            res = a.run([CTRMIG, "migrate", name, "--from", f"docker+unix://{sock_a}",
-                         "--to", f"docker+ssh://root@{b.address}:2222", "--json"], env=env)
+            res = hosts.migrate_docker(name, sock_a, sock_b, ssh_options, tmp_path / "journal")
             assert res.returncode == 0, res.stderr.decode()
             assert json.loads(res.stdout)["target_name"] == name
 
