@@ -364,18 +364,24 @@ def _volumes(mf: Manifest) -> list[dict[str, Any]]:
     recorded = mf.extra.get("volumes")
     for v in recorded if isinstance(recorded, list) else []:
         if isinstance(v, dict) and isinstance(v.get("name"), str):
-            member = v.get("member")
             found[v["name"]] = {
                 "name": v["name"], "kind": "anonymous" if v.get("anonymous") else "named",
                 "destination": str(v.get("destination") or ""),
-                "bytes": v.get("size") if isinstance(v.get("size"), int) else None,
-                "content": member in mf.files}
+                "bytes": v.get("bytes") if isinstance(v.get("bytes"), int) else None,
+                "content": v.get("member") in mf.files}
     for member, entry in mf.files.items():
         name = member.removeprefix(f"{VOLUMES_DIR}/").removesuffix(".tar")
         if member == volume_member(name) and name not in found:
             found[name] = {"name": name, "kind": "", "destination": "", "bytes": entry.size,
                            "content": True}
     return list(found.values())
+
+
+def _volume_line(v: dict[str, Any]) -> str:
+    """"data (named, /data, 4.0 KiB inside)"."""
+    facts = [v["kind"], v["destination"],
+             f"{_size(v['bytes'] or 0)} inside" if v["content"] else "content not inside"]
+    return f"{v['name']} ({', '.join(filter(None, facts))})"
 
 
 def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
@@ -395,11 +401,7 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
         ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
         ("checksums", checksums),
         ("privileges", privileges),
-        ("volumes", "; ".join(
-            f"{v['name']} ({', '.join(filter(None, (v['kind'], v['destination'])))}"
-            f"{', ' if v['kind'] or v['destination'] else ''}"
-            f"{_size(v['bytes'] or 0) + ' inside' if v['content'] else 'content not inside'})"
-            for v in volumes) or "-"),
+        ("volumes", "; ".join(map(_volume_line, volumes)) or "-"),
     ):
         table.add_row(f"[bold]{key}[/]", str(value) or "-")
     files = Table("file", "size")

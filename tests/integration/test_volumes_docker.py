@@ -22,7 +22,7 @@ from podman import PodmanClient
 import ctrmig
 from ctrmig import cli
 from ctrmig.archive import verify
-from ctrmig.engines.docker import DockerMigrator
+from ctrmig.engines.docker import DockerMigrator, volumes
 from ctrmig.errors import CheckpointError, VolumeConflictError
 from ctrmig.host import images
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
@@ -144,7 +144,7 @@ def test_round_trip_with_a_named_and_an_anonymous_volume(vols: Volumes, tmp_path
     assert {f"volumes/{data}.tar", f"volumes/{anon}.tar"} <= set(manifest.files)
     recorded = {v["name"]: v for v in manifest.extra["volumes"]}
     assert recorded[data]["anonymous"] is False and recorded[anon]["anonymous"] is True
-    assert recorded[data]["size"] == len(BLOB) + len("named") + len("named\n")
+    assert recorded[data]["bytes"] == len(BLOB) + len("named") + len("named\n")
     shown = json.loads(CliRunner().invoke(cli.cli, ["inspect", str(archive), "--json"]).output)
     assert {(v["name"], v["kind"], v["destination"], v["content"]) for v in shown["volumes"]} \
         == {(data, "named", "/data", True), (anon, "anonymous", "/anon", True)}
@@ -208,7 +208,7 @@ def test_a_volume_shared_with_another_running_container_is_refused(
     archive = tmp_path / "ignored.tar"
     vols.m.checkpoint(name, archive, ignore_volumes=True)
     manifest = verify(archive)
-    assert [v["member"] for v in manifest.extra["volumes"]] == [None]
+    assert [(v["member"], v["carried"]) for v in manifest.extra["volumes"]] == [(None, False)]
     assert not [f for f in manifest.files if f.startswith("volumes/")]
     vols.api.remove_container(name, force=True)
     caplog.set_level(logging.WARNING, logger="ctrmig.engines.docker")
@@ -229,6 +229,30 @@ def test_leave_running_pauses_while_the_volumes_are_read(vols: Volumes, tmp_path
     copy = vols.m.restore(archive, name=unique("ctrmig-dkv"))
     vols.names.append(copy)
     assert_holds(vols, copy, "/data", "live")  # the same volume, same content: kept
+
+
+def test_volumes_read_through_the_archive_api(
+    vols: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume whose directory is not on this host comes through GET /archive (of the
+    paused container): the same member content and digest as read from its directory."""
+    data = vols.volume()
+    name = vols.counter([f"{data}:/data"], anonymous=("/anon",))
+    vols.write(name, "/data", "api")
+    vols.write(name, "/anon", "api-anon")
+    local = verify(vols.m.checkpoint(name, tmp_path / "local.tar", leave_running=True).path)
+    monkeypatch.setattr(volumes, "readable_here", lambda mountpoint: False)
+    archive = tmp_path / "api.tar"
+    remote = vols.m.checkpoint(name, archive, leave_running=True).manifest
+    assert sorted((v["name"], v["digest"], v["bytes"]) for v in remote.extra["volumes"]) == \
+        sorted((v["name"], v["digest"], v["bytes"]) for v in local.extra["volumes"])
+    assert not vols.api.inspect_container(name)["State"]["Paused"]
+    vols.api.remove_container(name, force=True, v=True)
+    vols.api.remove_volume(data)
+    monkeypatch.undo()
+    assert vols.m.restore(archive) == name
+    assert_holds(vols, name, "/data", "api")
+    assert_holds(vols, name, "/anon", "api-anon")
 
 
 # --- docker -> docker over two hosts -------------------------------------------------------

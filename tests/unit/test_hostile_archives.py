@@ -257,9 +257,11 @@ def test_volume_member_setuid_is_dropped_and_owners_kept(sandbox: Sandbox) -> No
     {"name": "a/b", "destination": "/data"},
     {"name": "", "destination": "/data"},
     {"name": "ok", "destination": "relative"},
-    {"name": "ok", "destination": "/data", "member": "checkpoint/core-1.img"},
-    {"name": "ok", "destination": "/data", "member": "volumes/other.tar"},
-    {"name": "ok", "destination": "/data", "member": "volumes/ok.tar"},  # not in files
+    {"name": "ok", "destination": "/data", "member": "checkpoint/core-1.img", "carried": True},
+    {"name": "ok", "destination": "/data", "member": "volumes/other.tar", "carried": True},
+    {"name": "ok", "destination": "/data", "member": "volumes/ok.tar", "carried": True},  # no file
+    {"name": "ok", "destination": "/data", "member": "volumes/ok.tar"},  # not carried?
+    {"name": "ok", "destination": "/data", "kind": "bind"},
     "not a mapping",
 ])
 def test_hostile_volume_records_are_refused(entry: object) -> None:

@@ -403,6 +403,13 @@ def _docker_requests(config: dict[str, Any]) -> Iterator[PrivilegeRequest]:
     for mount in map(_dict, _list(host.get("Mounts"))):
         if mount.get("Type") == "bind":
             yield PrivilegeRequest("host path", f"{mount.get('Source')}:{mount.get('Target')}")
+        driver = _dict(_dict(mount.get("VolumeOptions")).get("DriverConfig"))
+        if mount.get("Type") == "volume" and (driver.get("Options")
+                                              or driver.get("Name") not in (None, "", "local")):
+            # dockerd creates such a volume at create: "local" with o=bind mounts host paths.
+            yield PrivilegeRequest("volume", f"{mount.get('Source') or 'anonymous'} at "
+                                   f"{mount.get('Target')} ({driver.get('Name') or 'local'} "
+                                   "driver options)")
     for opt in map(str, _list(host.get("SecurityOpt"))):
         if opt.replace(":", "=") in ("seccomp=unconfined", "apparmor=unconfined",
                                      "label=disable", "systempaths=unconfined"):

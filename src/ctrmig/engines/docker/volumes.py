@@ -35,7 +35,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -64,7 +64,7 @@ IGNORE_HINT = "or checkpoint with --ignore-volumes (their content stays out of t
 
 @dataclass(frozen=True)
 class Volume:
-    """One volume a container mounts, as the manifest records it."""
+    """One volume a container mounts, as the manifest records it (see :meth:`to_dict`)."""
 
     name: str
     destination: str
@@ -83,8 +83,8 @@ class Volume:
     @classmethod
     def from_dict(cls, data: object) -> Volume:
         """An entry of a (possibly hostile) manifest, checked."""
-        if not isinstance(data, dict):
-            raise ArchiveError("the manifest's volumes entry is not a mapping")
+        if not isinstance(data, dict) or data.get("kind", "volume") != "volume":
+            raise ArchiveError("the manifest's volumes entry is not a volume")
         name, dest = data.get("name"), data.get("destination")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ArchiveError(f"the manifest names an invalid volume: {str(name)[:100]!r}")
@@ -93,20 +93,24 @@ class Volume:
         member = data.get("member")
         if member is not None and member != volume_member(name):
             raise ArchiveError(f"volume {name}: unexpected member {str(member)[:100]!r}")
+        if (member is not None) != (data.get("carried") is True):
+            raise ArchiveError(f"volume {name}: carried and member disagree")
         return cls(
             name=name, destination=dest, anonymous=data.get("anonymous") is True,
-            rw=data.get("rw") is not False, driver=str(data.get("driver") or "local"),
+            rw=data.get("readonly") is not True, driver=str(data.get("driver") or "local"),
             options=_strings(data.get("options")), labels=_strings(data.get("labels")),
-            member=member, size=_int(data.get("size")), entries=_int(data.get("entries")),
+            member=member, size=_int(data.get("bytes")), entries=_int(data.get("entries")),
             digest=str(data.get("digest") or ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def kind(self) -> str:
-        return "anonymous" if self.anonymous else "named"
+        """The manifest's entry. Its common keys are those of the runc engine's entries
+        (kind, name, destination, readonly, carried, bytes), so one reader serves both."""
+        return {"kind": "volume", "name": self.name, "destination": self.destination,
+                "anonymous": self.anonymous, "readonly": not self.rw,
+                "carried": self.member is not None, "member": self.member,
+                "bytes": self.size, "entries": self.entries, "digest": self.digest,
+                "driver": self.driver, "options": self.options, "labels": self.labels}
 
 
 # --- checkpoint ------------------------------------------------------------------------------
@@ -118,12 +122,14 @@ def mounted(data: dict[str, Any]) -> list[Volume]:
     named = {str(b).split(":", 1)[0] for b in host.get("Binds") or [] if ":" in str(b)}
     named |= {str(m.get("Source")) for m in host.get("Mounts") or []
               if m.get("Type") == "volume" and m.get("Source")}
-    return [
-        Volume(name=str(m["Name"]), destination=str(m.get("Destination") or ""),
-               anonymous=str(m["Name"]) not in named, rw=bool(m.get("RW", True)),
-               driver=str(m.get("Driver") or "local"))
-        for m in data.get("Mounts") or [] if m.get("Type") == "volume" and m.get("Name")
-    ]
+    found: dict[str, Volume] = {}  # a volume mounted twice is carried once
+    for m in data.get("Mounts") or []:
+        if m.get("Type") == "volume" and m.get("Name"):
+            found.setdefault(str(m["Name"]), Volume(
+                name=str(m["Name"]), destination=str(m.get("Destination") or ""),
+                anonymous=str(m["Name"]) not in named, rw=bool(m.get("RW", True)),
+                driver=str(m.get("Driver") or "local")))
+    return list(found.values())
 
 
 def require_consistent(api: EngineAPI, cid: str, volumes: Iterable[Volume], label: str) -> None:
@@ -158,7 +164,7 @@ def captured(api: EngineAPI, cid: str, volumes: list[Volume], *,
             out = Path(tmp) / f"{v.name}.tar"
             mountpoint = str(info.get("Mountpoint") or "")
             with out.open("wb") as f:
-                if mountpoint and os.path.isdir(mountpoint):
+                if readable_here(mountpoint):
                     size, entries, digest = pack_dir(Path(mountpoint), f, v.name)
                 else:  # not on this host (a volume plugin, another mount namespace)
                     with api.get_archive(cid, v.destination) as src:
@@ -169,6 +175,11 @@ def captured(api: EngineAPI, cid: str, volumes: list[Volume], *,
                 member=volume_member(v.name), size=size, entries=entries, digest=digest,
             ), out))
         yield packed
+
+
+def readable_here(mountpoint: str) -> bool:
+    """Whether a volume's directory is on this host (else it is read through dockerd)."""
+    return bool(mountpoint) and os.path.isdir(mountpoint)
 
 
 def add(writer: ArchiveWriter, packed: list[tuple[Volume, Path]]) -> None:
