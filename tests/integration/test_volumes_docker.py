@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import ctrmig
 from ctrmig import cli
 from ctrmig.archive import verify
 from ctrmig.engines.docker import DockerMigrator, volumes
-from ctrmig.errors import CheckpointError, VolumeConflictError
+from ctrmig.errors import CheckpointError, PrivilegeError, VolumeConflictError
 from ctrmig.host import images
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
 from tests.hosts import TwoHosts
@@ -235,13 +236,14 @@ def test_volumes_read_through_the_archive_api(
     vols: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A volume whose directory is not on this host comes through GET /archive (of the
-    paused container): the same member content and digest as read from its directory."""
+    paused container): the same member content and digest as read from its directory;
+    and goes into the new container through PUT /archive."""
     data = vols.volume()
     name = vols.counter([f"{data}:/data"], anonymous=("/anon",))
     vols.write(name, "/data", "api")
     vols.write(name, "/anon", "api-anon")
     local = verify(vols.m.checkpoint(name, tmp_path / "local.tar", leave_running=True).path)
-    monkeypatch.setattr(volumes, "readable_here", lambda mountpoint: False)
+    monkeypatch.setattr(volumes, "local_dir", lambda info: None)
     archive = tmp_path / "api.tar"
     remote = vols.m.checkpoint(name, archive, leave_running=True).manifest
     assert sorted((v["name"], v["digest"], v["bytes"]) for v in remote.extra["volumes"]) == \
@@ -249,10 +251,44 @@ def test_volumes_read_through_the_archive_api(
     assert not vols.api.inspect_container(name)["State"]["Paused"]
     vols.api.remove_container(name, force=True, v=True)
     vols.api.remove_volume(data)
-    monkeypatch.undo()
-    assert vols.m.restore(archive) == name
+    assert vols.m.restore(archive) == name  # filled through PUT /archive
     assert_holds(vols, name, "/data", "api")
     assert_holds(vols, name, "/anon", "api-anon")
+
+
+def test_a_volume_with_driver_options_needs_allow_privileged(
+    vols: Volumes, tmp_path: Path
+) -> None:
+    """A local volume with o=bind (here of a private directory) is a host path in disguise:
+    restore refuses to recreate it without --allow-privileged. dockerd mounts such a
+    volume only while it is in use, so its content goes out and in through dockerd."""
+    device = tmp_path / "device"
+    device.mkdir()
+    data = unique("ctrmig-vol")
+    vols.api.create_volume(data, "local", {"type": "none", "o": "bind",
+                                           "device": str(device)})
+    vols.volumes.append(data)
+    name = vols.counter([f"{data}:/data"])
+    vols.write(name, "/data", "bound")
+    archive = tmp_path / "c.tar"
+    vols.m.checkpoint(name, archive)  # stopped: dockerd has unmounted the volume
+    recorded = verify(archive).extra["volumes"][0]
+    assert recorded["carried"] and recorded["options"]["o"] == "bind"
+    vols.api.remove_container(name, force=True, v=True)
+    vols.api.remove_volume(data)
+    for child in device.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+    shown = json.loads(CliRunner().invoke(cli.cli, ["inspect", str(archive), "--json"]).output)
+    assert {"kind": "volume", "detail": f"{data} (local driver, options device,o,type)"} \
+        in shown["privileges"]
+    with pytest.raises(PrivilegeError, match=f"volume {data}"):
+        vols.m.restore(archive)
+    assert data not in vols.volume_names() and not vols.api.containers(all=True,
+                                                                     filters={"name": name})
+    assert vols.m.restore(archive, allow_privileged=True) == name
+    assert_holds(vols, name, "/data", "bound")
+    assert (device / "blob").read_bytes() == BLOB + b"bound", "in the bound directory"
 
 
 # --- docker -> docker over two hosts -------------------------------------------------------

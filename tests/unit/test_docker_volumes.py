@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ctrmig.archive.privileges import PrivilegeRequest, volume_requests
 from ctrmig.engines.docker import volumes
 from ctrmig.errors import CheckpointError
 
@@ -97,5 +98,7 @@ def test_volume_records_round_trip() -> None:
     v = volumes.Volume(name="data", destination="/data", member="volumes/data.tar", size=3,
                        entries=2, digest="sha256:ab", options={"type": "tmpfs"})
     assert volumes.Volume.from_dict(v.to_dict()) == v
-    assert [r.kind for r in volumes.privilege_requests([v])] == ["volume"]
-    assert volumes.privilege_requests([volumes.Volume(name="x", destination="/x")]) == []
+    plain = volumes.Volume(name="x", destination="/x")
+    anonymous = volumes.Volume(name="y", destination="/y", anonymous=True, driver="plugin")
+    assert volume_requests([v.to_dict(), plain.to_dict(), anonymous.to_dict()]) == [
+        PrivilegeRequest("volume", "data (local driver, options type)")]

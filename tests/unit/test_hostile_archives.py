@@ -272,3 +272,20 @@ def test_hostile_volume_records_are_refused(entry: object) -> None:
                         extra={"volumes": [entry]})
     with pytest.raises(errors.ArchiveError):
         volumes.recorded(manifest)
+
+
+@pytest.mark.parametrize("case", sorted(c for c in HOSTILE_VOLUME_MEMBERS if "symlink" not in c))
+def test_hostile_volume_member_is_vetted_before_dockerd_extracts_it(
+    case: str, sandbox: Sandbox
+) -> None:
+    """A volume dockerd fills (PUT /archive, chrooted) is vetted first; paths through a
+    symlink are left to dockerd's chroot, everything else is refused here."""
+    from ctrmig.engines.docker import volumes
+
+    member = _volume_tar(sandbox.archive, *HOSTILE_VOLUME_MEMBERS[case])
+    with pytest.raises(errors.UnsafeArchiveError):
+        volumes.vet(member, "vol")
+    _volume_tar(sandbox.archive, (_entry("./suid", mode=0o4755), b"x"))
+    with pytest.raises(errors.UnsafeArchiveError, match="setuid"):
+        volumes.vet(member, "vol")
+    sandbox.assert_nothing_escaped()

@@ -186,9 +186,24 @@ def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> li
         images = {n: both[n] for n in cores}
     spec = _json(SPEC_DUMP, raw[SPEC_DUMP]) if SPEC_DUMP in raw else {}
     config = _json(CONFIG_DUMP, raw[CONFIG_DUMP]) if CONFIG_DUMP in raw else None
-    declared = requests(spec, config)
+    declared = requests(spec, config) + volume_requests(manifest.extra.get("volumes"))
     creds = {n: read_core_creds(data, n) for n, data in images.items()}
     return declared + image_requests(creds, manifest.engine, declared)
+
+
+def volume_requests(entries: object) -> list[PrivilegeRequest]:
+    """Named volumes the manifest (``extra["volumes"]``, docker's) asks to create that are
+    more than plain local ones: a driver plugin, or driver options (``local`` with
+    ``o=bind,device=/`` mounts the host's root)."""
+    found = []
+    for v in map(_dict, _list(entries)):
+        driver, options = str(v.get("driver") or "local"), _dict(v.get("options"))
+        if v.get("kind", "volume") == "volume" and not v.get("anonymous") and (
+                driver != "local" or options):
+            listed = f", options {','.join(sorted(map(str, options)))}" if options else ""
+            found.append(PrivilegeRequest("volume", f"{v.get('name')} ({driver} driver"
+                                                    f"{listed})"))
+    return found
 
 
 def image_requests(creds: dict[str, Creds], engine: str,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import tenacity
 
 from ctrmig import settings
-from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, privileges
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.docker import config, rootfs, volumes
@@ -246,10 +246,8 @@ class DockerMigrator(BaseMigrator):
     # --- restore ---------------------------------------------------------------------------
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
-        super()._check_archive(manifest, source, opts)
-        if not opts.ignore_volumes:
-            privileges.check(volumes.privilege_requests(volumes.recorded(manifest)),
-                             opts.allow_privileged)
+        super()._check_archive(manifest, source, opts)  # volumes' drivers judged there too
+        volumes.recorded(manifest)  # a hostile volume entry is refused before any call
         # Before the base loads a carried image: a daemon that cannot restore says so first.
         self.checkpoints.require()
 
@@ -259,8 +257,9 @@ class DockerMigrator(BaseMigrator):
         name = opts.name or manifest.container.name
         carried = [] if opts.ignore_volumes else volumes.recorded(manifest)
         if config.has_volumes(recorded) and not carried:
-            log.warning("%s: volume contents are not in the archive; the new container "
-                        "gets the volumes by name (empty if new)", manifest.container.name)
+            log.warning("%s: volume contents are not in the archive%s; the new container "
+                        "gets the volumes by name (empty if new)", manifest.container.name,
+                        " or are ignored" if opts.ignore_volumes else "")
         vols = volumes.Restorer(self.api, source, carried, replace=opts.replace_volumes,
                                 label=name)  # refuses a volume here with other content
         with vols.created():

@@ -15,7 +15,8 @@ A volume another running container mounts read-write cannot be read consistently
 checkpoint refuses it (``ignore_volumes`` leaves all content out).
 
 In: named volumes missing here are created (driver and options recorded; anything but
-a plain local volume counts as a privilege request), the new container's anonymous ones
+a plain local volume is a privilege request, :func:`~ctrmig.archive.privileges.
+volume_requests`), the new container's anonymous ones
 are dockerd's, matched by mount point; each is emptied and filled from its member before
 the start. An existing volume with other content is refused unless ``replace_volumes``.
 Extraction refuses devices, hard links and paths that leave the volume, and drops
@@ -41,7 +42,6 @@ from typing import IO, Any, BinaryIO
 
 from ctrmig.archive import ArchiveWriter, Manifest
 from ctrmig.archive.layout import volume_member
-from ctrmig.archive.privileges import PrivilegeRequest
 from ctrmig.archive.streams import CHUNK
 from ctrmig.engines.docker.api import EngineAPI
 from ctrmig.errors import (
@@ -162,11 +162,11 @@ def captured(api: EngineAPI, cid: str, volumes: list[Volume], *,
         for v in volumes:
             info = api.volume(v.name) or {}
             out = Path(tmp) / f"{v.name}.tar"
-            mountpoint = str(info.get("Mountpoint") or "")
+            directory = local_dir(info)
             with out.open("wb") as f:
-                if readable_here(mountpoint):
-                    size, entries, digest = pack_dir(Path(mountpoint), f, v.name)
-                else:  # not on this host (a volume plugin, another mount namespace)
+                if directory is not None:
+                    size, entries, digest = pack_dir(directory, f, v.name)
+                else:  # mounted by dockerd only in use, or not on this host: dockerd reads it
                     with api.get_archive(cid, v.destination) as src:
                         size, entries, digest = pack_tar(src, f, v.name)
             packed.append((replace(
@@ -177,9 +177,15 @@ def captured(api: EngineAPI, cid: str, volumes: list[Volume], *,
         yield packed
 
 
-def readable_here(mountpoint: str) -> bool:
-    """Whether a volume's directory is on this host (else it is read through dockerd)."""
-    return bool(mountpoint) and os.path.isdir(mountpoint)
+def local_dir(info: dict[str, Any]) -> Path | None:
+    """The directory of a plain local volume (``GET /volumes/NAME``) when it is on this
+    host. Not for a volume with options (tmpfs, nfs, a bind): dockerd mounts that at its
+    Mountpoint only while a container uses it, so ctrmig goes through dockerd instead."""
+    mountpoint = Path(str(info.get("Mountpoint") or ""))
+    if (info.get("Driver") or "local") != "local" or info.get("Options") \
+            or not mountpoint.is_absolute() or not mountpoint.is_dir():
+        return None
+    return mountpoint
 
 
 def add(writer: ArchiveWriter, packed: list[tuple[Volume, Path]]) -> None:
@@ -325,25 +331,16 @@ def extract(member: Path, dest: Path, volume: str) -> None:
     """
     root = os.path.realpath(dest)
 
-    def refuse(info: tarfile.TarInfo, why: str) -> UnsafeArchiveError:
-        return UnsafeArchiveError(f"volumes/{volume}.tar: {info.name[:200]!r} {why}; refused")
-
     def checked(info: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-        if info.ischr() or info.isblk():
-            raise refuse(info, "is a device node")
+        _refuse_unsafe(info, volume)
         if info.islnk():
             target = os.path.realpath(os.path.join(root, info.linkname))
-            if os.path.isabs(info.linkname) or os.path.commonpath([target, root]) != root:
-                raise refuse(info, f"links to {info.linkname[:200]!r} outside the volume")
-        if info.issparse() or not (info.isreg() or info.isdir() or info.issym()
-                                   or info.islnk() or info.isfifo()):
-            raise refuse(info, "is not a file, directory, link or fifo")
-        if info.name.startswith("/") or ".." in info.name.split("/"):
-            raise refuse(info, "is absolute or has '..'")
+            if os.path.commonpath([target, root]) != root:
+                raise _refused(info, volume, f"links to {info.linkname[:200]!r} outside it")
         try:
             safe = tarfile.tar_filter(info, path)  # through a symlink extracted before
         except tarfile.FilterError as e:
-            raise refuse(info, f"leaves the volume ({type(e).__name__})") from None
+            raise _refused(info, volume, f"leaves the volume ({type(e).__name__})") from None
         return safe.replace(mode=info.mode & ~0o6000, deep=False)
 
     try:
@@ -351,6 +348,35 @@ def extract(member: Path, dest: Path, volume: str) -> None:
             tar.extractall(dest, numeric_owner=True, filter=checked)
     except (tarfile.TarError, OSError) as e:
         raise ArchiveError(f"volumes/{volume}.tar cannot be extracted: {e}") from None
+
+
+def vet(member: Path, volume: str) -> None:
+    """Refuse a volume member dockerd is to extract (PUT /archive, chrooted in the
+    container) for what :func:`extract` refuses before it writes: devices, absolute names,
+    ``..``, hard links out, setuid/setgid bits."""
+    try:
+        with tarfile.open(member, "r:") as tar:
+            for info in tar:
+                _refuse_unsafe(info, volume)
+                if info.mode & 0o6000:
+                    raise _refused(info, volume, "is setuid or setgid")
+    except tarfile.TarError as e:
+        raise ArchiveError(f"volumes/{volume}.tar is not a readable tar: {e}") from None
+
+
+def _refuse_unsafe(info: tarfile.TarInfo, volume: str) -> None:
+    if info.ischr() or info.isblk():
+        raise _refused(info, volume, "is a device node")
+    if info.issparse() or not (info.isreg() or info.isdir() or info.issym()
+                               or info.islnk() or info.isfifo()):
+        raise _refused(info, volume, "is not a file, directory, link or fifo")
+    for name in (info.name, info.linkname if info.islnk() else ""):
+        if name.startswith("/") or ".." in name.split("/"):
+            raise _refused(info, volume, f"names {name[:200]!r}: absolute or with '..'")
+
+
+def _refused(info: tarfile.TarInfo, volume: str, why: str) -> UnsafeArchiveError:
+    return UnsafeArchiveError(f"volumes/{volume}.tar: {info.name[:200]!r} {why}; refused")
 
 
 def _empty(root: Path) -> None:
@@ -375,16 +401,6 @@ def recorded(manifest: Manifest) -> list[Volume]:
         if v.member is not None and v.member not in manifest.files:
             raise ArchiveError(f"volume {v.name}: {v.member} is not in the archive")
     return volumes
-
-
-def privilege_requests(volumes: Iterable[Volume]) -> list[PrivilegeRequest]:
-    """Volumes to create that are more than plain local ones: a driver plugin, or driver
-    options (``local`` with ``o=bind,device=/`` mounts the host's own root)."""
-    return [
-        PrivilegeRequest("volume", f"{v.name} ({v.driver} driver"
-                         f"{', options ' + ','.join(sorted(v.options)) if v.options else ''})")
-        for v in volumes if not v.anonymous and (v.driver != "local" or v.options)
-    ]
 
 
 class Restorer:
@@ -430,10 +446,10 @@ class Restorer:
         self.fill_named = self.missing + conflicts
 
     def _same(self, v: Volume, info: dict[str, Any]) -> bool:
-        mountpoint = str(info.get("Mountpoint") or "")
-        if not mountpoint or not os.path.isdir(mountpoint):
+        directory = local_dir(info)
+        if directory is None:
             return False  # cannot tell: counted as different
-        return bool(v.digest) and digest_dir(Path(mountpoint), v.name) == v.digest
+        return bool(v.digest) and digest_dir(directory, v.name) == v.digest
 
     @contextlib.contextmanager
     def created(self) -> Iterator[None]:
@@ -459,16 +475,18 @@ class Restorer:
                 name = str((mounts.get(v.destination) or {}).get("Name") or "")
                 if not name:
                     raise RestoreError(f"the new container has no volume at {v.destination}")
-            mountpoint = Path(str((self.api.volume(name) or {}).get("Mountpoint") or ""))
-            if not mountpoint.is_absolute() or not mountpoint.is_dir():
-                raise RestoreError(
-                    f"volume {name}'s directory is not on this host: cannot fill it",
-                    hint="run ctrmig on the docker host, or restore with --ignore-volumes")
             assert v.member is not None
-            _empty(mountpoint)
-            extract(self.source / v.member, mountpoint, v.name)
-            log.info("%s: volume %s at %s filled (%d bytes)", self.label, name,
-                     v.destination, v.size)
+            member = self.source / v.member
+            directory = local_dir(self.api.volume(name) or {})
+            if directory is not None:
+                _empty(directory)
+                extract(member, directory, v.name)
+            else:  # dockerd mounts it for the copy; what it held already stays beside
+                vet(member, v.name)
+                with member.open("rb") as f:
+                    self.api.put_archive(cid, v.destination, f)
+            log.info("%s: volume %s at %s filled (%d bytes%s)", self.label, name,
+                     v.destination, v.size, "" if directory else ", through dockerd")
 
 
 def moved(manifest: Manifest) -> list[str]:
