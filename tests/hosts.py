@@ -221,9 +221,10 @@ class TwoHosts:
             proc.run(["ip", "netns", "delete", host.netns], timeout=30, check=False)
 
     def migrate_docker(self, name: str, sock_a: Path, sock_b: Path, ssh_options: list[str],
-                       journal: Path) -> subprocess.CompletedProcess[bytes]:
-        """``ctrmig migrate --json`` on host A of docker container ``name`` (A's dockerd at
-        ``sock_a``) to host B, where ctrmig (over ssh, port 2222) restores into ``sock_b``."""
+                       journal: Path, *flags: str) -> subprocess.CompletedProcess[bytes]:
+        """``ctrmig migrate --json [flags]`` on host A of docker container ``name`` (A's
+        dockerd at ``sock_a``) to host B, where ctrmig (over ssh, port 2222) restores into
+        ``sock_b``."""
         ctrmig = str(Path(sys.executable).with_name("ctrmig"))
         env = {
             "CTRMIG_JOURNAL_DIR": str(journal),
@@ -231,8 +232,8 @@ class TwoHosts:
             "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{sock_b} {ctrmig}",
         }
         return self.a.run([ctrmig, "migrate", name, "--from", f"docker+unix://{sock_a}",
-                           "--to", f"docker+ssh://root@{self.b.address}:2222", "--json"],
-                          env=env)
+                           "--to", f"docker+ssh://root@{self.b.address}:2222", "--json",
+                           *flags], env=env)
 
     def load_test_image(self, host: Host, workdir: Path) -> str:
         """Copy the busybox test image from the machine's podman storage to ``host``."""

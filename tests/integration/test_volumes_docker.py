@@ -295,8 +295,9 @@ def test_a_volume_with_driver_options_needs_allow_privileged(
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.parametrize("keep_source", [False, True])
 def test_migrate_takes_the_volume_to_the_other_host(
-    session_dir: Path, test_image: str, tmp_path: Path
+    session_dir: Path, test_image: str, tmp_path: Path, keep_source: bool
 ) -> None:
     for tool in ("dockerd", "sshd", "ip"):
         need(tool)
@@ -313,7 +314,8 @@ def test_migrate_takes_the_volume_to_the_other_host(
             name = src.counter([f"{data}:/data"], anonymous=("/anon",))
             src.write(name, "/data", "moved")
             src.write(name, "/anon", "moved-anon")
-            res = hosts.migrate_docker(name, sock_a, sock_b, ssh_options, tmp_path / "journal")
+            res = hosts.migrate_docker(name, sock_a, sock_b, ssh_options, tmp_path / "journal",
+                                       *(["--keep-source"] if keep_source else []))
             assert res.returncode == 0, res.stderr.decode()
             assert json.loads(res.stdout)["target_name"] == name
 
@@ -323,9 +325,12 @@ def test_migrate_takes_the_volume_to_the_other_host(
             assert_holds(dst, name, "/data", "moved")
             assert_holds(dst, name, "/anon", "moved-anon")
             assert data in dst.volume_names()
-            # Nothing left on the source: neither the container nor any of its volumes.
-            assert not src.api.containers(all=True)
-            assert src.volume_names() == set(), "the source's volumes went with it"
+            if keep_source:  # kept stopped, with its volumes as they were
+                assert src.api.inspect_container(name)["State"]["Status"] == "exited"
+                assert_holds(src, name, "/data", "moved")
+            else:  # nothing left on the source: neither the container nor its volumes
+                assert not src.api.containers(all=True)
+                assert src.volume_names() == set(), "the source's volumes went with it"
         finally:
             src.cleanup()
             dst.cleanup()
