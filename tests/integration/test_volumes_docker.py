@@ -242,7 +242,7 @@ def test_volumes_read_through_the_archive_api(
     name = vols.counter([f"{data}:/data"], anonymous=("/anon",))
     vols.write(name, "/data", "api")
     vols.write(name, "/anon", "api-anon")
-    local = verify(vols.m.checkpoint(name, tmp_path / "local.tar", leave_running=True).path)
+    local = vols.m.checkpoint(name, tmp_path / "local.tar", leave_running=True).manifest
     monkeypatch.setattr(volumes, "local_dir", lambda info: None)
     archive = tmp_path / "api.tar"
     remote = vols.m.checkpoint(name, archive, leave_running=True).manifest

@@ -10,16 +10,18 @@ setuid/setgid, owners, data, link targets; no times), so a restore can tell an e
 volume of the same name that holds the same content from one that does not.
 
 Out: after the dump (the container stopped, or paused for ``leave_running``) the content
-is read from the volume's Mountpoint when it is on this host, else through GET /archive.
-A volume another running container mounts read-write cannot be read consistently: the
-checkpoint refuses it (``ignore_volumes`` leaves all content out).
+is read from the directory of a plain local volume on this host, else through dockerd
+(GET /archive: a volume with options is mounted only while in use). A volume another
+running container mounts read-write cannot be read consistently: the checkpoint refuses
+it (``ignore_volumes`` leaves all content out).
 
-In: named volumes missing here are created (driver and options recorded; anything but
-a plain local volume is a privilege request, :func:`~ctrmig.archive.privileges.
-volume_requests`), the new container's anonymous ones
-are dockerd's, matched by mount point; each is emptied and filled from its member before
-the start. An existing volume with other content is refused unless ``replace_volumes``.
-Extraction refuses devices, hard links and paths that leave the volume, and drops
+In: named volumes missing here are created with their recorded driver and options
+(anything but a plain local volume is a privilege request:
+:func:`ctrmig.archive.privileges.volume_requests`); the new container's anonymous ones are
+dockerd's, matched by mount point. Each is emptied and filled from its member before the
+start (through PUT /archive where it is not a local directory here). An existing volume
+with other content is refused unless ``replace_volumes``. Extraction refuses devices,
+hard links out and paths that leave the volume, keeps owners by number and drops
 setuid/setgid bits (a volume's directory is reachable on the host).
 """
 
