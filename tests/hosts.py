@@ -220,6 +220,21 @@ class TwoHosts:
             host.stop()
             proc.run(["ip", "netns", "delete", host.netns], timeout=30, check=False)
 
+    def migrate_docker(self, name: str, sock_a: Path, sock_b: Path, ssh_options: list[str],
+                       journal: Path, *flags: str) -> subprocess.CompletedProcess[bytes]:
+        """``ctrmig migrate --json [flags]`` on host A of docker container ``name`` (A's
+        dockerd at ``sock_a``) to host B, where ctrmig (over ssh, port 2222) restores into
+        ``sock_b``."""
+        ctrmig = str(Path(sys.executable).with_name("ctrmig"))
+        env = {
+            "CTRMIG_JOURNAL_DIR": str(journal),
+            "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+            "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{sock_b} {ctrmig}",
+        }
+        return self.a.run([ctrmig, "migrate", name, "--from", f"docker+unix://{sock_a}",
+                           "--to", f"docker+ssh://root@{self.b.address}:2222", "--json",
+                           *flags], env=env)
+
     def load_test_image(self, host: Host, workdir: Path) -> str:
         """Copy the busybox test image from the machine's podman storage to ``host``."""
         ref = images.ensure_test_image(workdir)

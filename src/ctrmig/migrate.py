@@ -303,6 +303,9 @@ def _migrate(
     else:
         try:
             source.remove(container)
+            # docker: the named volumes whose content went along (volumes.moved).
+            if (remove_volumes := getattr(source, "remove_moved_volumes", None)) is not None:
+                remove_volumes(report.manifest)
         except CtrmigError as e:
             log.warning("migrated, but removing the source container failed: %s", e)
             report.source_kept = True

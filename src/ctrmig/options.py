@@ -121,8 +121,8 @@ class RestoreOptions:
     ignore_volumes: bool = field(default=False, metadata=_spec(Spec(
         "Do not restore the content of volumes.", podman="ignoreVolumes")))
     replace_volumes: bool = field(default=False, metadata=_spec(Spec(
-        "Replace existing volumes of the same name with the archive's content.",
-        handled="ctrmig")))
+        "Replace the content of an existing volume of the same name that differs from "
+        "the archive's (else the restore refuses).")))
     print_stats: bool = field(default=False, metadata=_spec(PRINT_STATS))
     lazy_pages: bool = field(default=False, metadata=_spec(Spec(
         "Restore memory lazily, page by page on demand (needs userfaultfd).")))

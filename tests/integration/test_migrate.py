@@ -151,13 +151,7 @@ def test_docker_migrates_over_ssh_to_a_host_without_the_image(
         src.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
         logs_a = lambda: src.containers.get(name).logs().decode()  # noqa: E731
         wait_for(lambda: last_count(logs_a()) >= 5, what="counter on host A")
-        env = {
-            "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
-            "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
-            "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{sock_b} {CTRMIG}",
-        }
-        res = a.run([CTRMIG, "migrate", name, "--from", f"docker+unix://{sock_a}",
-                     "--to", f"docker+ssh://root@{b.address}:2222", "--json"], env=env)
+        res = two_hosts.migrate_docker(name, sock_a, sock_b, ssh_options, tmp_path / "journal")
         assert res.returncode == 0, res.stderr.decode()
         report = json.loads(res.stdout)
         assert report["target_name"] == name and report["bytes_moved"] > 0

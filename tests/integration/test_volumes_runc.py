@@ -140,8 +140,8 @@ def test_named_volume_travels_and_bind_mount_is_required(
     res = CliRunner().invoke(cli.cli, ["inspect", str(archive.path)])
     assert res.exit_code == 0, res.output
     flat = " ".join(res.output.split())
-    assert "data at /data (volume," in flat and "carried)" in flat
-    assert f"{host_dir} at /hb (bind, not carried)" in flat
+    assert "data (named, /data, " in flat and " inside)" in flat
+    assert f"{host_dir} (bind, /hb, content not inside)" in flat
     assert f"host path {host_dir} at /hb" in flat  # what restore refuses unflagged
 
     # On another host: a host bind mount is a host mount request...

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import io
 import json
+import os
 import shutil
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -178,4 +181,111 @@ def test_restore_refuses_before_any_engine_call(
     assert type(caught.value) is getattr(errors, EXPECTED[name]["error"]), caught.value
     assert fake.calls == []
     shutil.rmtree(sandbox.root / "cwd" / "locks", ignore_errors=True)
+    sandbox.assert_nothing_escaped()
+
+
+# --- volume members (volumes/NAME.tar): extracted into a docker volume's directory --------
+
+
+def _volume_tar(path: Path, *members: tuple[tarfile.TarInfo, bytes]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644,
+           **attrs: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+HOSTILE_VOLUME_MEMBERS: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {
+    "dotdot": [(_entry("./../escaped"), b"x")],
+    "absolute": [(_entry("/tmp/ctrmig-hostile-sentinel"), b"x")],
+    "through_symlink": [(_entry("./out", tarfile.SYMTYPE, "/tmp"), b""),
+                        (_entry("./out/ctrmig-hostile-sentinel"), b"x")],
+    "through_relative_symlink": [(_entry("./up", tarfile.SYMTYPE, ".."), b""),
+                                 (_entry("./up/escaped"), b"x")],
+    "hardlink_outside": [(_entry("./passwd", tarfile.LNKTYPE, "/etc/passwd"), b"")],
+    "hardlink_dotdot": [(_entry("./l", tarfile.LNKTYPE, "../../etc/passwd"), b"")],
+    "char_device": [(_entry("./null", tarfile.CHRTYPE, devmajor=1, devminor=3), b"")],
+    "block_device": [(_entry("./sda", tarfile.BLKTYPE, devmajor=8, devminor=0), b"")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_VOLUME_MEMBERS))
+def test_hostile_volume_member_is_refused(case: str, sandbox: Sandbox) -> None:
+    from ctrmig.engines.docker import volumes
+
+    member = _volume_tar(sandbox.archive, *HOSTILE_VOLUME_MEMBERS[case])
+    volume = sandbox.dest / "vol"
+    volume.mkdir()
+    with pytest.raises(errors.UnsafeArchiveError) as caught:
+        volumes.extract(member, volume, "vol")
+    assert "volumes/vol.tar" in str(caught.value)
+    assert not (sandbox.dest / "escaped").exists() and not (sandbox.root / "escaped").exists()
+    assert not [p for p in volume.rglob("*") if p.is_file() and not p.is_symlink()]
+    shutil.rmtree(sandbox.dest / "vol")
+    sandbox.assert_nothing_escaped()
+
+
+def test_volume_member_setuid_is_dropped_and_owners_kept(sandbox: Sandbox) -> None:
+    from ctrmig.engines.docker import volumes
+
+    member = _volume_tar(
+        sandbox.archive, (_entry(".", tarfile.DIRTYPE, mode=0o1777), b""),
+        (_entry("./suid", mode=0o4755, uid=1234, gid=4321), b"#!/bin/sh\n"),
+        (_entry("./same", tarfile.LNKTYPE, "./suid", mode=0o4755, uid=1234, gid=4321), b""),
+        (_entry("./abs", tarfile.SYMTYPE, "/etc/passwd"), b""))
+    volume = sandbox.dest / "vol"
+    volume.mkdir()
+    volumes.extract(member, volume, "vol")
+    st = (volume / "suid").stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o755, 1234, 4321)
+    assert (volume / "same").stat().st_ino == st.st_ino
+    assert os.readlink(volume / "abs") == "/etc/passwd"  # kept, never followed here
+    assert volume.stat().st_mode & 0o7777 == 0o1777
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "../x", "destination": "/data"},
+    {"name": "a/b", "destination": "/data"},
+    {"name": "", "destination": "/data"},
+    {"name": "ok", "destination": "relative"},
+    {"name": "ok", "destination": "/data", "member": "checkpoint/core-1.img", "carried": True},
+    {"name": "ok", "destination": "/data", "member": "volumes/other.tar", "carried": True},
+    {"name": "ok", "destination": "/data", "member": "volumes/ok.tar", "carried": True},  # no file
+    {"name": "ok", "destination": "/data", "member": "volumes/ok.tar"},  # not carried?
+    {"name": "ok", "destination": "/data", "kind": "bind"},
+    "not a mapping",
+])
+def test_hostile_volume_records_are_refused(entry: object) -> None:
+    from ctrmig.archive import ContainerRecord, Manifest
+    from ctrmig.engines.docker import volumes
+
+    manifest = Manifest(engine="docker", container=ContainerRecord(name="c", id="i"),
+                        extra={"volumes": [entry]})
+    with pytest.raises(errors.ArchiveError):
+        volumes.recorded(manifest)
+
+
+@pytest.mark.parametrize("case", sorted(c for c in HOSTILE_VOLUME_MEMBERS if "symlink" not in c))
+def test_hostile_volume_member_is_vetted_before_dockerd_extracts_it(
+    case: str, sandbox: Sandbox
+) -> None:
+    """A volume dockerd fills (PUT /archive, chrooted) is vetted first; paths through a
+    symlink are left to dockerd's chroot, everything else is refused here."""
+    from ctrmig.engines.docker import volumes
+
+    member = _volume_tar(sandbox.archive, *HOSTILE_VOLUME_MEMBERS[case])
+    with pytest.raises(errors.UnsafeArchiveError):
+        volumes.vet(member, "vol")
+    _volume_tar(sandbox.archive, (_entry("./suid", mode=0o4755), b"x"))
+    with pytest.raises(errors.UnsafeArchiveError, match="setuid"):
+        volumes.vet(member, "vol")
     sandbox.assert_nothing_escaped()

@@ -224,6 +224,18 @@ def test_docker_privileges() -> None:
     }
 
 
+def test_docker_volume_with_driver_options_is_a_request() -> None:
+    """--mount type=volume,volume-opt=o=bind,volume-opt=device=/: a host path in disguise."""
+    bind_root = {"Name": "local", "Options": {"type": "none", "o": "bind", "device": "/"}}
+    config = docker_config(Mounts=[
+        {"Type": "volume", "Source": "root", "Target": "/host",
+         "VolumeOptions": {"DriverConfig": bind_root}},
+        {"Type": "volume", "Source": "plain", "Target": "/data", "VolumeOptions": {}},
+    ])
+    assert kinds(requests({}, config)) == {
+        ("volume", "root at /host (local driver options)")}
+
+
 # --- check --------------------------------------------------------------------------------------
 
 

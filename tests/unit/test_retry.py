@@ -178,7 +178,7 @@ class FakeDockerClient:
     def containers(self, all: bool = False) -> Any:
         return self._answer("containers")
 
-    def remove_container(self, container: str, force: bool = False) -> Any:
+    def remove_container(self, container: str, force: bool = False, v: bool = False) -> Any:
         return self._answer("remove")
 
     def close(self) -> None:

@@ -22,8 +22,8 @@ STATS_DUMP = "stats-dump"
 #: podman's network state and /dev/shm content.
 NETWORK_STATUS = "network.status"
 DEVSHM = "devshm-checkpoint.tar"
-#: Named volumes' content, one tar per volume (``volumes/<name>.tar``, podman's layout:
-#: the volume's ``_data`` with entries ``./``, ``./sub/f``, ...).
+#: Each volume's content, one tar per volume, named and anonymous alike
+#: (``volumes/<name>.tar``, podman's layout: the volume's root as ``./``, ``./sub/f``, ...).
 VOLUMES_DIR = "volumes"
 #: A carried image (``image/<format>.tar``).
 IMAGE_DIR = "image"
@@ -44,5 +44,5 @@ def image_member(fmt: str) -> str:
 
 
 def volume_member(name: str) -> str:
-    """The archive member holding the content of named volume ``name``."""
+    """The archive member holding the content of the volume called ``name``."""
     return f"{VOLUMES_DIR}/{name}.tar"

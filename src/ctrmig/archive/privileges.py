@@ -192,9 +192,25 @@ def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> li
     spec = _json(SPEC_DUMP, raw[SPEC_DUMP]) if SPEC_DUMP in raw else {}
     config = _json(CONFIG_DUMP, raw[CONFIG_DUMP]) if CONFIG_DUMP in raw else None
     declared = runc_requests(config) if manifest.engine == "runc" else requests(spec, config)
+    declared += volume_requests(manifest.extra.get("volumes"))
     read = {n: read_core_creds(data, n) for n, data in images.items()}
     creds = {n: c for n, c in read.items() if c is not None}  # zombies hold nothing
     return declared + image_requests(creds, manifest.engine, declared)
+
+
+def volume_requests(entries: object) -> list[PrivilegeRequest]:
+    """Named volumes the manifest (``extra["volumes"]``, docker's) asks to create that are
+    more than plain local ones: a driver plugin, or driver options (``local`` with
+    ``o=bind,device=/`` mounts the host's root)."""
+    found = []
+    for v in map(_dict, _list(entries)):
+        driver, options = str(v.get("driver") or "local"), _dict(v.get("options"))
+        if v.get("kind", "volume") == "volume" and not v.get("anonymous") and (
+                driver != "local" or options):
+            listed = f", options {','.join(sorted(map(str, options)))}" if options else ""
+            found.append(PrivilegeRequest("volume", f"{v.get('name')} ({driver} driver"
+                                                    f"{listed})"))
+    return found
 
 
 def image_requests(creds: dict[str, Creds], engine: str,
@@ -423,6 +439,13 @@ def _docker_requests(config: dict[str, Any]) -> Iterator[PrivilegeRequest]:
     for mount in map(_dict, _list(host.get("Mounts"))):
         if mount.get("Type") == "bind":
             yield PrivilegeRequest("host path", f"{mount.get('Source')}:{mount.get('Target')}")
+        driver = _dict(_dict(mount.get("VolumeOptions")).get("DriverConfig"))
+        if mount.get("Type") == "volume" and (driver.get("Options")
+                                              or driver.get("Name") not in (None, "", "local")):
+            # dockerd creates such a volume at create: "local" with o=bind mounts host paths.
+            yield PrivilegeRequest("volume", f"{mount.get('Source') or 'anonymous'} at "
+                                   f"{mount.get('Target')} ({driver.get('Name') or 'local'} "
+                                   "driver options)")
     for opt in map(str, _list(host.get("SecurityOpt"))):
         if opt.replace(":", "=") in ("seccomp=unconfined", "apparmor=unconfined",
                                      "label=disable", "systempaths=unconfined"):

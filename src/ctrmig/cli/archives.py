@@ -20,6 +20,7 @@ from rich.table import Table
 import ctrmig
 from ctrmig import options
 from ctrmig.archive import Manifest, crypto
+from ctrmig.archive.layout import VOLUMES_DIR, volume_member
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.reader import read_signed
 from ctrmig.archive.sources import is_encrypted, plaintext
@@ -154,14 +155,16 @@ def inspect(archive: str, identities: tuple[str, ...], as_json: bool) -> None:
     pids = _pids(mf)
     sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
              "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
+    volumes = _volumes(mf)
     facts = {"encryption": "age" if encrypted else "none", "signature": signature}
     if as_json:
         listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]
         data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums,
-                               "privileges": listed} | facts
+                               "privileges": listed, "volumes": volumes} | facts
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         shown = asks if isinstance(asks, str) else summary(asks) or "none"
+        facts["volumes"] = "; ".join(map(_volume_line, volumes)) or "-"
         _print_inspect(mf, sizes, pids, checksums, shown, facts)
     if checksums != "ok":
         raise click.exceptions.Exit(1)
@@ -223,7 +226,6 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
         ("processes", ", ".join(f"pid {p}" for p in pids) or "-"),
         ("checksums", checksums),
         ("privileges", privileges),
-        ("volumes", _volumes(mf)),
         *facts.items(),
     ):
         table.add_row(f"[bold]{key}[/]", str(value) or "-")
@@ -235,15 +237,35 @@ def _print_inspect(mf: Manifest, sizes: dict[str, int], pids: list[int],
     out.print(files)
 
 
-def _volumes(mf: Manifest) -> str:
-    """inspect's line of volumes: "data at /data (volume, 4.0 KiB carried); /srv at /www
-    (bind, not carried)"."""
-    shown = []
-    for v in mf.extra.get("volumes") or []:
-        if isinstance(v, dict):
-            size = v.get("bytes")
-            carried = (f"{size_text(size)} carried" if v.get("carried") and isinstance(size, int)
-                       else "not carried")
-            shown.append(f"{v.get('name') or v.get('source')} at {v.get('destination')} "
-                         f"({v.get('kind')}, {carried})")
-    return "; ".join(shown)
+def _volumes(mf: Manifest) -> list[dict[str, Any]]:
+    """The archive's volumes and bind mounts: name, kind (named, anonymous, bind), mount
+    point, size, whether the content is inside. docker and runc archives list them in the
+    manifest (``extra["volumes"]``); podman's only have ``volumes/NAME.tar``."""
+    found: dict[str, dict[str, Any]] = {}
+    recorded = mf.extra.get("volumes")
+    for v in recorded if isinstance(recorded, list) else []:
+        if not isinstance(v, dict):
+            continue
+        bind = v.get("kind") == "bind"
+        name = str((v.get("source") if bind else v.get("name")) or "")
+        size = v.get("bytes")
+        found[name] = {
+            "name": name,
+            "kind": "bind" if bind else "anonymous" if v.get("anonymous") else "named",
+            "destination": str(v.get("destination") or ""),
+            "bytes": size if isinstance(size, int) else None,
+            "content": not bind and (bool(v.get("carried")) or v.get("member") in mf.files)}
+    for member, entry in mf.files.items():
+        name = member.removeprefix(f"{VOLUMES_DIR}/").removesuffix(".tar")
+        if member == volume_member(name) and name not in found:
+            found[name] = {"name": name, "kind": "", "destination": "", "bytes": entry.size,
+                           "content": True}
+    return list(found.values())
+
+
+def _volume_line(v: dict[str, Any]) -> str:
+    """"data (named, /data, 4.0 KiB inside)"."""
+    facts = [v["kind"], v["destination"],
+             f"{size_text(v['bytes'] or 0)} inside" if v["content"] else "content not inside"]
+    return f"{v['name']} ({', '.join(filter(None, facts))})"
+

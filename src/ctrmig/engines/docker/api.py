@@ -156,11 +156,13 @@ class EngineAPI:
             raise cls(e.message, hint=hint or None, stderr=e.stderr) from e.__cause__
 
     def remove(self, container: str) -> None:
-        """Remove ``container`` with its anonymous state; one already gone is removed too."""
+        """Remove ``container`` with its anonymous state (anonymous volumes too, as
+        ``docker rm -v``); one already gone is removed too."""
         # A retry after the first DELETE went through finds it gone: that is done too.
         with contextlib.suppress(ContainerNotFoundError):
             self.idempotent(f"remove {container}",
-                            lambda: self.client.remove_container(container, force=True))
+                            lambda: self.client.remove_container(container, force=True,
+                                                                 v=True))
 
     def logs(self, container: str) -> str:
         data: bytes = self.idempotent(
@@ -241,6 +243,41 @@ class EngineAPI:
                 api._url("/containers/{0}/archive", cid), params={"path": path},
                 data=data, timeout=self.timeout,
             ))
+
+    def pause(self, cid: str) -> None:
+        with self.errors(f"pause {cid[:12]}", error=CheckpointError):
+            self.client.pause(cid)
+
+    def unpause(self, cid: str) -> None:
+        with self.errors(f"unpause {cid[:12]}"):
+            self.client.unpause(cid)
+
+    # --- volumes -----------------------------------------------------------------------------
+
+    def volume(self, name: str) -> dict[str, Any] | None:
+        """``GET /volumes/NAME``; None if dockerd has no such volume."""
+        found: list[dict[str, Any]] = []
+        if self._found(f"inspect volume {name}",
+                       lambda: found.append(dict(self.client.inspect_volume(name)))):
+            return found[-1]
+        return None
+
+    def create_volume(self, name: str, driver: str, options: Mapping[str, str],
+                      labels: Mapping[str, str]) -> None:
+        with self.errors(f"create volume {name}", error=RestoreError):
+            self.client.create_volume(name, driver, dict(options) or None,
+                                      dict(labels) or None)
+
+    def remove_volume(self, name: str) -> None:
+        """``DELETE /volumes/NAME`` (refused while a container uses it)."""
+        with contextlib.suppress(ContainerNotFoundError):  # a 404: gone already
+            self.idempotent(f"remove volume {name}", lambda: self.client.remove_volume(name))
+
+    def using(self, volume: str) -> list[dict[str, Any]]:
+        """The containers (any state) that mount ``volume``."""
+        return list(self.idempotent(
+            f"list containers using volume {volume}",
+            lambda: self.client.containers(all=True, filters={"volume": volume})))
 
     # --- images ------------------------------------------------------------------------------
 

@@ -24,10 +24,10 @@ from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP
 from ctrmig.engines.base import BaseMigrator, Dump
-from ctrmig.engines.docker import config, rootfs
+from ctrmig.engines.docker import config, rootfs, volumes
 from ctrmig.engines.docker.api import EngineAPI
 from ctrmig.engines.docker.checkpoints import Checkpoints, new_name
-from ctrmig.errors import CheckpointError, OptionError
+from ctrmig.errors import CheckpointError, EngineError, OptionError
 from ctrmig.host import http
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
@@ -43,9 +43,12 @@ class DockerMigrator(BaseMigrator):
     # always keeps it, for resume) / keep the images in the new container (restore);
     # ignore_rootfs: no filesystem changes recorded / applied. allow_privileged and
     # include_image are the base's.
-    checkpoint_options: ClassVar[frozenset[str]] = frozenset({"keep", "ignore_rootfs"})
+    # ignore_volumes: no volume content recorded / restored; replace_volumes: an existing
+    # volume with other content is replaced (see volumes.Restorer).
+    checkpoint_options: ClassVar[frozenset[str]] = frozenset(
+        {"keep", "ignore_rootfs", "ignore_volumes"})
     restore_options: ClassVar[frozenset[str]] = frozenset(
-        {"keep", "ignore_rootfs", "publish_ports"}
+        {"keep", "ignore_rootfs", "publish_ports", "ignore_volumes", "replace_volumes"}
     )
 
     commits_in_restore: ClassVar[bool] = True  # before the start from the checkpoint
@@ -118,6 +121,15 @@ class DockerMigrator(BaseMigrator):
     def logs(self, container: str) -> str:
         return self.api.logs(container)
 
+    def remove_moved_volumes(self, manifest: Manifest) -> None:
+        """Remove the named volumes a migration carried away in ``manifest``'s archive
+        (its container removed already); one another container still uses stays."""
+        for name in volumes.moved(manifest):
+            try:
+                self.api.remove_volume(name)
+            except EngineError as e:
+                log.warning("volume %s was migrated but stays here: %s", name, e)
+
     # --- images (the base carries them in the archive with include_image) ------------------
 
     def _has_image(self, ref: str) -> bool:
@@ -152,12 +164,37 @@ class DockerMigrator(BaseMigrator):
             )
         spec = config.oci_spec(data)
         name = new_name()
+        mounted = volumes.mounted(data)
+        carried = [] if opts.ignore_volumes else mounted
+        volumes.require_consistent(self.api, record.id, carried, record.name)
+        # Left running, it is paused from before the dump until its volumes are read.
+        paused = [record.id] if (carried and opts.leave_running
+                                 and not (data.get("State") or {}).get("Paused")) else []
+        for cid in paused:
+            self.api.pause(cid)
+
+        def unpause() -> None:
+            while paused:
+                self.api.unpause(paused.pop())
+
         started = time.monotonic()
-        self.checkpoints.create(record.id, name, config.checkpoint_fields(opts),
-                                label=record.name)
+        try:
+            self.checkpoints.create(record.id, name, config.checkpoint_fields(opts),
+                                    label=record.name)
+        except BaseException:
+            unpause()
+            raise
         seconds = round(time.monotonic() - started, 3)
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
+            try:
+                with volumes.captured(self.api, record.id, carried,
+                                      workdir=self.workdir) as packed:
+                    unpause()
+                    volumes.add(writer, packed)
+            finally:
+                unpause()
+            contents = {v.name: v for v, _ in packed}
             writer.add_tree(self.checkpoints.path(record.id, name), CHECKPOINT_DIR)
             writer.add_bytes(CONFIG_DUMP, json.dumps(data, indent=2).encode())
             if spec is not None:
@@ -170,6 +207,7 @@ class DockerMigrator(BaseMigrator):
                 "checkpoint_seconds": seconds,
                 "storage_driver": (data.get("GraphDriver") or {}).get("Name", ""),
                 "rootfs": diff,
+                volumes.EXTRA_KEY: [contents.get(v.name, v).to_dict() for v in mounted],
             }
 
         def commit() -> None:
@@ -179,6 +217,7 @@ class DockerMigrator(BaseMigrator):
                 self.checkpoints.drop(record.id, name)
 
         def rollback() -> None:
+            unpause()
             if opts.leave_running:
                 commit()
             else:
@@ -207,19 +246,30 @@ class DockerMigrator(BaseMigrator):
     # --- restore ---------------------------------------------------------------------------
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
-        super()._check_archive(manifest, source, opts)
+        super()._check_archive(manifest, source, opts)  # volumes' drivers judged there too
+        volumes.recorded(manifest)  # a hostile volume entry is refused before any call
         # Before the base loads a carried image: a daemon that cannot restore says so first.
         self.checkpoints.require()
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         recorded = config.load_config(source)
         body = config.create_body(recorded, opts.publish_ports)
-        if config.has_volumes(recorded):
-            log.warning("%s: volume contents are not in the archive; the new container "
-                        "gets the volumes by name (empty if new)", manifest.container.name)
         name = opts.name or manifest.container.name
+        carried = [] if opts.ignore_volumes else volumes.recorded(manifest)
+        if config.has_volumes(recorded) and not carried:
+            log.warning("%s: volume contents are not in the archive%s; the new container "
+                        "gets the volumes by name (empty if new)", manifest.container.name,
+                        " or are ignored" if opts.ignore_volumes else "")
+        vols = volumes.Restorer(self.api, source, carried, replace=opts.replace_volumes,
+                                label=name)  # refuses a volume here with other content
+        with vols.created():
+            return self._restore_into(source, body, name, vols, opts)
+
+    def _restore_into(self, source: Path, body: dict[str, Any], name: str,
+                      vols: volumes.Restorer, opts: RestoreOptions) -> str:
         cid = self.api.create(body, name)
         try:
+            vols.fill(cid)
             if not opts.ignore_rootfs:
                 rootfs.apply_diff(self.api, cid, source)
             checkpoint, path = self.checkpoints.place(cid, source / CHECKPOINT_DIR)

@@ -72,7 +72,7 @@ class RuncMigrator(BaseMigrator):
     checkpoint_options: ClassVar[frozenset[str]] = frozenset(
         {"tcp_established", "file_locks", "ignore_volumes"})
     restore_options: ClassVar[frozenset[str]] = frozenset(
-        {"tcp_established", "file_locks", "lazy_pages", "ignore_volumes"})
+        {"tcp_established", "file_locks", "lazy_pages", "ignore_volumes", "replace_volumes"})
 
     def __init__(
         self,
