@@ -348,7 +348,7 @@ PodmanMigrator.send_timeout = float(sys.argv[4])  # 60 s by default
 src = ctrmig.migrator("podman", url=sys.argv[1])
 dst = ctrmig.migrator("podman", url=sys.argv[2])
 try:
-    r = ctrmig.migrate(sys.argv[3], source=src, target=dst,
+    r = ctrmig.migrate(sys.argv[3], source=src, target=dst, insecure=True,  # tcp://
                        checkpoint_options={"include_image": True})
 except CtrmigError as e:
     print(f"ctrmig: error: {e}", file=sys.stderr)

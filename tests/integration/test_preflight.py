@@ -106,7 +106,9 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
                    "-p", f"{PUBLISHED}:80", ref, *workload.command(MIB))
         topo = Topology(
             two, f"podman+unix://{two.a.podman_socket}",
-            f"podman+ssh://root@{two.b.address}:{SSH_PORT}", f"podman+{two.b.podman_tcp}",
+            # podman's API through ssh (B's own socket): ctrmig on B answers the rest.
+            f"podman+ssh://root@{two.b.address}:{SSH_PORT}{two.b.podman_socket}",
+            f"podman+{two.b.podman_tcp}",
             name, bind_dir, {
                 "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
                 "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_PODMAN_URL=unix://"
@@ -151,10 +153,15 @@ def untouched(topo: Topology) -> Iterator[None]:
     assert state["CheckpointedAt"] == NEVER and state["RestoredAt"] == NEVER, state
 
 
+def _insecure(target: str) -> list[str]:
+    """The opt-in a tcp:// API target needs (the test hosts' link is ours alone)."""
+    return ["--insecure"] if "tcp://" in target else []
+
+
 def check_report(topo: Topology, target: str, *flags: str, **env: str) -> dict[str, dict]:
     """``migrate --check --json``: the checks by "host name"; exit 0 exactly when ok."""
     res = topo.ctrmig("migrate", topo.container, "--from", topo.source, "--to", target,
-                      "--check", "--json", *flags, **env)
+                      "--check", "--json", *flags, *_insecure(target), **env)
     report = json.loads(res.stdout)
     assert res.returncode == (0 if report["ok"] else 1), res.stderr.decode()
     return {f"{c['host']} {c['name']}": c for c in report["checks"]}
@@ -170,7 +177,7 @@ def assert_refused(topo: Topology, target: str, failed: str, words: list[str],
     assert all(w in checks[failed]["detail"] for w in words), checks[failed]
     assert checks[failed]["fix"], checks[failed]
     res = topo.ctrmig("migrate", topo.container, "--from", topo.source, "--to", target,
-                      "--allow-privileged", *flags, **env)
+                      "--allow-privileged", *flags, *_insecure(target), **env)
     err = res.stderr.decode()
     assert res.returncode == 1, err
     assert "before anything was frozen" in err and failed in err, err
@@ -196,7 +203,7 @@ def test_good_target_passes_every_check(topo: Topology, untouched: None, via: st
     # As a table; the bind mount is a host path: the target's policy refuses it unless
     # --allow-privileged.
     res = topo.ctrmig("migrate", topo.container, "--from", topo.source, "--to", target,
-                      "--check")
+                      "--check", *_insecure(target))
     out = res.stdout.decode()
     print(out)
     assert res.returncode == 1, out

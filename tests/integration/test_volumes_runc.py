@@ -286,7 +286,9 @@ def test_migrate_over_ssh_carries_the_volume_and_needs_the_bind_source(
                   f"exec \"$@\"' sh {remote}")
         res = a.run(migrate, env=env | {"CTRMIG_REMOTE_COMMAND": hidden})
         assert res.returncode == 1
-        assert f"missing on this host: {host_dir} (for /hb)" in res.stderr.decode()
+        # Refused by the preflight on B, before anything was frozen, naming the path.
+        err = res.stderr.decode()
+        assert "before anything was frozen" in err and f"{host_dir} (at /hb)" in err, err
         assert dst.list() == [] and not dst.volumes.exists("data")
         assert [(c.name, c.state) for c in src.list()] == [(name, "running")]
         counting(src, name, above=last_count(src.logs(name)))  # resumed

@@ -22,8 +22,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from ctrmig import endpoints, options
+from ctrmig import endpoints, options, settings
 from ctrmig.engines.remote import RemoteMigrator, _remote_error
 from ctrmig.errors import BusyError, CommandError, CtrmigError, OptionError
 from ctrmig.host import criu, proc, resources
@@ -124,10 +125,13 @@ def run(container: str, source: Migrator, target: Migrator, ckpt: CheckpointOpti
         checks = answer["checks"]
     else:
         facts, checks = source_side(source, container, ckpt, local=_is_local(source))
+    request = {"facts": asdict(facts), "checkpoint_options": _plain(ckpt),
+               "restore_options": _plain(rest)}
+    beside = _ctrmig_beside(target)
     if isinstance(target, RemoteMigrator):
-        request = {"facts": asdict(facts), "checkpoint_options": _plain(ckpt),
-                   "restore_options": _plain(rest)}
         checks += _ask(target, TARGET, request)["checks"]
+    elif beside is not None and _answers(there := _ask(beside, TARGET, request)):
+        checks += there["checks"]  # the API through ssh, and ctrmig there tells the rest
     else:
         checks += target_side(target, facts, ckpt, rest, local=_is_local(target))
     return PreflightReport(container, _where(source), _where(target), checks)
@@ -208,6 +212,25 @@ def _plain(opts: CheckpointOptions | RestoreOptions) -> dict[str, Any]:
     """Options as JSON: what the command line can carry (no callbacks)."""
     return {f.name: getattr(opts, f.name) for f, spec in options.specs(type(opts))
             if not spec.internal}
+
+
+def _ctrmig_beside(m: Migrator) -> RemoteMigrator | None:
+    """For an API reached through ssh (``podman+ssh://host/socket``): ctrmig on that host,
+    asked about that same socket, which can tell what the API cannot (CRIU, CPU, mounts,
+    ports, space). None for any other target."""
+    url = str(getattr(m, "url", ""))
+    if m.engine != "podman" or not url.startswith("ssh://"):
+        return None
+    parts = urlsplit(url)
+    socket = parts.path or str(settings.DEFAULT_PODMAN_SOCKET)
+    return RemoteMigrator(m.engine, urlunsplit(parts._replace(path="")),
+                          remote_args=["--url", f"unix://{socket}"],
+                          ssh_options=settings.current().ssh_options)
+
+
+def _answers(answer: Mapping[str, Any]) -> bool:
+    """Whether ctrmig on the other host answered (an API target does not need it there)."""
+    return not any(c.name == "ctrmig" and c.status == "fail" for c in answer["checks"])
 
 
 def _ask(m: RemoteMigrator, role: str, request: Mapping[str, Any],

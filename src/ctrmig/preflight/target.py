@@ -180,7 +180,9 @@ def _mounts_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions, local: boo
     fine: list[str] = []
     for kind, src, dest in facts.mounts:
         what = f"{src} (at {dest})" if kind == "bind" else f"volume {src} (at {dest})"
-        if kind == "volume" and facts.engine == "podman" and not ckpt.ignore_volumes:
+        # Every engine but process carries its volumes' content (podman, docker: named and
+        # anonymous; runc: ctrmig's named ones): the restore makes them on the target.
+        if kind == "volume" and facts.engine != "process" and not ckpt.ignore_volumes:
             fine.append(f"{what}: carried")
             continue
         found = (os.path.exists(src) if local else None) if kind == "bind" else \
