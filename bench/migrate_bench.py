@@ -57,8 +57,9 @@ HEALTH_TIMEOUT = 120.0
 
 MIGRATE_SCRIPT = """
 import json, sys, time, ctrmig
-src = ctrmig.migrator("podman", url=sys.argv[1])
-dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None)
+direct = sys.argv[6] == "direct"
+src = ctrmig.migrator("podman", url=sys.argv[1], direct=direct)
+dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None, direct=direct)
 report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4])
 print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
                   "total": report.total_s, "checkpoint": report.checkpoint_s,
@@ -165,13 +166,16 @@ class PodmanBench:
         flags = ["--root", str(host.podman_root), "--runroot", str(host.podman_runroot)]
         proc.run(["podman", *flags, "rm", "-f", "-t", "0", name], timeout=120, check=False)
 
-    def ctrmig(self, mib: int) -> Row:
-        row = Row(mib, "podman", "ctrmig")
+    def ctrmig(self, mib: int, *, direct: bool = True) -> Row:
+        """``direct``: ctrmig reads A's and writes B's podman storage (both on this
+        machine), else only podman's export and import through the API."""
+        row = Row(mib, "podman", "ctrmig" if direct else "ctrmig-api")
         name, before = self._start(mib)
         try:
             res = self.a.run([sys.executable, "-c", MIGRATE_SCRIPT,
                               f"unix://{self.a.podman_socket}", self.b.podman_tcp, name,
-                              self.compression, self.spool], timeout=1800)
+                              self.compression, self.spool,
+                              "direct" if direct else "api"], timeout=1800)
             if res.returncode != 0:
                 raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
             rep = json.loads(res.stdout.decode().strip().splitlines()[-1])
@@ -183,6 +187,23 @@ class PodmanBench:
         finally:
             self._rm(self.a, name)
             self._rm(self.b, name)
+        return row
+
+    def local(self, mib: int) -> Row:
+        """podman's own local route on host A: checkpoint (no export) + restore in place."""
+        row = Row(mib, "podman", "local")
+        name, before = self._start(mib)
+        try:
+            t0 = time.monotonic()
+            self.a.podman_cli("container", "checkpoint", name, timeout=1800)
+            t1 = time.monotonic()
+            self.a.podman_cli("container", "restore", name, timeout=1800)
+            t2 = time.monotonic()
+            row.downtime_s = row.total_s = t2 - t0
+            row.detail = {"checkpoint_s": t1 - t0, "restore_s": t2 - t1}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs(self.a, name), before)
+        finally:
+            self._rm(self.a, name)
         return row
 
     def raw(self, mib: int) -> Row:
@@ -634,6 +655,8 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
             measure(Row(mib, "criu", "floor"), floor, mib, work, memhog)
             if podman is not None:
                 measure(Row(mib, "podman", "ctrmig"), podman.ctrmig, mib)
+                measure(Row(mib, "podman", "ctrmig-api"), podman.ctrmig, mib, direct=False)
+                measure(Row(mib, "podman", "local"), podman.local, mib)
                 measure(Row(mib, "podman", "raw"), podman.raw, mib)
             if runc is not None:
                 measure(Row(mib, "runc", "ctrmig"), runc.ctrmig, mib)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import requests
 import tenacity
@@ -23,10 +26,13 @@ from podman import PodmanClient
 from podman.errors import APIError
 
 from ctrmig import settings
-from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, privileges
+from ctrmig.archive.layout import CONFIG_DUMP
 from ctrmig.archive.reader import decompressed
-from ctrmig.archive.streams import CHUNK, pieces
+from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
+from ctrmig.engines.podman import direct
+from ctrmig.engines.podman.direct import RUNTIME_SPEC, Storage
 from ctrmig.errors import (
     CheckpointError,
     EngineError,
@@ -35,7 +41,7 @@ from ctrmig.errors import (
 )
 from ctrmig.host import http, proc
 from ctrmig.options import CheckpointOptions, RestoreOptions, podman_params
-from ctrmig.protocol import ContainerInfo
+from ctrmig.protocol import ArchiveSource, ContainerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,10 +79,28 @@ class PodmanMigrator(BaseMigrator):
     send_timeout: ClassVar[float] = 60.0
     retry_wait: ClassVar[tenacity.wait.wait_base] = http.RETRY_WAIT
 
-    def __init__(self, url: str | None = None, **kwargs: Any):
+    def __init__(self, url: str | None = None, *, direct: bool = True, **kwargs: Any):
+        """``direct``: where podman's storage is on this host, read checkpoints from it
+        and restore into it directly instead of through export and import (see
+        :mod:`.direct`); False: always podman's export and import."""
         super().__init__(**kwargs)
         self.url = url or settings.current().podman_url
         self.client = PodmanClient(base_url=self.url, timeout=self.timeout)
+        self.direct = direct
+        self._store: Storage | None = None
+        self._store_known = False
+
+    def _storage(self) -> Storage | None:
+        """podman's storage when ctrmig can use it here (direct routes), else None."""
+        if self.direct and not self._store_known:
+            try:
+                info = self.info()
+            except EngineError:
+                return None  # the import route then says so, after verifying the archive
+            store = Storage.of(info)
+            self._store = store if store is not None and store.local else None
+            self._store_known = True
+        return self._store if self.direct else None
 
     # --- one place for every API call ---------------------------------------------------------
 
@@ -215,14 +239,24 @@ class PodmanMigrator(BaseMigrator):
             "keep": True,
         }
         what = f"podman checkpoint {record.name}"
+        store = self._storage()
+        data = self._get(f"/containers/{record.id}/json", f"podman inspect {record.name}")
+        paths = store.paths(data) if store is not None else None
+        since = time.time()
         with self._api(what, error=CheckpointError):
             resp = self.client.api.post(
                 f"/containers/{record.id}/checkpoint", params=params, stream=True,
                 timeout=self.timeout,
             )
             resp.raise_for_status()
+        # podman answers once its export is written: its files are in the bundle now.
+        bundle = self._bundle_ready(record, opts, data, paths, since)
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
+            if bundle is not None:
+                resp.close()  # the export's body is not needed: podman drops its temp file
+                direct.write_bundle(writer, bundle)
+                return {"podman_url": self.url, "podman_paths": paths}
             with self._api(what, error=CheckpointError):
                 # A big buffer: tarfile reads in small pieces, and each read of the raw
                 # HTTP response is costly (1 GiB: 28 s unbuffered, 15 s buffered, measured).
@@ -237,6 +271,24 @@ class PodmanMigrator(BaseMigrator):
 
         return Dump(write=write, rollback=rollback, commit=resp.close)
 
+    def _bundle_ready(self, record: ContainerRecord, opts: CheckpointOptions,
+                      data: dict[str, Any], paths: dict[str, str] | None,
+                      since: float) -> Path | None:
+        """The container's bundle, if it holds all that podman's export carried."""
+        if paths is None:
+            return None
+        bundle = Path(paths["static_dir"])
+
+        def changes() -> list[dict[str, Any]]:
+            return list(self._get(f"/containers/{record.id}/changes", "podman diff") or [])
+
+        why = direct.missing(bundle, data, ignore_volumes=opts.ignore_volumes,
+                             changes=None if opts.ignore_rootfs else changes, since=since)
+        if why:
+            log.info("%s: reading podman's export instead of its bundle (%s)", record.name, why)
+            return None
+        return bundle
+
     def resume(self, container: str) -> None:
         """Restore a checkpointed container in place from the images podman kept."""
         with self._api(f"podman restore {container} (in place)", error=CheckpointError):
@@ -245,12 +297,30 @@ class PodmanMigrator(BaseMigrator):
             )
             resp.raise_for_status()
 
+    def restore(self, archive: ArchiveSource, options: RestoreOptions | None = None, *,
+                progress: Progress | None = None, **overrides: object) -> str:
+        """Restore an archive; into a podman on this host (a unix socket, its storage
+        writable here), without podman's import (see :mod:`.direct`)."""
+        # Only through a local socket: a podman reached over TCP is another host's, even
+        # where its storage path happens to exist here too.
+        store = self._storage() if self.url.startswith("unix://") else None
+        if store is None:
+            return super().restore(archive, options, progress=progress, **overrides)
+        with _DirectTarget(self, store) as target:
+            return target.restore(archive, options, progress=progress, **overrides)
+
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        name = opts.name or manifest.container.name
+        with source.open("rb") as body:
+            return self._import(body, opts)
+
+    def _import(self, body: BinaryIO, opts: RestoreOptions) -> str:
+        """podman's import of the archive read from ``body``; returns the name."""
+        assert opts.name is not None
+        name = opts.name
         params = {**podman_params(opts), "import": True, "name": name}
         what = f"podman restore {name}"
         try:
-            with self._api(what, error=RestoreError), source.open("rb") as body:
+            with self._api(what, error=RestoreError):
                 resp = self.client.api.post(
                     "/containers/import/restore", params=params,
                     # In CHUNK pieces (sent chunked): requests sends a file object in 8 KiB
@@ -277,6 +347,94 @@ class PodmanMigrator(BaseMigrator):
             # A failed import can hold the name in container storage only; the API has no
             # call for that, the local CLI has.
             proc.run(["podman", "rm", "--storage", name], timeout=60, check=False)
+
+
+class _DirectTarget(PodmanMigrator):
+    """A restore into podman's storage on this host, without podman's import: the archive
+    is extracted and verified beside the storage (one pass), podman creates the container
+    from its config, the verified files are renamed into its bundle, podman restores it
+    in place (see :mod:`.direct`)."""
+
+    needs_extracted: ClassVar[bool] = True
+
+    def __init__(self, parent: PodmanMigrator, store: Storage):
+        super().__init__(parent.url, direct=False, workdir=store.incoming,
+                         timeout=parent.timeout)
+        self.store = store
+
+    def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
+        super()._check_archive(manifest, source, opts)
+        spec = source / RUNTIME_SPEC
+        if spec.is_file():  # what runs is this spec: judged like spec.dump
+            config = json.loads((source / CONFIG_DUMP).read_bytes())
+            privileges.check(privileges.requests(json.loads(spec.read_bytes()), config),
+                             opts.allow_privileged)
+
+    def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
+        assert opts.name is not None
+        name, old = opts.name, manifest.extra.get("podman_paths")
+        if not isinstance(old, dict) or not (source / RUNTIME_SPEC).is_file():
+            return self._import_dir(source, opts)  # podman's own export: podman imports it
+        data = self._create(source, opts)
+        try:
+            new = self.store.paths(data)
+            if new is None:  # the storage is not this host's after all
+                log.info("%s: podman's new bundle is not here; importing instead", name)
+                self._clean_failed_restore(name)
+                return self._import_dir(source, opts)
+            spec = direct.runtime_spec((source / RUNTIME_SPEC).read_bytes(), old, new)
+            direct.place(source, Path(new["static_dir"]), spec)
+            params = {k: v for k, v in podman_params(opts).items() if k not in ("name", "import")}
+            opts.commit()  # podman finishes a restore it was asked for, whatever happens to us
+            with self._api(f"podman restore {name} (in place)", error=RestoreError):
+                resp = self.client.api.post(f"/containers/{data['Id']}/restore", params=params,
+                                            timeout=self.timeout)
+                resp.raise_for_status()
+        except BaseException:
+            self._clean_failed_restore(name)
+            raise
+        return name
+
+    def _create(self, source: Path, opts: RestoreOptions) -> dict[str, Any]:
+        """Have podman create the container from the archive's config.dump and spec.dump
+        (an import of only those, which podman refuses to restore); return its inspect."""
+        assert opts.name is not None
+        what = f"podman create {opts.name} (from config.dump)"
+        params = {**podman_params(opts), "import": True, "name": opts.name}
+        try:
+            with self._api(what, error=RestoreError):
+                resp = self.client.api.post(
+                    "/containers/import/restore", params=params, data=direct.config_tar(source),
+                    headers={"Content-Type": "application/x-tar"},
+                    timeout=(self.send_timeout, self.timeout))
+                if resp.status_code < 400 or direct.CREATED_ONLY not in resp.text:
+                    resp.raise_for_status()
+                    raise RestoreError(f"{what}: podman restored a container without images")
+            data: dict[str, Any] = self._get(f"/containers/{opts.name}/json", what)
+        except NameInUseError:
+            raise
+        except BaseException:
+            self._clean_failed_restore(opts.name)
+            raise
+        return data
+
+    def _import_dir(self, source: Path, opts: RestoreOptions) -> str:
+        """podman's import of the extracted archive ``source``, re-packed on the way."""
+        read_fd, write_fd = os.pipe()
+
+        def pack() -> None:
+            with contextlib.suppress(OSError), os.fdopen(write_fd, "wb", CHUNK) as out:
+                writer = ArchiveWriter(out)
+                writer.add_tree(source)
+                writer.close()
+
+        packer = threading.Thread(target=pack, name="ctrmig-pack", daemon=True)
+        packer.start()
+        try:
+            with os.fdopen(read_fd, "rb", CHUNK) as body:
+                return self._import(body, opts)
+        finally:
+            packer.join()
 
 
 def _demux_logs(data: bytes) -> str:
