@@ -91,14 +91,6 @@ class Checkpoints:
                  if n.startswith(PREFIX))
         return [p.name for p in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)]
 
-    def incoming(self) -> Path:
-        """Where a restore extracts archives: the data root's filesystem, so that placing
-        the verified images (:meth:`place`) is a rename, never a copy (a tmpfs /tmp, as
-        on Debian 13, would make it one)."""
-        path = self.data_root() / "ctrmig-incoming"
-        path.mkdir(mode=0o700, exist_ok=True)
-        return path
-
     def place(self, cid: str, images: Path) -> tuple[str, Path]:
         """Move the CRIU images at ``images`` (ours, used once) into a new checkpoint of
         the container ``cid``: a rename on one filesystem. Returns its name and path."""

@@ -23,14 +23,13 @@ import tenacity
 from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP
-from ctrmig.archive.streams import Progress
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.docker import config, rootfs
 from ctrmig.engines.docker.api import EngineAPI
 from ctrmig.engines.docker.checkpoints import Checkpoints, new_name
-from ctrmig.errors import CheckpointError, EngineError, OptionError
+from ctrmig.errors import CheckpointError, OptionError
 from ctrmig.host import http
-from ctrmig.protocol import ArchiveSource, CheckpointOptions, ContainerInfo, RestoreOptions
+from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -206,15 +205,6 @@ class DockerMigrator(BaseMigrator):
         self.checkpoints.resume(cid, kept[0])
 
     # --- restore ---------------------------------------------------------------------------
-
-    def restore(self, archive: ArchiveSource, options: RestoreOptions | None = None, *,
-                progress: Progress | None = None, **overrides: object) -> str:
-        """Restore an archive; it is extracted beside dockerd's data root unless a
-        ``workdir`` was given (see :meth:`Checkpoints.incoming`)."""
-        if self.workdir is None:
-            with contextlib.suppress(EngineError):  # dockerd unreachable: the base says so
-                self.workdir = self.checkpoints.incoming()
-        return super().restore(archive, options, progress=progress, **overrides)
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
         super()._check_archive(manifest, source, opts)
