@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +25,7 @@ from ctrmig.protocol import Migrator
 from tests.conftest import podman_read_file
 from tests.integration import test_failures as failures
 from tests.integration.test_failures import Pair, _signal_at
+from tests.support import tampered_pages
 
 # test_failures' fixtures: its two hosts (one set per module) and its engine pair.
 hosts = failures.hosts
@@ -101,12 +101,7 @@ def test_direct_restore_refuses_a_tampered_archive_before_podman(
     archive = p.source.checkpoint(name, tmp_path / "c.tar", compression="none",
                                   leave_running=True)
     assert archive.path is not None and spies["bundle"] == 1
-    with tarfile.open(archive.path) as tar:
-        member = next(m for m in tar.getmembers() if m.name.startswith("checkpoint/pages-"))
-    data = bytearray(archive.path.read_bytes())
-    data[member.offset_data + 10] ^= 0xFF
-    tampered = tmp_path / "tampered.tar"
-    tampered.write_bytes(bytes(data))
+    tampered = tampered_pages(archive.path, tmp_path / "tampered.tar")
     with pytest.raises(ChecksumError, match="pages-"):
         p.target.restore(tampered, name=name)
     assert not p.target.exists(name), "podman created a container from a tampered archive"
