@@ -18,7 +18,7 @@ import pytest
 from podman import PodmanClient
 
 import ctrmig
-from ctrmig.engines.podman import direct
+from ctrmig.engines.podman import bundle
 from ctrmig.engines.podman.migrator import PodmanMigrator
 from ctrmig.errors import ChecksumError, CtrmigError
 from ctrmig.protocol import Migrator
@@ -60,8 +60,8 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     def no_import(*args: object, **kwargs: object) -> str:
         raise AssertionError("podman's import ran on the direct route")
 
-    monkeypatch.setattr(direct, "write_bundle", counting("bundle", direct.write_bundle))
-    monkeypatch.setattr(direct, "place", counting("place", direct.place))
+    monkeypatch.setattr(bundle, "write_bundle", counting("bundle", bundle.write_bundle))
+    monkeypatch.setattr(bundle, "place", counting("place", bundle.place))
     monkeypatch.setattr(PodmanMigrator, "_import", no_import)
     yield seen
 
@@ -83,7 +83,7 @@ def test_direct_migration_carries_memory_and_files(podman_pair: Pair,
     report = ctrmig.migrate(name, source=_m(p.source), target=_m(p.target))
     assert report.target_name == name
     assert spies == {"bundle": 1, "place": 1}
-    assert report.manifest is not None and direct.RUNTIME_SPEC in report.manifest.files
+    assert report.manifest is not None and bundle.RUNTIME_SPEC in report.manifest.files
     assert p.assert_exactly_once(name, before) == "B"
     client = PodmanClient(base_url=p.target_url)
     try:
@@ -120,12 +120,12 @@ def test_failed_restore_in_place_rolls_back(podman_pair: Pair, spies: dict[str, 
     placed (a rootfs that is not there): nothing is left on B, the source runs again."""
     p = podman_pair
     name, before = p.start()
-    runtime_spec = direct.runtime_spec
+    runtime_spec = bundle.runtime_spec
 
     def broken(text: bytes, old: dict[str, str], new: dict[str, str]) -> bytes:
         return runtime_spec(text, old, {**new, "layer_dir": "/nonexistent/ctrmig-layer"})
 
-    monkeypatch.setattr(direct, "runtime_spec", broken)
+    monkeypatch.setattr(bundle, "runtime_spec", broken)
     with pytest.raises(CtrmigError):
         ctrmig.migrate(name, source=_m(p.source), target=_m(p.target))
     assert spies["place"] == 1

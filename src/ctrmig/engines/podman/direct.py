@@ -11,7 +11,7 @@ container's bundle). Where ctrmig runs as root beside podman's storage, it skips
 - in: the archive is extracted (every member hashed as it lands, checked against the
   manifest before anything runs) next to podman's storage. podman creates the container
   from config.dump and spec.dump alone: an import of just those two, which creates the
-  container and then refuses to restore it for lack of CRIU images (:data:`CREATED_ONLY`;
+  container and then refuses to restore it for lack of CRIU images (:data:`.bundle.CREATED_ONLY`;
   no other call of podman 4.3's API creates a container from a recorded config). The
   verified files are renamed into the new bundle, the bundle's runtime spec is the
   source's with the new container's paths, and podman's own local restore runs.
@@ -19,188 +19,109 @@ container's bundle). Where ctrmig runs as root beside podman's storage, it skips
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
 import os
-import shutil
-import tarfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ctrmig.archive import ArchiveWriter
-from ctrmig.archive.layout import (
-    CHECKPOINT_DIR,
-    CONFIG_DUMP,
-    DELETED_FILES,
-    DEVSHM,
-    IMAGE_DIR,
-    MANIFEST_NAME,
-    NETWORK_STATUS,
-    ROOTFS_DIFF,
-    SPEC_DUMP,
-    STATS_DUMP,
-)
-from ctrmig.errors import RestoreError
+from ctrmig.archive import ArchiveWriter, Manifest, privileges
+from ctrmig.archive.layout import CONFIG_DUMP
+from ctrmig.archive.streams import CHUNK
+from ctrmig.engines.podman import bundle
+from ctrmig.engines.podman.bundle import RUNTIME_SPEC, Storage
+from ctrmig.engines.podman.migrator import PodmanMigrator
+from ctrmig.errors import NameInUseError, RestoreError
+from ctrmig.options import RestoreOptions, podman_params
 
 log = logging.getLogger(__name__)
 
-#: The bundle's runtime spec (podman's generated config.json: every mount, the rootfs
-#: path). Below a directory of its own: podman's import extracts all members into the
-#: bundle, and must not take this for its own config.json.
-RUNTIME_SPEC = "ctrmig/runtime-spec.json"
-#: podman's answer to an import of config.dump and spec.dump alone, once it created the
-#: container (libpod's restore(), after importing).
-CREATED_ONLY = "a complete checkpoint for this container cannot be found"
-#: What podman's export takes from the bundle besides checkpoint/ and artifacts/.
-EXPORT_FILES = (CONFIG_DUMP, SPEC_DUMP, NETWORK_STATUS, STATS_DUMP, DEVSHM, ROOTFS_DIFF,
-                DELETED_FILES, "ctr.log")
-#: The Kind of an entry of GET /containers/{id}/changes.
-_MODIFIED, _ADDED, _DELETED = 0, 1, 2
-#: The facts of a container's paths that its runtime spec names.
-PATH_KEYS = ("static_dir", "run_dir", "layer_dir")
 
+class DirectTarget(PodmanMigrator):
+    """A restore into podman's storage on this host, without podman's import: the archive
+    is extracted and verified beside the storage (one pass), podman creates the container
+    from its config, the verified files are renamed into its bundle, podman restores it
+    in place (see :mod:`.direct`)."""
 
-@dataclass(frozen=True)
-class Storage:
-    """Where one podman keeps its containers (its ``/info`` store)."""
+    needs_extracted: ClassVar[bool] = True
 
-    graph_root: Path
-    run_root: Path
+    def __init__(self, parent: PodmanMigrator, store: Storage):
+        super().__init__(parent.url, direct=False, workdir=store.incoming,
+                         timeout=parent.timeout)
+        self.store = store
 
-    @classmethod
-    def of(cls, info: Mapping[str, Any]) -> Storage | None:
-        store = info.get("store") or {}
-        graph, run = store.get("graphRoot"), store.get("runRoot")
-        return cls(Path(graph), Path(run)) if graph and run else None
+    def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
+        super()._check_archive(manifest, source, opts)
+        spec = source / RUNTIME_SPEC
+        if spec.is_file():  # what runs is this spec: judged like spec.dump
+            config = json.loads((source / CONFIG_DUMP).read_bytes())
+            privileges.check(privileges.requests(json.loads(spec.read_bytes()), config),
+                             opts.allow_privileged)
 
-    @property
-    def local(self) -> bool:
-        """Whether this storage looks readable here (proved per container: :func:`paths`)."""
-        return os.access(self.graph_root, os.W_OK) and self.graph_root.is_dir()
+    def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
+        assert opts.name is not None
+        name, old = opts.name, manifest.extra.get("podman_paths")
+        if not isinstance(old, dict) or not (source / RUNTIME_SPEC).is_file():
+            return self._import_dir(source, opts)  # podman's own export: podman imports it
+        data = self._create(source, opts)
+        try:
+            new = self.store.paths(data)
+            if new is None:  # the storage is not this host's after all
+                log.info("%s: podman's new bundle is not here; importing instead", name)
+                self._clean_failed_restore(name)
+                return self._import_dir(source, opts)
+            spec = bundle.runtime_spec((source / RUNTIME_SPEC).read_bytes(), old, new)
+            bundle.place(source, Path(new["static_dir"]), spec)
+            params = {k: v for k, v in podman_params(opts).items() if k not in ("name", "import")}
+            opts.commit()  # podman finishes a restore it was asked for, whatever happens to us
+            with self._api(f"podman restore {name} (in place)", error=RestoreError):
+                resp = self.client.api.post(f"/containers/{data['Id']}/restore", params=params,
+                                            timeout=self.timeout)
+                resp.raise_for_status()
+        except BaseException:
+            self._clean_failed_restore(name)
+            raise
+        return name
 
-    @property
-    def incoming(self) -> Path:
-        """Where archives are extracted: the storage's filesystem, so that placing the
-        verified files into a bundle is a rename."""
-        path = self.graph_root / "ctrmig-incoming"
-        path.mkdir(mode=0o700, exist_ok=True)
-        return path
+    def _create(self, source: Path, opts: RestoreOptions) -> dict[str, Any]:
+        """Have podman create the container from the archive's config.dump and spec.dump
+        (an import of only those, which podman refuses to restore); return its inspect."""
+        assert opts.name is not None
+        what = f"podman create {opts.name} (from config.dump)"
+        params = {**podman_params(opts), "import": True, "name": opts.name}
+        try:
+            with self._api(what, error=RestoreError):
+                resp = self.client.api.post(
+                    "/containers/import/restore", params=params, data=bundle.config_tar(source),
+                    headers={"Content-Type": "application/x-tar"},
+                    timeout=(self.send_timeout, self.timeout))
+                if resp.status_code < 400 or bundle.CREATED_ONLY not in resp.text:
+                    resp.raise_for_status()
+                    raise RestoreError(f"{what}: podman restored a container without images")
+            data: dict[str, Any] = self._get(f"/containers/{opts.name}/json", what)
+        except NameInUseError:
+            raise
+        except BaseException:
+            self._clean_failed_restore(opts.name)
+            raise
+        return data
 
-    def paths(self, data: Mapping[str, Any]) -> dict[str, str] | None:
-        """The container's paths (``data``: podman inspect), if its bundle is here: the
-        bundle's name holds the container's random ID, so finding it proves the storage
-        is this host's."""
-        cid = str(data.get("Id", ""))
-        driver = data.get("GraphDriver") or {}
-        static = str(data.get("StaticDir") or
-                     self.graph_root / f"{driver.get('Name', 'overlay')}-containers" / cid /
-                     "userdata")
-        upper = (driver.get("Data") or {}).get("UpperDir")
-        if not cid or not upper or not Path(static).is_dir():
-            return None
-        return {
-            "static_dir": static,
-            "run_dir": str(self.run_root / f"{driver.get('Name')}-containers" / cid /
-                           "userdata"),
-            "layer_dir": os.path.dirname(str(upper)),
-        }
+    def _import_dir(self, source: Path, opts: RestoreOptions) -> str:
+        """podman's import of the extracted archive ``source``, re-packed on the way."""
+        read_fd, write_fd = os.pipe()
 
+        def pack() -> None:
+            with contextlib.suppress(OSError), os.fdopen(write_fd, "wb", CHUNK) as out:
+                writer = ArchiveWriter(out)
+                writer.add_tree(source)
+                writer.close()
 
-def missing(bundle: Path, data: Mapping[str, Any], *, ignore_volumes: bool,
-            changes: Callable[[], list[dict[str, Any]]] | None, since: float) -> str:
-    """Why the bundle lacks something podman's export (begun at ``since``) carried: ""
-    if nothing. ``changes`` (None: rootfs changes are left out) lists the rootfs changes."""
-    for name in (f"{CHECKPOINT_DIR}/inventory.img", CONFIG_DUMP, SPEC_DUMP, "config.json"):
-        if not (bundle / name).is_file():
-            return f"no {name} in {bundle}"
-    if changes is not None:
-        for name, needed in _rootfs_members(changes()).items():
-            path = bundle / name
-            fresh = path.is_file() and path.stat().st_mtime >= since - 1
-            if needed and not fresh:
-                return f"podman removed {name} after its export"
-            if fresh and not needed:
-                return f"{name} in the bundle is not this export's"
-    if not ignore_volumes and any(m.get("Type") == "volume" for m in data.get("Mounts") or []):
-        return "named volumes: podman removes their export from the bundle"
-    return ""
-
-
-def _rootfs_members(changes: list[dict[str, Any]]) -> dict[str, bool]:
-    """Which rootfs members podman's export writes for ``changes`` (its
-    CRCreateRootFsDiffTar: added files, modified files but not directories, deletions;
-    it judges "directory" on this host's path, and so does this)."""
-    files = any(c.get("Kind") == _ADDED or (
-        c.get("Kind") == _MODIFIED and os.path.exists(c.get("Path", ""))
-        and not os.path.isdir(c.get("Path", ""))) for c in changes)
-    return {ROOTFS_DIFF: files, DELETED_FILES: any(c.get("Kind") == _DELETED for c in changes)}
-
-
-def write_bundle(writer: ArchiveWriter, bundle: Path) -> None:
-    """Add what podman's export holds, from the bundle, in podman's layout (small files
-    first); and the runtime spec, for a restore without import."""
-    for name in EXPORT_FILES:
-        if (bundle / name).is_file():
-            writer.add_file(name, bundle / name)
-    writer.add_bytes(RUNTIME_SPEC, (bundle / "config.json").read_bytes())
-    if (bundle / "artifacts").is_dir():
-        writer.add_tree(bundle / "artifacts", "artifacts")
-    writer.add_tree(bundle / CHECKPOINT_DIR, CHECKPOINT_DIR)
-
-
-def config_tar(root: Path) -> bytes:
-    """config.dump and spec.dump of the extracted archive ``root`` as a tar: what podman
-    creates a container from."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in (CONFIG_DUMP, SPEC_DUMP):
-            tar.add(root / name, arcname=name, recursive=False)
-    return buf.getvalue()
-
-
-def place(root: Path, bundle: Path, spec: bytes) -> None:
-    """Move the verified files of ``root`` into the new container's ``bundle`` (renames,
-    on one filesystem) and write its runtime spec ``spec``.
-
-    network.status stays out: podman's import with a name (ctrmig always names the
-    container) does not ask for the recorded addresses either."""
-    skip = {MANIFEST_NAME, IMAGE_DIR, RUNTIME_SPEC.split("/")[0], CONFIG_DUMP, SPEC_DUMP,
-            NETWORK_STATUS}
-    for entry in sorted(root.iterdir()):
-        if entry.name in skip:
-            continue
-        dest = bundle / entry.name
-        if entry.is_dir() and dest.is_dir():  # artifacts/: podman made it already
-            for child in entry.iterdir():
-                shutil.move(child, dest / child.name)
-        else:
-            shutil.move(entry, dest)
-    tmp = bundle / "config.json.ctrmig"
-    tmp.write_bytes(spec)
-    tmp.replace(bundle / "config.json")
-
-
-def runtime_spec(text: bytes, old: Mapping[str, Any], new: Mapping[str, str]) -> bytes:
-    """The source's runtime spec with the source container's own directories (bundle,
-    run dir, rootfs layer) replaced by the new container's."""
-    moves = [(str(old[k]), new[k]) for k in PATH_KEYS if old.get(k) and new.get(k)]
-
-    def moved(path: str) -> str:
-        for before, after in moves:
-            if path == before or path.startswith(before + "/"):
-                return after + path[len(before):]
-        return path
-
-    spec = json.loads(text)
-    root = spec.get("root") or {}
-    if moved(str(root.get("path", ""))) == root.get("path"):
-        raise RestoreError(f"the archive's rootfs path {root.get('path')!r} is not below "
-                           "the source container's layer; cannot restore it in place")
-    root["path"] = moved(root["path"])
-    for mount in spec.get("mounts") or []:
-        if isinstance(mount.get("source"), str):
-            mount["source"] = moved(mount["source"])
-    return json.dumps(spec).encode()
+        packer = threading.Thread(target=pack, name="ctrmig-pack", daemon=True)
+        packer.start()
+        try:
+            with os.fdopen(read_fd, "rb", CHUNK) as body:
+                return self._import(body, opts)
+        finally:
+            packer.join()

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +24,12 @@ from podman import PodmanClient
 from podman.errors import APIError
 
 from ctrmig import settings
-from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, privileges
-from ctrmig.archive.layout import CONFIG_DUMP
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.reader import decompressed
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
-from ctrmig.engines.podman import direct
-from ctrmig.engines.podman.direct import RUNTIME_SPEC, Storage
+from ctrmig.engines.podman import bundle
+from ctrmig.engines.podman.bundle import Storage
 from ctrmig.errors import (
     CheckpointError,
     EngineError,
@@ -250,12 +247,12 @@ class PodmanMigrator(BaseMigrator):
             )
             resp.raise_for_status()
         # podman answers once its export is written: its files are in the bundle now.
-        bundle = self._bundle_ready(record, opts, data, paths, since)
+        ready = self._bundle_ready(record, opts, data, paths, since)
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
-            if bundle is not None:
+            if ready is not None:
                 resp.close()  # the export's body is not needed: podman drops its temp file
-                direct.write_bundle(writer, bundle)
+                bundle.write_bundle(writer, ready)
                 return {"podman_url": self.url, "podman_paths": paths}
             with self._api(what, error=CheckpointError):
                 # A big buffer: tarfile reads in small pieces, and each read of the raw
@@ -277,17 +274,17 @@ class PodmanMigrator(BaseMigrator):
         """The container's bundle, if it holds all that podman's export carried."""
         if paths is None:
             return None
-        bundle = Path(paths["static_dir"])
+        where = Path(paths["static_dir"])
 
         def changes() -> list[dict[str, Any]]:
             return list(self._get(f"/containers/{record.id}/changes", "podman diff") or [])
 
-        why = direct.missing(bundle, data, ignore_volumes=opts.ignore_volumes,
+        why = bundle.missing(where, data, ignore_volumes=opts.ignore_volumes,
                              changes=None if opts.ignore_rootfs else changes, since=since)
         if why:
             log.info("%s: reading podman's export instead of its bundle (%s)", record.name, why)
             return None
-        return bundle
+        return where
 
     def resume(self, container: str) -> None:
         """Restore a checkpointed container in place from the images podman kept."""
@@ -306,7 +303,10 @@ class PodmanMigrator(BaseMigrator):
         store = self._storage() if self.url.startswith("unix://") else None
         if store is None:
             return super().restore(archive, options, progress=progress, **overrides)
-        with _DirectTarget(self, store) as target:
+        # Imported here: the direct target is a PodmanMigrator itself.
+        from ctrmig.engines.podman.direct import DirectTarget
+
+        with DirectTarget(self, store) as target:
             return target.restore(archive, options, progress=progress, **overrides)
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
@@ -347,94 +347,6 @@ class PodmanMigrator(BaseMigrator):
             # A failed import can hold the name in container storage only; the API has no
             # call for that, the local CLI has.
             proc.run(["podman", "rm", "--storage", name], timeout=60, check=False)
-
-
-class _DirectTarget(PodmanMigrator):
-    """A restore into podman's storage on this host, without podman's import: the archive
-    is extracted and verified beside the storage (one pass), podman creates the container
-    from its config, the verified files are renamed into its bundle, podman restores it
-    in place (see :mod:`.direct`)."""
-
-    needs_extracted: ClassVar[bool] = True
-
-    def __init__(self, parent: PodmanMigrator, store: Storage):
-        super().__init__(parent.url, direct=False, workdir=store.incoming,
-                         timeout=parent.timeout)
-        self.store = store
-
-    def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
-        super()._check_archive(manifest, source, opts)
-        spec = source / RUNTIME_SPEC
-        if spec.is_file():  # what runs is this spec: judged like spec.dump
-            config = json.loads((source / CONFIG_DUMP).read_bytes())
-            privileges.check(privileges.requests(json.loads(spec.read_bytes()), config),
-                             opts.allow_privileged)
-
-    def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        assert opts.name is not None
-        name, old = opts.name, manifest.extra.get("podman_paths")
-        if not isinstance(old, dict) or not (source / RUNTIME_SPEC).is_file():
-            return self._import_dir(source, opts)  # podman's own export: podman imports it
-        data = self._create(source, opts)
-        try:
-            new = self.store.paths(data)
-            if new is None:  # the storage is not this host's after all
-                log.info("%s: podman's new bundle is not here; importing instead", name)
-                self._clean_failed_restore(name)
-                return self._import_dir(source, opts)
-            spec = direct.runtime_spec((source / RUNTIME_SPEC).read_bytes(), old, new)
-            direct.place(source, Path(new["static_dir"]), spec)
-            params = {k: v for k, v in podman_params(opts).items() if k not in ("name", "import")}
-            opts.commit()  # podman finishes a restore it was asked for, whatever happens to us
-            with self._api(f"podman restore {name} (in place)", error=RestoreError):
-                resp = self.client.api.post(f"/containers/{data['Id']}/restore", params=params,
-                                            timeout=self.timeout)
-                resp.raise_for_status()
-        except BaseException:
-            self._clean_failed_restore(name)
-            raise
-        return name
-
-    def _create(self, source: Path, opts: RestoreOptions) -> dict[str, Any]:
-        """Have podman create the container from the archive's config.dump and spec.dump
-        (an import of only those, which podman refuses to restore); return its inspect."""
-        assert opts.name is not None
-        what = f"podman create {opts.name} (from config.dump)"
-        params = {**podman_params(opts), "import": True, "name": opts.name}
-        try:
-            with self._api(what, error=RestoreError):
-                resp = self.client.api.post(
-                    "/containers/import/restore", params=params, data=direct.config_tar(source),
-                    headers={"Content-Type": "application/x-tar"},
-                    timeout=(self.send_timeout, self.timeout))
-                if resp.status_code < 400 or direct.CREATED_ONLY not in resp.text:
-                    resp.raise_for_status()
-                    raise RestoreError(f"{what}: podman restored a container without images")
-            data: dict[str, Any] = self._get(f"/containers/{opts.name}/json", what)
-        except NameInUseError:
-            raise
-        except BaseException:
-            self._clean_failed_restore(opts.name)
-            raise
-        return data
-
-    def _import_dir(self, source: Path, opts: RestoreOptions) -> str:
-        """podman's import of the extracted archive ``source``, re-packed on the way."""
-        read_fd, write_fd = os.pipe()
-
-        def pack() -> None:
-            with contextlib.suppress(OSError), os.fdopen(write_fd, "wb", CHUNK) as out:
-                writer = ArchiveWriter(out)
-                writer.add_tree(source)
-                writer.close()
-
-        packer = threading.Thread(target=pack, name="ctrmig-pack", daemon=True)
-        packer.start()
-        try:
-            with os.fdopen(read_fd, "rb", CHUNK) as body:
-                return self._import(body, opts)
-        finally:
-            packer.join()
 
 
 def _demux_logs(data: bytes) -> str:
