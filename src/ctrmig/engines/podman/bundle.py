@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 from collections.abc import Callable, Mapping
@@ -175,18 +176,20 @@ def runtime_spec(text: bytes, old: Mapping[str, Any], new: Mapping[str, str]) ->
     moves = [(str(old[k]), new[k]) for k in PATH_KEYS if old.get(k) and new.get(k)]
 
     def moved(path: str) -> str:
+        path = posixpath.normpath(path)  # no "..": a moved path stays below its new dir
         for before, after in moves:
             if path == before or path.startswith(before + "/"):
                 return after + path[len(before):]
         return path
 
-    spec = json.loads(text)
-    root = spec.get("root") or {}
-    if moved(str(root.get("path", ""))) == root.get("path"):
+    spec = json.loads(text)  # judged a dict already (DirectTarget._check_archive)
+    root = spec.get("root") if isinstance(spec.get("root"), dict) else {}
+    if not isinstance(root.get("path"), str) or moved(root["path"]) == posixpath.normpath(
+            root["path"]):
         raise RestoreError(f"the archive's rootfs path {root.get('path')!r} is not below "
                            "the source container's layer; cannot restore it in place")
     root["path"] = moved(root["path"])
     for mount in spec.get("mounts") or []:
-        if isinstance(mount.get("source"), str):
+        if isinstance(mount, dict) and isinstance(mount.get("source"), str):
             mount["source"] = moved(mount["source"])
     return json.dumps(spec).encode()

@@ -33,7 +33,7 @@ from ctrmig.archive.streams import CHUNK
 from ctrmig.engines.podman import bundle
 from ctrmig.engines.podman.bundle import RUNTIME_SPEC, Storage
 from ctrmig.engines.podman.migrator import PodmanMigrator
-from ctrmig.errors import NameInUseError, RestoreError
+from ctrmig.errors import ArchiveError, NameInUseError, RestoreError
 from ctrmig.options import RestoreOptions, podman_params
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,14 @@ class DirectTarget(PodmanMigrator):
         super()._check_archive(manifest, source, opts)
         spec = source / RUNTIME_SPEC
         if spec.is_file():  # what runs is this spec: judged like spec.dump
-            config = json.loads((source / CONFIG_DUMP).read_bytes())
-            privileges.check(privileges.requests(json.loads(spec.read_bytes()), config),
-                             opts.allow_privileged)
+            try:
+                runtime = json.loads(spec.read_bytes())
+                config = json.loads((source / CONFIG_DUMP).read_bytes())
+            except (OSError, ValueError) as e:
+                raise ArchiveError(f"{RUNTIME_SPEC} or {CONFIG_DUMP} is unreadable: {e}") from None
+            if not isinstance(runtime, dict):
+                raise ArchiveError(f"{RUNTIME_SPEC} is not an OCI runtime spec")
+            privileges.check(privileges.requests(runtime, config), opts.allow_privileged)
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         assert opts.name is not None
