@@ -11,6 +11,11 @@ memory) and engine, in one run, side by side:
   driven from inside host A and reaches B's podman over TCP across the veth. runc has no
   API service: both runc "hosts" are state directories on this machine and the archive
   goes through a pipe in one process.
+- podman ``ctrmig`` is the direct route (ctrmig reads A's podman storage and restores
+  into B's through B's local socket, see ctrmig.engines.podman.direct); ``ctrmig-api``
+  streams podman's export into B's import over TCP; ``ctrmig-archive`` is
+  ``checkpoint -o FILE`` (zstd) on A + ``restore FILE`` into B; ``local`` is podman's own
+  checkpoint + restore of one container on A (no export).
 - ``raw``: the engine's own CLI route with default options (podman: ``container
   checkpoint --export F`` on A + ``container restore --import F`` on B; F is on local
   disk, visible to both: the file copy a real move needs is NOT counted).
@@ -57,13 +62,26 @@ HEALTH_TIMEOUT = 120.0
 
 MIGRATE_SCRIPT = """
 import json, sys, time, ctrmig
-src = ctrmig.migrator("podman", url=sys.argv[1])
-dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None)
+direct = sys.argv[6] == "direct"
+src = ctrmig.migrator("podman", url=sys.argv[1], direct=direct)
+dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None, direct=direct)
 report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4],
                         insecure=True)
 print(json.dumps({"name": report.target_name, "downtime": report.downtime_s,
                   "total": report.total_s, "checkpoint": report.checkpoint_s,
                   "restore": report.restore_s, "bytes": report.bytes_moved}))
+"""
+
+ARCHIVE_SCRIPT = """
+import json, sys, time, ctrmig
+src = ctrmig.migrator("podman", url=sys.argv[1])
+dst = ctrmig.migrator("podman", url=sys.argv[2])
+t0 = time.monotonic()
+archive = src.checkpoint(sys.argv[3], sys.argv[4])  # ctrmig's default: zstd
+t1 = time.monotonic()
+dst.restore(sys.argv[4])
+t2 = time.monotonic()
+print(json.dumps({"checkpoint": t1 - t0, "restore": t2 - t1, "bytes": archive.size}))
 """
 
 
@@ -166,13 +184,18 @@ class PodmanBench:
         flags = ["--root", str(host.podman_root), "--runroot", str(host.podman_runroot)]
         proc.run(["podman", *flags, "rm", "-f", "-t", "0", name], timeout=120, check=False)
 
-    def ctrmig(self, mib: int) -> Row:
-        row = Row(mib, "podman", "ctrmig")
+    def ctrmig(self, mib: int, *, direct: bool = True) -> Row:
+        """``direct``: ctrmig reads A's podman storage and restores into B's through B's
+        local socket (both on this machine), else podman's export, streamed to B's
+        import over TCP across the veth."""
+        row = Row(mib, "podman", "ctrmig" if direct else "ctrmig-api")
         name, before = self._start(mib)
+        target = f"unix://{self.b.podman_socket}" if direct else self.b.podman_tcp
         try:
             res = self.a.run([sys.executable, "-c", MIGRATE_SCRIPT,
-                              f"unix://{self.a.podman_socket}", self.b.podman_tcp, name,
-                              self.compression, self.spool], timeout=1800)
+                              f"unix://{self.a.podman_socket}", target, name,
+                              self.compression, self.spool,
+                              "direct" if direct else "api"], timeout=1800)
             if res.returncode != 0:
                 raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
             rep = json.loads(res.stdout.decode().strip().splitlines()[-1])
@@ -184,6 +207,47 @@ class PodmanBench:
         finally:
             self._rm(self.a, name)
             self._rm(self.b, name)
+        return row
+
+    def archive(self, mib: int) -> Row:
+        """``ctrmig checkpoint -o FILE`` on A + ``ctrmig restore FILE`` into B (its local
+        socket): the archive route, against the raw route's export + import."""
+        row = Row(mib, "podman", "ctrmig-archive")
+        name, before = self._start(mib)
+        archive = self.work / f"{name}.ckpt.tar.zst"
+        try:
+            res = self.a.run([sys.executable, "-c", ARCHIVE_SCRIPT,
+                              f"unix://{self.a.podman_socket}",
+                              f"unix://{self.b.podman_socket}", name, str(archive)],
+                             timeout=1800)
+            if res.returncode != 0:
+                raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
+            rep = json.loads(res.stdout.decode().strip().splitlines()[-1])
+            row.downtime_s = row.total_s = rep["checkpoint"] + rep["restore"]
+            row.bytes_moved = rep["bytes"]
+            row.detail = {"checkpoint_s": rep["checkpoint"], "restore_s": rep["restore"]}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs(self.b, name), before)
+        finally:
+            archive.unlink(missing_ok=True)
+            self._rm(self.a, name)
+            self._rm(self.b, name)
+        return row
+
+    def local(self, mib: int) -> Row:
+        """podman's own local route on host A: checkpoint (no export) + restore in place."""
+        row = Row(mib, "podman", "local")
+        name, before = self._start(mib)
+        try:
+            t0 = time.monotonic()
+            self.a.podman_cli("container", "checkpoint", name, timeout=1800)
+            t1 = time.monotonic()
+            self.a.podman_cli("container", "restore", name, timeout=1800)
+            t2 = time.monotonic()
+            row.downtime_s = row.total_s = t2 - t0
+            row.detail = {"checkpoint_s": t1 - t0, "restore_s": t2 - t1}
+            row.memory_ok, row.app_freeze_s = check_after(self._logs(self.a, name), before)
+        finally:
+            self._rm(self.a, name)
         return row
 
     def raw(self, mib: int) -> Row:
@@ -635,6 +699,9 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
             measure(Row(mib, "criu", "floor"), floor, mib, work, memhog)
             if podman is not None:
                 measure(Row(mib, "podman", "ctrmig"), podman.ctrmig, mib)
+                measure(Row(mib, "podman", "ctrmig-api"), podman.ctrmig, mib, direct=False)
+                measure(Row(mib, "podman", "ctrmig-archive"), podman.archive, mib)
+                measure(Row(mib, "podman", "local"), podman.local, mib)
                 measure(Row(mib, "podman", "raw"), podman.raw, mib)
             if runc is not None:
                 measure(Row(mib, "runc", "ctrmig"), runc.ctrmig, mib)

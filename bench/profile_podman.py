@@ -27,17 +27,22 @@ from pathlib import Path
 from tests.hosts import TwoHosts
 
 from bench.migrate_bench import PodmanBench
+from ctrmig.host import proc
 
 PROFILE_SCRIPT = r"""
-import json, sys, time, ctrmig
+import json, sys, time, ctrmig, logging
+logging.basicConfig(level=logging.INFO)
 import importlib
 base = importlib.import_module("ctrmig.engines.base")
-podman = importlib.import_module("ctrmig.engines.podman")
+podman = importlib.import_module("ctrmig.engines.podman.migrator")
+direct = importlib.import_module("ctrmig.engines.podman.direct")
+bundle = importlib.import_module("ctrmig.engines.podman.bundle")
+reader = importlib.import_module("ctrmig.archive.reader")
 writer = importlib.import_module("ctrmig.archive.writer")
 T0 = time.monotonic()
 marks = {}
 def mark(k):
-    marks[k] = round(time.monotonic() - T0, 3)
+    marks.setdefault(k, round(time.monotonic() - T0, 3))
 
 def wrap(obj, attr, before=None, after=None):
     orig = getattr(obj, attr)
@@ -50,11 +55,19 @@ def wrap(obj, attr, before=None, after=None):
     setattr(obj, attr, w)
 
 wrap(podman.PodmanMigrator, "_describe", "source.describe_start", "source.describe_end")
+wrap(podman.PodmanMigrator, "_bundle_ready", "source.checkpoint_answered")
 wrap(writer.ArchiveWriter, "copy_tar", "source.headers", "source.repack_end")
+wrap(bundle, "write_bundle", "source.bundle_start", "source.bundle_end")
 wrap(base, "verify", "target.spool_end", "target.verify_end")
-wrap(podman.PodmanMigrator, "_restore", "target.import_start", "target.import_end")
-src = ctrmig.migrator("podman", url=sys.argv[1])
-dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None)
+wrap(base, "extracted", "target.extract_start")
+wrap(direct.DirectTarget, "_check_archive", "target.extract_end")
+wrap(direct.DirectTarget, "_create", "target.create_start", "target.create_end")
+wrap(bundle, "place", "target.place_start", "target.place_end")
+wrap(podman.PodmanMigrator, "_import", "target.import_start", "target.import_end")
+direct_route = sys.argv[6] == "direct"
+src = ctrmig.migrator("podman", url=sys.argv[1], direct=direct_route)
+dst = ctrmig.migrator("podman", url=sys.argv[2], workdir=sys.argv[5] or None,
+                      direct=direct_route)
 T0 = time.monotonic()
 report = ctrmig.migrate(sys.argv[3], source=src, target=dst, compression=sys.argv[4],
                         insecure=True)
@@ -72,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-spool", action="store_true",
                     help="spool on disk (default: podman's TMPDIR and ctrmig's spool in tmpfs)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    ap.add_argument("--api", action="store_true",
+                    help="podman's export and import only (no direct route), to B over TCP")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ctrmig-profile-", dir=args.workdir))
     try:
@@ -80,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
             bench.setup()
             name, _ = bench._start(args.mib)
             try:
+                target = hosts.b.podman_tcp if args.api else f"unix://{hosts.b.podman_socket}"
                 res = hosts.a.run([sys.executable, "-c", PROFILE_SCRIPT,
-                                   f"unix://{hosts.a.podman_socket}", hosts.b.podman_tcp,
-                                   name, args.compression, bench.spool], timeout=1800)
+                                   f"unix://{hosts.a.podman_socket}", target,
+                                   name, args.compression, bench.spool,
+                                   "api" if args.api else "direct"], timeout=1800)
                 if res.returncode != 0:
                     print(res.stderr.decode(errors="replace"), file=sys.stderr)
                     return 1
+                print(proc.tail(res.stderr.decode(errors="replace"), 20), file=sys.stderr)
                 out = json.loads(res.stdout.decode().strip().splitlines()[-1])
                 print(json.dumps(out, indent=1))
             finally:

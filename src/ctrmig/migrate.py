@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -246,6 +247,10 @@ def _migrate(
     report = MigrationReport(container, source.engine, target.engine,
                              compression=checkpoint_options.compression)
     read_fd, write_fd = os.pipe()
+    # fast path (#19): a pipe as big as the pieces written into it (1 MiB, this host's
+    # pipe-max-size) instead of 64 KiB: a sixteenth of the wake-ups between the threads.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
     pipe_out = _CountingPipeWriter(write_fd)
     result: dict[str, Any] = {}
     started = time.monotonic()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from podman import PodmanClient
 import ctrmig
 from ctrmig.errors import ChecksumError, EngineUnavailableError
 from tests.conftest import last_count
+from tests.support import tampered_pages
 
 
 @pytest.fixture
@@ -56,12 +56,7 @@ def test_inspect_needs_no_engine_and_tampering_is_refused_before_the_engine(
 
     # Flip one byte inside a CRIU image: restore must refuse before calling podman (the
     # migrator points at a dead socket, so any engine call would raise EngineUnavailable).
-    with tarfile.open(archive.path) as tar:
-        member = next(m for m in tar.getmembers() if m.name.startswith("checkpoint/pages-"))
-    data = bytearray(archive.path.read_bytes())
-    data[member.offset_data + 10] ^= 0xFF
-    tampered = tmp_path / "tampered.tar"
-    tampered.write_bytes(bytes(data))
+    tampered = tampered_pages(archive.path, tmp_path / "tampered.tar")
     with pytest.raises(ChecksumError, match="pages-"):
         dead.restore(tampered, name="never-created")
     with pytest.raises(EngineUnavailableError):

@@ -253,3 +253,13 @@ def test_pieces_announce_the_last_one_before_handing_it_out() -> None:
     assert seen == [str(CHUNK), str(CHUNK), "last", "5"]
     assert list(pieces(io.BytesIO(b""), lambda: seen.append("never"))) == []
     assert "never" not in seen
+
+
+def test_the_piece_after_the_point_of_no_return_is_small() -> None:
+    """A socket whose peer reads nothing still takes the last piece whole."""
+    from ctrmig.archive.streams import CHUNK, LAST_PIECE, pieces
+
+    seen: list[str] = []
+    for piece in pieces(io.BytesIO(b"x" * (2 * CHUNK)), lambda: seen.append("last")):
+        seen.append(str(len(piece)))
+    assert seen == [str(CHUNK), str(CHUNK - LAST_PIECE), "last", str(LAST_PIECE)]

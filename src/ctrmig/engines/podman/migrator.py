@@ -13,9 +13,10 @@ import contextlib
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import requests
 import tenacity
@@ -25,8 +26,10 @@ from podman.errors import APIError
 from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.reader import decompressed
-from ctrmig.archive.streams import CHUNK, pieces
+from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
+from ctrmig.engines.podman import bundle
+from ctrmig.engines.podman.bundle import Storage
 from ctrmig.errors import (
     CheckpointError,
     EngineError,
@@ -37,7 +40,7 @@ from ctrmig.host import http, proc
 from ctrmig.host.files import open_private
 from ctrmig.host.ssh import SocketTunnel
 from ctrmig.options import CheckpointOptions, RestoreOptions, podman_params
-from ctrmig.protocol import ContainerInfo
+from ctrmig.protocol import ArchiveSource, ContainerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,10 +79,13 @@ class PodmanMigrator(BaseMigrator):
     retry_wait: ClassVar[tenacity.wait.wait_base] = http.RETRY_WAIT
 
     def __init__(self, url: str | None = None, *, ssh_options: Sequence[str] | None = None,
-                 **kwargs: Any):
+                 direct: bool = True, **kwargs: Any):
         """``url``: ``unix://``, ``tcp://``, or ``ssh://[user@]host[:port][/socket]`` (the
         remote socket, default podman's rootful one, forwarded through ssh as podman-remote
-        does; ``ssh_options`` are added to ssh's flags)."""
+        does; ``ssh_options`` are added to ssh's flags). ``direct``: where podman's storage
+        is on this host (a unix:// socket), read checkpoints from it and restore into it
+        directly instead of through export and import (see :mod:`.direct`); False: always
+        podman's export and import."""
         super().__init__(**kwargs)
         self.url = url or settings.current().podman_url
         self._tunnel: SocketTunnel | None = None
@@ -90,6 +96,22 @@ class PodmanMigrator(BaseMigrator):
                 settings.DEFAULT_PODMAN_SOCKET), ssh_options=opts)
             api_url = self._tunnel.url
         self.client = PodmanClient(base_url=api_url, timeout=self.timeout)
+        # Only a podman on a local socket keeps its storage on this host.
+        self.direct = direct and self.url.startswith("unix://")
+        self._store: Storage | None = None
+        self._store_known = False
+
+    def _storage(self) -> Storage | None:
+        """podman's storage when ctrmig can use it here (direct routes), else None."""
+        if self.direct and not self._store_known:
+            try:
+                info = self.info()
+            except EngineError:
+                return None  # the import route then says so, after verifying the archive
+            store = Storage.of(info)
+            self._store = store if store is not None and store.local else None
+            self._store_known = True
+        return self._store if self.direct else None
 
     # --- one place for every API call ---------------------------------------------------------
 
@@ -231,14 +253,24 @@ class PodmanMigrator(BaseMigrator):
             "keep": True,
         }
         what = f"podman checkpoint {record.name}"
+        store = self._storage()
+        data = self._get(f"/containers/{record.id}/json", f"podman inspect {record.name}")
+        paths = store.paths(data) if store is not None else None
+        since = time.time()
         with self._api(what, error=CheckpointError):
             resp = self.client.api.post(
                 f"/containers/{record.id}/checkpoint", params=params, stream=True,
                 timeout=self.timeout,
             )
             resp.raise_for_status()
+        # podman answers once its export is written: its files are in the bundle now.
+        ready = self._bundle_ready(record, opts, data, paths, since)
 
         def write(writer: ArchiveWriter) -> dict[str, Any]:
+            if ready is not None:
+                resp.close()  # the export's body is not needed: podman drops its temp file
+                bundle.write_bundle(writer, ready)
+                return {"podman_url": self.url, "podman_paths": paths}
             with self._api(what, error=CheckpointError):
                 # A big buffer: tarfile reads in small pieces, and each read of the raw
                 # HTTP response is costly (1 GiB: 28 s unbuffered, 15 s buffered, measured).
@@ -253,6 +285,24 @@ class PodmanMigrator(BaseMigrator):
 
         return Dump(write=write, rollback=rollback, commit=resp.close)
 
+    def _bundle_ready(self, record: ContainerRecord, opts: CheckpointOptions,
+                      data: dict[str, Any], paths: dict[str, str] | None,
+                      since: float) -> Path | None:
+        """The container's bundle, if it holds all that podman's export carried."""
+        if paths is None:
+            return None
+        where = Path(paths["static_dir"])
+
+        def changes() -> list[dict[str, Any]]:
+            return list(self._get(f"/containers/{record.id}/changes", "podman diff") or [])
+
+        why = bundle.missing(where, data, ignore_volumes=opts.ignore_volumes,
+                             changes=None if opts.ignore_rootfs else changes, since=since)
+        if why:
+            log.info("%s: reading podman's export instead of its bundle (%s)", record.name, why)
+            return None
+        return where
+
     def resume(self, container: str) -> None:
         """Restore a checkpointed container in place from the images podman kept."""
         with self._api(f"podman restore {container} (in place)", error=CheckpointError):
@@ -261,12 +311,33 @@ class PodmanMigrator(BaseMigrator):
             )
             resp.raise_for_status()
 
+    def restore(self, archive: ArchiveSource, options: RestoreOptions | None = None, *,
+                progress: Progress | None = None, **overrides: object) -> str:
+        """Restore an archive; into a podman on this host (a unix socket, its storage
+        writable here), without podman's import (see :mod:`.direct`)."""
+        # Only through a local socket: a podman reached over TCP is another host's, even
+        # where its storage path happens to exist here too.
+        store = self._storage() if self.url.startswith("unix://") else None
+        if store is None:
+            return super().restore(archive, options, progress=progress, **overrides)
+        # Imported here: the direct target is a PodmanMigrator itself.
+        from ctrmig.engines.podman.direct import DirectTarget
+
+        with DirectTarget(self, store) as target:
+            return target.restore(archive, options, progress=progress, **overrides)
+
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        name = opts.name or manifest.container.name
+        with source.open("rb") as body:
+            return self._import(body, opts)
+
+    def _import(self, body: BinaryIO, opts: RestoreOptions) -> str:
+        """podman's import of the archive read from ``body``; returns the name."""
+        assert opts.name is not None
+        name = opts.name
         params = {**podman_params(opts), "import": True, "name": name}
         what = f"podman restore {name}"
         try:
-            with self._api(what, error=RestoreError), source.open("rb") as body:
+            with self._api(what, error=RestoreError):
                 resp = self.client.api.post(
                     "/containers/import/restore", params=params,
                     # In CHUNK pieces (sent chunked): requests sends a file object in 8 KiB
