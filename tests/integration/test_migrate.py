@@ -108,8 +108,11 @@ def test_runc_migrates_over_ssh_to_a_host_without_the_image(
             "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
             "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
         }
+        # Restore options cross ssh as flags of the remote `ctrmig restore`, made from the
+        # same option table (before it, a flag that command lacked killed the remote side).
         res = a.run([CTRMIG, "migrate", name, "--from", "runc",
-                     "--to", f"runc+ssh://root@{b.address}:2222", "--json"], env=env)
+                     "--to", f"runc+ssh://root@{b.address}:2222", "--json",
+                     "--file-locks", "--tcp-established"], env=env)
         assert res.returncode == 0, res.stderr.decode()
         report = json.loads(res.stdout)
         assert report["compression"] == "zstd"  # chosen for the ssh link
