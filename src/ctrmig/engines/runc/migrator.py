@@ -122,7 +122,7 @@ class RuncMigrator(BaseMigrator):
         volume, made if missing) or ``/host/path:/path[:ro]`` (a bind mount).
         """
         name = name or f"ctrmig-{uuid.uuid4().hex[:8]}"
-        self._check_name(name)
+        _check_name(name)
         self._check_name_free(name)
         mounts = parse_all(volumes)
         missing_binds(mounts, OptionError)
@@ -213,7 +213,7 @@ class RuncMigrator(BaseMigrator):
         unpause: Callable[[], None] = _nothing
         try:
             if opts.leave_running and carried and status == "running":
-                unpause = self._pause(name)
+                unpause = _pause(self.runc, name)
             dump_seconds = self._checkpoint(name, images, work, opts)
             if not opts.leave_running:
                 self.bundles.drained(name)  # so that logs() holds all it wrote before the dump
@@ -330,7 +330,7 @@ class RuncMigrator(BaseMigrator):
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         config, mounts = _read_config(source)
         name = opts.name or manifest.container.name
-        self._check_name(name)
+        _check_name(name)
         missing_binds(mounts)  # before anything is made or started
         carried = manifest.extra.get("image_archive")
         digest = config.get("digest")
@@ -380,20 +380,6 @@ class RuncMigrator(BaseMigrator):
                          work=work, error=error, what=what,
                          record=lambda pid: self.bundles.record_supervisor(name, pid))
 
-    def _pause(self, name: str) -> Callable[[], None]:
-        """``runc pause`` the container; return what resumes it (once, however often
-        called)."""
-        proc.run(self.runc.argv("pause", name), timeout=TOOL_TIMEOUT, what=f"runc pause {name}")
-        paused = [True]
-
-        def unpause() -> None:
-            if paused:
-                proc.run(self.runc.argv("resume", name), timeout=TOOL_TIMEOUT,
-                         what=f"runc resume {name}")
-                paused.clear()
-
-        return unpause
-
     def _volume_users(self, volume: str) -> builtins.list[str]:
         """Containers of this state dir, running or paused, that mount named ``volume``."""
         states = {s["id"]: s for s in self.runc.containers()}
@@ -414,11 +400,25 @@ class RuncMigrator(BaseMigrator):
                 hint="stop those containers first, or pass --ignore-volumes to leave "
                      "volume content out of the archive")
 
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if not NAME_RE.fullmatch(name):
-            raise OptionError(f"invalid container name {name!r}",
-                              hint="letters, digits, '_', '.', '-'; at most 128")
+
+def _pause(runc: Runc, name: str) -> Callable[[], None]:
+    """``runc pause`` the container; return what resumes it (once, however often called)."""
+    proc.run(runc.argv("pause", name), timeout=TOOL_TIMEOUT, what=f"runc pause {name}")
+    paused = [True]
+
+    def unpause() -> None:
+        if paused:
+            proc.run(runc.argv("resume", name), timeout=TOOL_TIMEOUT,
+                     what=f"runc resume {name}")
+            paused.clear()
+
+    return unpause
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name):
+        raise OptionError(f"invalid container name {name!r}",
+                          hint="letters, digits, '_', '.', '-'; at most 128")
 
 
 def _read_config(source: Path) -> tuple[dict[str, Any], builtins.list[Mount]]:
