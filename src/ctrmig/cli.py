@@ -39,6 +39,7 @@ from ctrmig.archive import COMPRESSIONS, Manifest
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.archive.writer import check_compression
+from ctrmig.direct.route import ROUTES
 from ctrmig.engines.base import listing
 from ctrmig.errors import ERROR_LINE, ContainerNotFoundError, CtrmigError, OptionError
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions
@@ -583,23 +584,33 @@ def resume(container: str, engine: str | None, url: str | None) -> None:
 @click.option("--compress", "compression", type=click.Choice(("auto", *COMPRESSIONS)),
               default="auto", show_default=True,
               help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
+@click.option("--route", type=click.Choice(ROUTES), default="auto", show_default=True,
+              help="direct: CRIU's pages stream straight to the target while it dumps, "
+                   "no archive of the memory (runc -> runc, process -> process); archive: "
+                   "the whole archive streams; auto: direct where it applies.")
 @option_flags(CheckpointOptions, RestoreOptions, migrate=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, name: str | None, keep_source: bool,
-            compression: str, as_json: bool, **flags: Any) -> None:
+            compression: str, route: str, as_json: bool, **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
     kept, stopped, with --keep-source) and resumed if anything fails. An ADDRESS is
     unix:// or tcp:// (podman's or docker's API) or ssh://[user@]host[:port] (runs ctrmig
     there; set CTRMIG_REMOTE_COMMAND if it is not on the remote PATH).
+
+    --lazy-pages on the direct route is post-copy: the target runs at once and fetches
+    its memory from the source afterwards. The downtime is shortest, but until the last
+    page arrived the memory is split between the hosts: if the link or the source breaks
+    then, the target is killed and the container runs on at the source; if the source
+    host is gone, the container is lost. Never the default.
     """
     with _progress(f"migrate {container}") as progress:
         report = ctrmig.migrate(
             container, source=source, target=target, name=name, keep_source=keep_source,
             compression="auto" if compression == "auto" else check_compression(compression),
             progress=progress, checkpoint_options=_built(CheckpointOptions, flags),
-            restore_options=_built(RestoreOptions, flags),
+            restore_options=_built(RestoreOptions, flags), route=route,
         )
     if as_json:
         data = dataclasses.asdict(report)
@@ -607,6 +618,17 @@ def migrate(container: str, source: str, target: str, name: str | None, keep_sou
         click.echo(json.dumps(data))
     else:
         _out().print(report.summary())
+        _out().print(report.phases())
+
+
+@cli.command("_pages", hidden=True)
+@click.argument("role", type=click.Choice(("receive", "relay", "clean")))
+@click.argument("directory", required=False)
+def pages_helper(role: str, directory: str | None) -> None:
+    """The target's end of a direct migration's pages, on stdin/stdout (over ssh)."""
+    from ctrmig.direct import route as direct_route
+
+    raise click.exceptions.Exit(direct_route.serve_stdio(role, directory))
 
 
 @cli.command()

@@ -141,6 +141,9 @@ class Bundles:
         namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
         namespaces[:] = [ns for ns in namespaces if ns.get("type") != "network"]
         namespaces.append({"type": "network", "path": f"/run/netns/{netns}"})
+        # #19: a cgroup of its own per state dir (runc's default is /NAME): the direct
+        # route restores while the source, paused, still holds its cgroup on this host.
+        spec["linux"]["cgroupsPath"] = f"/{netns}"
         return spec
 
     def drained(self, name: str) -> int | None:
