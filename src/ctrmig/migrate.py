@@ -213,7 +213,8 @@ def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_sou
     report: MigrationReport | None = None
     try:
         with direct_route.planned(source, target, rest, lazy=lazy, timeout=timeout) as plan:
-            watched = direct_route.WatchedTarget(target, plan.outcome, plan.target_failed)
+            watched = direct_route.WatchedTarget(target, plan.outcome, plan.target_failed,
+                                                 plan.target_ran)
             report = _migrate(container, source, watched, keep_source,
                               ckpt, plan.restore, progress)
             marks = dict(plan.sink.marks)

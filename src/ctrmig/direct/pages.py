@@ -61,6 +61,9 @@ class PageSink:
     marks: dict[str, float] = field(default_factory=dict)
     #: Post-copy: the dump serving the pages (the engine sets it once it is ready).
     serving: subprocess.Popen[bytes] | None = None
+    #: Post-copy, set at the dump's commit: waits for the dump to end (CheckpointError
+    #: if it failed) and drops what it left.
+    served: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:

@@ -305,15 +305,17 @@ class Feeder:
             self._ready.set()
 
     def _hold_source(self) -> None:
-        """Post-copy, the link ended: the dump must end by itself (every page sent), or
-        be killed once the target failed, so that the container runs on at the source."""
+        """Post-copy, the link ended. CRIU's lazy dump takes the end of its socket for
+        "every page sent" and then ends the source's tasks (criu 4.2: "Lazy pages transfer
+        finished successfully" on EOF), so the socket stays open until the target's
+        restore is known: it succeeded (every page arrived: let the dump end), or it
+        failed, and the dump is killed first, which lets the container run on here."""
         serving = self.sink.serving
-        while serving is not None and serving.poll() is None:
-            if self.outcome.done.wait(0.05) and not self.outcome.ok:
-                log.warning("post-copy broke: stopping the source's page server, so that "
-                            "the container runs on there")
-                proc.kill_group(serving)
-                break
+        self.outcome.done.wait()
+        if not self.outcome.ok and serving is not None and serving.poll() is None:
+            log.warning("post-copy broke: stopping the source's page server, so that the "
+                        "container runs on there")
+            proc.kill_group(serving)
 
     def sent(self) -> dict[str, Any]:
         """Pre-copy, after the dump: what went to the target (waits for the stream's end)."""
@@ -351,8 +353,9 @@ class WatchedTarget:
     """The target migrator, reporting its restore's outcome (see :class:`Feeder`)."""
 
     def __init__(self, target: Migrator, outcome: Outcome,
-                 on_failure: Callable[[], None]):
-        self._target, self._outcome, self._on_failure = target, outcome, on_failure
+                 on_failure: Callable[[], None], on_success: Callable[[], None]):
+        self._target, self._outcome = target, outcome
+        self._on_failure, self._on_success = on_failure, on_success
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
@@ -365,6 +368,7 @@ class WatchedTarget:
             self._on_failure()
             raise
         self._outcome.set(True)
+        self._on_success()
         return name
 
 
@@ -384,6 +388,23 @@ class Plan:
         which lets go of the container: it runs on at the source."""
         if self.sink.serving is not None:
             proc.kill_group(self.sink.serving)
+        self._served()
+
+    def target_ran(self) -> None:
+        """Post-copy: the target runs with every page; the source's dump ends now (CRIU
+        ends the source's tasks)."""
+        self._served()
+
+    def _served(self) -> None:
+        served, self.sink.served = self.sink.served, None
+        if served is None:
+            return
+        try:
+            served()
+        except CtrmigError as e:
+            if self.outcome.ok:  # the target has it all: the source is removed anyway
+                log.warning("the target runs with every page, but the source's dump "
+                            "ended badly: %s", e)
 
 
 @contextlib.contextmanager

@@ -236,17 +236,23 @@ class ProcessMigrator(BaseMigrator):
                 extra[pages.PAGE_STREAM] = sink.sent()
             return extra
 
-        def commit() -> None:
-            sink.mark("written")
+        def served() -> None:
+            """Post-copy: wait for the dump to end (the target took the last page)."""
             try:
-                if serving is None:
-                    self._held[pid] = pids
-                else:
-                    self._ended[pid] = proc.start_time(pid)
-                    lazy.end_dump(serving, what=what, log_file=work / "dump.log",
-                                  timeout=self.timeout)
+                assert serving is not None
+                lazy.end_dump(serving, what=what, log_file=work / "dump.log",
+                              timeout=self.timeout)
             finally:
                 shutil.rmtree(dump, ignore_errors=True)
+
+        def commit() -> None:
+            sink.mark("written")
+            if serving is not None:  # the pages flow on until the last one: see served
+                self._ended[pid] = proc.start_time(pid)
+                sink.served = served
+                return
+            self._held[pid] = pids
+            shutil.rmtree(dump, ignore_errors=True)
 
         def rollback() -> None:
             if serving is not None:

@@ -287,16 +287,24 @@ class RuncMigrator(BaseMigrator):
                 extra[pages.PAGE_STREAM] = sink.sent()
             return extra
 
-        def commit() -> None:
-            sink.mark("written")
+        def served() -> None:
+            """Post-copy: wait for the dump to end (the target took the last page)."""
             try:
-                if dumping is not None:  # the pages go on flowing until the last one
-                    lazy.end_dump(dumping, what=f"runc checkpoint {name}",
-                                  log_file=work / "dump.log", timeout=self.timeout)
-                    self.bundles.drained(name)
+                assert dumping is not None
+                lazy.end_dump(dumping, what=f"runc checkpoint {name}",
+                              log_file=work / "dump.log", timeout=self.timeout)
+                self.bundles.drained(name)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.rmtree(images, ignore_errors=True)
+
+        def commit() -> None:
+            sink.mark("written")
+            if dumping is not None:  # the pages flow on until the last one: see served
+                sink.served = served
+                return
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(images, ignore_errors=True)
 
         def rollback() -> None:
             try:
