@@ -10,6 +10,7 @@ tests/integration/test_failures.py runs on this route too (its runc pair migrate
 the default route, which is this one); here the ones the direct route adds.
 """
 
+# ruff: noqa: F811 - pytest fixtures imported from their test modules, used by name
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def memhog_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return workload.ensure_image(tmp_path_factory.mktemp("memhog"))
 
 
-def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path) -> Pair:  # noqa: F811
+def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path) -> Pair:
     """runc on host A -> ``runc+ssh://`` ctrmig on host B, running memhog."""
     a, b = hosts.a, hosts.b
     src = RuncMigrator(state_dir=a.root / "runc")
@@ -71,7 +72,7 @@ def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path) -> Pair:  # noqa: F
 
 
 @pytest.fixture
-def pair(hosts: TwoHosts, memhog_image: str,  # noqa: F811 - the fixture
+def pair(hosts: TwoHosts, memhog_image: str,
          tmp_path: Path) -> Iterator[Pair]:
     p = memhog_pair(hosts, memhog_image, tmp_path)
     try:

@@ -31,11 +31,13 @@ import queue
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from ctrmig.direct import guard as guard_module
 from ctrmig.direct import pages, relay
 from ctrmig.direct.relay import End, FdEnd, Relay, SocketEnd
 from ctrmig.engines.remote import RemoteMigrator
@@ -280,6 +282,7 @@ class Feeder:
         self._timeout = timeout
         self._listening = listening
         self._ready = threading.Event()
+        self._guard: tuple[subprocess.Popen[bytes], int] | None = None
         self._thread = threading.Thread(target=self._run, name="ctrmig-pages-out",
                                         daemon=True)
         self._thread.start()
@@ -295,6 +298,7 @@ class Feeder:
                         raise TimeoutError("the dump never served its pages")
                     time.sleep(0.01)
                 conn = relay.connect(self.sink.port, 30.0)
+                self._guard = _guard(conn, self.sink.serving)
             on_break = self._hold_source if self.sink.lazy else None
             self.relay = Relay(SocketEnd(conn), self.wire, name="ctrmig-pages-out",
                                on_break=on_break).start()
@@ -316,6 +320,18 @@ class Feeder:
             log.warning("post-copy broke: stopping the source's page server, so that the "
                         "container runs on there")
             proc.kill_group(serving)
+        self.release()
+
+    def release(self) -> None:
+        """The outcome is known: the guard (see :mod:`.guard`) may let go."""
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            child, pipe = guard
+            with contextlib.suppress(OSError):
+                os.write(pipe, guard_module.RELEASE)
+            os.close(pipe)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
 
     def sent(self) -> dict[str, Any]:
         """Pre-copy, after the dump: what went to the target (waits for the stream's end)."""
@@ -342,11 +358,34 @@ class Feeder:
             self.relay.wait(timeout)
 
     def abort(self) -> None:
+        serving = self.sink.serving
+        if serving is not None and serving.poll() is None and not self.outcome.ok:
+            proc.kill_group(serving)  # never let a serving dump see its socket end
+        self.release()
         if self._listening is not None:
             self._listening.close()
         if self.relay is not None:
             self.relay.close()
         self.wire.close()
+
+
+def _guard(conn: socket.socket, serving: subprocess.Popen[bytes] | None
+           ) -> tuple[subprocess.Popen[bytes], int] | None:
+    """Start the guard holding ``conn`` open while a post-copy runs (see :mod:`.guard`);
+    return it and the pipe that releases it."""
+    if serving is None:
+        return None
+    read_fd, write_fd = os.pipe()
+    try:
+        child = proc.spawn([sys.executable, "-m", "ctrmig.direct.guard", str(conn.fileno()),
+                            str(read_fd), str(serving.pid)],
+                           pass_fds=[conn.fileno(), read_fd])
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    return child, write_fd
 
 
 class WatchedTarget:
