@@ -27,9 +27,10 @@ import tenacity
 from ctrmig import endpoints, locks, settings
 from ctrmig.archive import Compression, Manifest
 from ctrmig.archive.streams import Progress
+from ctrmig.direct import route as direct_route
 from ctrmig.engines.base import listing
 from ctrmig.engines.remote import is_remote
-from ctrmig.errors import BusyError, CtrmigError, OptionError
+from ctrmig.errors import BusyError, ChecksumError, CtrmigError, OptionError
 from ctrmig.host import proc
 from ctrmig.host.files import open_private, private_dir
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions, build
@@ -51,6 +52,11 @@ class MigrationReport:
     restore_s: float = 0.0  # from the archive's end until the target ran
     total_s: float = 0.0
     downtime_s: float = 0.0  # from the source's stop until the target ran
+    # --- phases (#19): freeze -> dump -> transfer -> restore, in seconds ---
+    route: str = "archive"  # "archive", "direct" (pre-copy) or "post-copy"
+    freeze_s: float = 0.0  # freezing the source (runc pause); 0 where the dump freezes
+    dump_s: float = 0.0  # CRIU's dump (the direct route: the pages stream meanwhile)
+    transfer_s: float = 0.0  # from the dump's end until the archive was all sent
     bytes_moved: int = 0
     compression: str = "none"
     source_kept: bool = False
@@ -63,6 +69,12 @@ class MigrationReport:
             f"({self.target_engine}): downtime {self.downtime_s:.2f} s, total "
             f"{self.total_s:.2f} s, {mib:.1f} MiB moved ({self.compression})"
         )
+
+    def phases(self) -> str:
+        """The phases, one line: what ``ctrmig migrate`` prints after its summary."""
+        return (f"{self.route} route: freeze {self.freeze_s:.2f} s, dump {self.dump_s:.2f} s, "
+                f"transfer {self.transfer_s:.2f} s, restore {self.restore_s:.2f} s, "
+                f"downtime {self.downtime_s:.2f} s")
 
 
 class _CountingPipeWriter:
@@ -133,6 +145,7 @@ def migrate(
     journal_dir: Path | None = None,
     progress: Progress | None = None,
     insecure: bool = False,
+    route: str = "auto",
 ) -> MigrationReport:
     """Checkpoint ``container`` on ``source`` and restore it on ``target``.
 
@@ -146,6 +159,9 @@ def migrate(
     ``progress`` is called with the size of each piece of the archive as it goes.
     A ``tcp://`` API on either side (unauthenticated, in clear) is refused unless
     ``insecure``; ``podman+ssh://`` and ``docker+ssh://`` go through ssh.
+    ``route``: "direct" streams CRIU's images straight to the target (runc -> runc,
+    process -> process; :mod:`ctrmig.direct`), "archive" the archive, "auto" direct where
+    it applies. With ``restore_options.lazy_pages`` the direct route is post-copy.
 
     Defaults, the same as ``ctrmig migrate``'s: ``compression="auto"`` is zstd when either
     side is reached over ssh and none otherwise; the image travels in the archive when the
@@ -169,7 +185,7 @@ def migrate(
         src = _connected(own, source)
         dst = _connected(own, target)
         return _migrate_between(container, src, dst, name, compression, keep_source, ckpt,
-                                restore_options, journal, progress)
+                                restore_options, journal, progress, route)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -185,7 +201,8 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
                      compression: Compression | Literal["auto"], keep_source: bool,
                      ckpt: CheckpointOptions,
                      restore_options: RestoreOptions | Mapping[str, object] | None,
-                     journal: Journal | None, progress: Progress | None) -> MigrationReport:
+                     journal: Journal | None, progress: Progress | None,
+                     route: str = "auto") -> MigrationReport:
     if compression == "auto":
         compression = "zstd" if is_remote(src) or is_remote(dst) else "none"
     ckpt = dataclasses.replace(ckpt, compression=compression,
@@ -197,7 +214,10 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
         journal.phase("migrating")
         rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))
     try:
-        report = _migrate(container, src, dst, keep_source, ckpt, rest, progress)
+        if direct_route.choose(route, src, dst):
+            report = _migrate_direct(container, src, dst, keep_source, ckpt, rest, progress)
+        else:
+            report = _migrate(container, src, dst, keep_source, ckpt, rest, progress)
     except BaseException:
         if journal:
             journal.close()  # rolled back (or the source never stopped)
@@ -211,6 +231,46 @@ def _api_url(m: Migrator) -> str:
     """A migrator's API address as an ``ENGINE+ADDRESS`` string ("" if it has none)."""
     url = getattr(m, "url", None) or getattr(m, "base_url", None)
     return f"{m.engine}+{url}" if isinstance(url, str) else ""
+
+
+# --- the direct route (#19, ctrmig.direct) -----------------------------------------------
+
+
+def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_source: bool,
+                    ckpt: CheckpointOptions, rest: RestoreOptions,
+                    progress: Progress | None) -> MigrationReport:
+    """The migration with CRIU's pages going straight to the target (pre-copy), or
+    fetched by it after it runs (post-copy, ``rest.lazy_pages``)."""
+    lazy = rest.lazy_pages
+    timeout = float(getattr(source, "timeout", SETTLE_TIMEOUT))
+    report: MigrationReport | None = None
+    try:
+        with direct_route.planned(source, target, rest, lazy=lazy, timeout=timeout) as plan:
+            watched = direct_route.WatchedTarget(target, plan.outcome, plan.target_failed,
+                                                 plan.target_ran)
+            report = _migrate(container, source, watched, keep_source,
+                              ckpt, plan.restore, progress)
+            marks = dict(plan.sink.marks)
+            first_ask = plan.feeder.first_request_after(marks.get("written", 0.0))
+            page_bytes = plan.feeder.sent_bytes
+    except ChecksumError:
+        if report is not None:  # post-copy moved pages that are not what was sent
+            with contextlib.suppress(CtrmigError):
+                target.remove(report.target_name)
+        raise
+    assert report is not None
+    report.route = "post-copy" if lazy else "direct"
+    report.bytes_moved += page_bytes
+    end = plan.outcome.at  # the target's restore returned: it runs
+    running = first_ask if lazy and first_ask is not None else end
+    frozen = marks.get("frozen", marks["freeze"])
+    written = marks.get("written", end)
+    report.freeze_s = frozen - marks["freeze"]
+    report.dump_s = marks.get("dumped", frozen) - frozen
+    report.transfer_s = max(0.0, written - marks.get("dumped", frozen))
+    report.restore_s = max(0.0, running - written)
+    report.downtime_s = running - marks["freeze"]
+    return report
 
 
 def _options(cls: type[Options], given: Options | Mapping[str, object] | None) -> Options:
@@ -303,6 +363,10 @@ def _migrate(
     report.total_s = done - started
     # The source stops when its dump freezes it, at the start of the checkpoint call.
     report.downtime_s = report.total_s
+    dump_seconds = report.manifest.extra.get("dump_seconds") if report.manifest else None
+    if isinstance(dump_seconds, (int, float)):  # runc records its dump's length
+        report.dump_s = float(dump_seconds)
+        report.transfer_s = max(0.0, report.checkpoint_s - report.dump_s)
     if keep_source:
         report.source_kept = True
     else:

@@ -125,7 +125,20 @@ class RestoreOptions:
         "the archive's (else the restore refuses).")))
     print_stats: bool = field(default=False, metadata=_spec(PRINT_STATS))
     lazy_pages: bool = field(default=False, metadata=_spec(Spec(
-        "Restore memory lazily, page by page on demand (needs userfaultfd).")))
+        "Restore memory lazily, page by page on demand (needs userfaultfd). For migrate: "
+        "post-copy, the target runs at once while its memory still sits on the source; "
+        "if the link or the source breaks before the last page arrived, the target is "
+        "killed (the source runs on, or, with the source host gone, the container is "
+        "lost).")))
+    # --- the direct route (ctrmig.direct): set by migrate, carried to a remote ctrmig ---
+    page_images: str | None = field(default=None, metadata=_spec(Spec(
+        "A directory of pages a page server received for this archive's dump (the direct "
+        "route); checked against the archive's page_stream sha256 first.",
+        metavar="DIR", not_for_migrate=True)))
+    lazy_page_server: str | None = field(default=None, metadata=_spec(Spec(
+        "With --lazy-pages: fetch pages from the page server at this loopback "
+        "ADDRESS:PORT instead of the archive (post-copy).", metavar="ADDR:PORT",
+        not_for_migrate=True)))
     allow_privileged: bool = field(default=False, metadata=_spec(Spec(
         "Allow an archive that asks for more than a default container has (privileges, "
         "host namespaces, devices; plain processes always do).", handled="ctrmig")))

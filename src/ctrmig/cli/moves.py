@@ -26,6 +26,7 @@ from ctrmig.cli.app import (
     progress_bar,
     url_option,
 )
+from ctrmig.direct.route import ROUTES
 from ctrmig.options import CheckpointOptions, RestoreOptions
 from ctrmig.preflight import answer as preflight_answer
 
@@ -45,12 +46,16 @@ from ctrmig.preflight import answer as preflight_answer
 @click.option("--compress", "compression", type=click.Choice(("auto", *COMPRESSIONS)),
               default="auto", show_default=True,
               help="Compression on the wire; auto: zstd over ssh, none on local/tcp links.")
+@click.option("--route", type=click.Choice(ROUTES), default="auto", show_default=True,
+              help="direct: CRIU's pages stream straight to the target while it dumps, "
+                   "no archive of the memory (runc -> runc, process -> process); archive: "
+                   "the whole archive streams; auto: direct where it applies.")
 @option_flags(CheckpointOptions, RestoreOptions, migrate=True)
 @click.option("--check", is_flag=True,
               help="Only check both hosts (nothing is frozen); exit 0 if the move can go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, insecure: bool, name: str | None,
-            keep_source: bool, compression: str, check: bool, as_json: bool,
+            keep_source: bool, compression: str, route: str, check: bool, as_json: bool,
             **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
@@ -62,6 +67,12 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
     tcp:// (an API over the network in clear: only with --insecure).
     Both hosts are checked first (CRIU, CPU, image, mounts, ports, name, space,
     privileges): --check shows those checks and stops there.
+
+    --lazy-pages on the direct route is post-copy: the target runs at once and fetches
+    its memory from the source afterwards. The downtime is shortest, but until the last
+    page arrived the memory is split between the hosts: if the link or the source breaks
+    then, the target is killed and the container runs on at the source; if the source
+    host is gone, the container is lost. Never the default.
     """
     if check:
         for side in (source, target):  # the same refusal as the migration's own
@@ -76,7 +87,7 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
             container, source=source, target=target, name=name, keep_source=keep_source,
             compression="auto" if compression == "auto" else check_compression(compression),
             progress=progress, checkpoint_options=built(CheckpointOptions, flags),
-            restore_options=built(RestoreOptions, flags), insecure=insecure,
+            restore_options=built(RestoreOptions, flags), insecure=insecure, route=route,
         )
     if as_json:
         data = dataclasses.asdict(report)
@@ -84,6 +95,7 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
         click.echo(json.dumps(data))
     else:
         console_out().print(report.summary())
+        console_out().print(report.phases())
 
 
 def _print_preflight(report: ctrmig.PreflightReport, as_json: bool) -> None:
@@ -114,6 +126,16 @@ def preflight_side(role: str, container: str | None, engine: str | None,
     request = json.load(sys.stdin)
     with contextlib.closing(connect(engine or "podman", url)) as m:
         click.echo(json.dumps(preflight_answer(m, role, container, request)))
+
+
+@cli.command("_pages", hidden=True)
+@click.argument("role", type=click.Choice(("receive", "relay", "clean")))
+@click.argument("directory", required=False)
+def pages_helper(role: str, directory: str | None) -> None:
+    """The target's end of a direct migration's pages, on stdin/stdout (over ssh)."""
+    from ctrmig.direct import route as direct_route
+
+    raise click.exceptions.Exit(direct_route.serve_stdio(role, directory))
 
 
 @cli.command()

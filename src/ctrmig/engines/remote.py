@@ -92,6 +92,17 @@ class RemoteMigrator:
         return proc.run(self._argv(*args), input=input, timeout=SSH_TIMEOUT, check=False,
                         what=f"ctrmig {args[0]} on {self.address}")
 
+    # --- helpers the direct route runs there (ctrmig.direct) --------------------------------
+
+    def helper_argv(self, *args: str) -> list[str]:
+        """ssh argv running ``ctrmig ARGS`` on the remote host (no engine flags)."""
+        return self._argv(*args, engine_args=False)
+
+    @staticmethod
+    def error(stderr: str, what: str) -> CtrmigError:
+        """The error a remote ctrmig reported on ``stderr``, as its own class."""
+        return _remote_error(stderr, what)
+
     # --- protocol ----------------------------------------------------------------------------
 
     def version(self) -> str:

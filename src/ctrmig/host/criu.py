@@ -113,3 +113,47 @@ def require_lazy_pages() -> None:
             "lazy pages need userfaultfd, which this kernel or CRIU lacks",
             hint="restore without lazy pages",
         )
+
+
+#: CRIU's page server sizes a pipe to 819 pages (the kernel rounds it to 4 MiB); without
+#: CAP_SYS_RESOURCE that fails above fs.pipe-max-size, CRIU ignores the failure and then
+#: breaks on the first page a lazy restore fetches ("page-pipe: splice: -1: Bad file
+#: descriptor", criu/page-xfer.c page_server_serve; unchanged upstream as of 2025-11).
+POST_COPY_PIPE = 4194304
+PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
+CAP_SYS_RESOURCE = 24
+
+
+def pipe_max_size() -> int:
+    """The host's fs.pipe-max-size (0 if unreadable)."""
+    try:
+        with open(PIPE_MAX_SIZE) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def has_cap_sys_resource() -> bool:
+    """Whether this process (and so the CRIU it starts) has CAP_SYS_RESOURCE."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def require_post_copy() -> None:
+    """Refuse a post-copy migration this host's CRIU would break on its first page."""
+    require_lazy_pages()
+    size = pipe_max_size()
+    if size < POST_COPY_PIPE and not has_cap_sys_resource():
+        raise FeatureUnavailableError(
+            f"post-copy needs fs.pipe-max-size >= {POST_COPY_PIPE} (it is {size}) or "
+            "CAP_SYS_RESOURCE: CRIU's page server would fail on the first page",
+            hint="run scripts/setup-host (it sets fs.pipe-max-size = 4194304 in "
+                 "/etc/sysctl.d), or `sysctl fs.pipe-max-size=4194304`; or migrate "
+                 "without --lazy-pages",
+        )

@@ -3,9 +3,13 @@ and what their failures say."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,8 @@ from ctrmig.engines.process.tree import alive
 from ctrmig.errors import CheckpointError, CommandError, NameInUseError, RestoreError
 from ctrmig.host import criu, proc
 
+#: A restore's lazy-pages daemon, given the restore's work dir (see :func:`restore`).
+LazyPages = Callable[[Path], AbstractContextManager[None]]
 _PID_TAKEN = re.compile(r"Can't fork for \S+: File exists")
 
 
@@ -42,15 +48,32 @@ def error_text(e: CommandError) -> str:
     return criu.first_error(e.stderr or "") or e.message
 
 
+def dump_argv(pid: int, images: Path, work: Path, config: dict[str, Any], *,
+              leave_running: bool, tcp_established: bool,
+              page_server: int | None = None, lazy: bool = False) -> list[str]:
+    """``criu dump`` of the tree rooted at ``pid``. ``page_server``: a loopback port the
+    pages go to (pre-copy), or with ``lazy`` the port the dump serves them on until the
+    last one was fetched (post-copy; CRIU then ends the tree)."""
+    argv = ["criu", "dump", "-t", str(pid), "-D", str(images), "-W", str(work),
+            "-o", "dump.log", "-v4"]
+    if not lazy:
+        argv.append("--leave-running" if leave_running else "--leave-stopped")
+    argv += criu_option_args(config, tcp_established, dump=True)
+    if page_server is not None:
+        argv += [*([] if lazy else ["--page-server"]), "--address", "127.0.0.1",
+                 "--port", str(page_server)]
+    if lazy:
+        argv.append("--lazy-pages")
+    return argv
+
+
 def dump(pid: int, images: Path, config: dict[str, Any], *, leave_running: bool,
          tcp_established: bool, workdir: Path | None, timeout: float) -> None:
     """``criu dump`` the tree rooted at ``pid`` into ``images``: left stopped, or running
     with ``leave_running``. On failure CRIU lets the tree run on; CheckpointError."""
     with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=workdir) as work:
-        argv = ["criu", "dump", "-t", str(pid), "-D", str(images), "-W", work,
-                "-o", "dump.log", "-v4",
-                "--leave-running" if leave_running else "--leave-stopped"]
-        argv += criu_option_args(config, tcp_established, dump=True)
+        argv = dump_argv(pid, images, Path(work), config, leave_running=leave_running,
+                         tcp_established=tcp_established)
         try:
             proc.run(argv, timeout=timeout, log_file=Path(work, "dump.log"),
                      what=f"criu dump of PID {pid}")
@@ -63,13 +86,36 @@ def dump(pid: int, images: Path, config: dict[str, Any], *, leave_running: bool,
 
 
 def restore(images: Path, config: dict[str, Any], *, tcp_established: bool,
-            inherit: Mapping[str, int], workdir: Path | None, timeout: float) -> int:
+            inherit: Mapping[str, int], workdir: Path | None, timeout: float,
+            lazy_pages: LazyPages | None = None) -> int:
     """``criu restore -d`` the tree ``config`` describes from ``images``, handing it the
-    fds ``inherit`` (CRIU's name of a resource -> our fd); return the root's PID."""
+    fds ``inherit`` (CRIU's name of a resource -> our fd); return the root's PID.
+    ``lazy_pages(work)``: the lazy-pages daemon serving the restore (``--lazy-pages``);
+    when it fails after the restore, the restored tree is killed (its memory is not
+    whole) and the daemon's error raised."""
     pid = int(config["pid"])
-    with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=workdir) as work:
+    restored: list[int] = []
+    try:
+        _restore(pid, images, config, tcp_established, inherit, workdir, timeout, lazy_pages,
+                 restored)
+    except BaseException:
+        for p in reversed(proc.tree(restored[0]) if restored else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)  # lazy pages failed: its memory is not whole
+        raise
+    return restored[0]
+
+
+def _restore(pid: int, images: Path, config: dict[str, Any], tcp_established: bool,
+             inherit: Mapping[str, int], workdir: Path | None, timeout: float,
+             lazy_pages: LazyPages | None,
+             restored: list[int]) -> None:
+    with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=workdir) as work, \
+            (lazy_pages(Path(work)) if lazy_pages else contextlib.nullcontext()):
         argv = ["criu", "restore", "-d", "-D", str(images), "-W", work,
                 "-o", "restore.log", "-v4", "--pidfile", str(Path(work, "pidfile"))]
+        if lazy_pages is not None:
+            argv.append("--lazy-pages")
         argv += criu_option_args(config, tcp_established or config["tcp_established"],
                                  dump=False)
         for key, fd in inherit.items():
@@ -86,4 +132,4 @@ def restore(images: Path, config: dict[str, Any], *, tcp_established: bool,
                 ) from e
             raise RestoreError(f"restore of PID {pid} failed: {error_text(e)}",
                                stderr=e.stderr, hint="see the CRIU log lines in stderr") from e
-        return int(Path(work, "pidfile").read_text().strip())
+        restored.append(int(Path(work, "pidfile").read_text().strip()))

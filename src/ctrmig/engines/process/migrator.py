@@ -9,17 +9,20 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP
+from ctrmig.direct import lazy, pages
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.process import checks, criu, inherit, records, tree
 from ctrmig.engines.process.tree import alive, pid_of
-from ctrmig.errors import CheckpointError, ContainerNotFoundError, OptionError
+from ctrmig.errors import CheckpointError, CommandError, ContainerNotFoundError, OptionError
 from ctrmig.host import criu as host_criu
 from ctrmig.host import proc
 from ctrmig.host.files import write_private
@@ -31,7 +34,8 @@ class ProcessMigrator(BaseMigrator):
 
     engine = "process"
     checkpoint_options: ClassVar[frozenset[str]] = frozenset({"tcp_established", "file_locks"})
-    restore_options: ClassVar[frozenset[str]] = frozenset({"tcp_established", "file_locks"})
+    restore_options: ClassVar[frozenset[str]] = frozenset(
+        {"tcp_established", "file_locks", "lazy_pages"})
 
     def __init__(
         self,
@@ -55,6 +59,10 @@ class ProcessMigrator(BaseMigrator):
         # then means that process, not another one now under the same PID (the target of
         # a same-host migration, restored meanwhile by another migrator).
         self._ended: dict[int, int | None] = {}
+        # Root PID -> the PIDs of a tree the direct route's dump left stopped (its pages
+        # went to the target): resume() continues it, remove() ends it.
+        self._held: dict[int, list[int]] = {}
+        self.page_sink: pages.PageSink | None = None
 
     # --- facts about this host -------------------------------------------------------------
 
@@ -94,6 +102,8 @@ class ProcessMigrator(BaseMigrator):
         pid = pid_of(container)
         if pid == 1 or pid == os.getpid():
             raise OptionError(f"refusing to stop PID {pid}", hint="it is init or ctrmig itself")
+        if pid in self._held:
+            _signal(self._held.pop(pid), signal.SIGKILL)
         ended = self._ended.pop(pid, -1)
         if alive(pid) and (ended == -1 or proc.start_time(pid) == ended):
             proc.stop_pid(pid)
@@ -135,6 +145,8 @@ class ProcessMigrator(BaseMigrator):
         pid = pid_of(record.name)
         config = tree.facts(pid, opts)
         dump = self.state.new_dump(pid)
+        if self.page_sink is not None:  # the direct route (ctrmig.direct)
+            return self._direct_dump(pid, config, dump, opts, self.page_sink)
         try:
             criu.dump(pid, dump / CHECKPOINT_DIR, config, leave_running=opts.leave_running,
                       tcp_established=opts.tcp_established, workdir=self.workdir,
@@ -175,10 +187,90 @@ class ProcessMigrator(BaseMigrator):
 
         return Dump(write=write, rollback=rollback, commit=commit)
 
+    # --- the direct route (ctrmig.direct) ----------------------------------------------
+
+    @contextlib.contextmanager
+    def sending_pages(self, sink: pages.PageSink) -> Iterator[None]:
+        """Checkpoints in the block send their pages to ``sink`` (the direct route): the
+        archive then holds every image but the pages."""
+        self.page_sink = sink
+        try:
+            yield
+        finally:
+            self.page_sink = None
+
+    def _direct_dump(self, pid: int, config: dict[str, Any], dump: Path,
+                     opts: CheckpointOptions, sink: pages.PageSink) -> Dump:
+        """Pre-copy: the tree is left stopped, its memory intact, until the migration ends
+        (rollback: it continues; remove(): it ends). Post-copy: the dump serves the pages
+        on the sink's port and CRIU ends the tree once the target took the last one."""
+        work = dump / "work"
+        work.mkdir()
+        argv = criu.dump_argv(pid, dump / CHECKPOINT_DIR, work, config,
+                              leave_running=False, tcp_established=opts.tcp_established,
+                              page_server=sink.port, lazy=sink.lazy)
+        what = f"criu dump of PID {pid}"
+        sink.mark("freeze")
+        serving: subprocess.Popen[bytes] | None = None
+        try:
+            if sink.lazy:
+                serving = lazy.start_dump(argv, what=what, log_file=work / "dump.log")
+                sink.serving = serving
+            else:
+                proc.run(argv, timeout=self.timeout, log_file=work / "dump.log", what=what)
+        except BaseException as e:
+            shutil.rmtree(dump, ignore_errors=True)  # CRIU let the tree run on
+            if isinstance(e, CommandError):
+                raise CheckpointError(f"checkpoint of PID {pid} failed: "
+                                      f"{criu.error_text(e)}", stderr=e.stderr) from e
+            raise
+        sink.mark("dumped")
+        pids: list[int] = config["tree"]["pids"]
+
+        def write(writer: ArchiveWriter) -> dict[str, Any]:
+            tree.hash_files(config)
+            (dump / CONFIG_DUMP).write_text(json.dumps(config, indent=2))
+            writer.add_tree(dump / CHECKPOINT_DIR, CHECKPOINT_DIR)
+            writer.add_file(CONFIG_DUMP, dump / CONFIG_DUMP)
+            extra = tree.manifest_extra(config)
+            if not sink.lazy:
+                extra[pages.PAGE_STREAM] = sink.sent()
+            return extra
+
+        def served() -> None:
+            """Post-copy: wait for the dump to end (the target took the last page)."""
+            try:
+                assert serving is not None
+                lazy.end_dump(serving, what=what, log_file=work / "dump.log",
+                              timeout=self.timeout)
+            finally:
+                shutil.rmtree(dump, ignore_errors=True)
+
+        def commit() -> None:
+            sink.mark("written")
+            if serving is not None:  # the pages flow on until the last one: see served
+                self._ended[pid] = proc.start_time(pid)
+                sink.served = served
+                return
+            self._held[pid] = pids
+            shutil.rmtree(dump, ignore_errors=True)
+
+        def rollback() -> None:
+            if serving is not None:
+                proc.kill_group(serving)  # the serving CRIU lets go: the tree runs on
+            else:
+                _signal(pids, signal.SIGCONT)
+            shutil.rmtree(dump, ignore_errors=True)
+
+        return Dump(write=write, rollback=rollback, commit=commit)
+
     def resume(self, container: str) -> None:
         """Run a checkpointed process again here, from the images its checkpoint kept
         (the rollback of a failed migration)."""
         pid = pid_of(container)
+        if pid in self._held:  # stopped by the direct route: its memory is still there
+            _signal(self._held.pop(pid), signal.SIGCONT)
+            return
         if not self.state.has_kept(pid):
             raise CheckpointError(f"no checkpoint of PID {pid} is kept here",
                                   hint="restore it from its archive instead")
@@ -211,9 +303,19 @@ class ProcessMigrator(BaseMigrator):
         checks.check_pids_free(pids)
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        return self._criu_restore(source, records.read_config(source), opts.tcp_established)
+        if opts.page_images:  # the direct route: pages a page server received
+            pages.merge(Path(opts.page_images), manifest.extra.get(pages.PAGE_STREAM),
+                        source / CHECKPOINT_DIR)
+        lazy_pages = None
+        if opts.lazy_pages:
+            def lazy_pages(work: Path) -> contextlib.AbstractContextManager[None]:
+                return lazy.serving(source / CHECKPOINT_DIR, work, self.timeout,
+                                    opts.lazy_page_server)
+        return self._criu_restore(source, records.read_config(source), opts.tcp_established,
+                                  lazy_pages)
 
-    def _criu_restore(self, source: Path, config: dict[str, Any], tcp_established: bool) -> str:
+    def _criu_restore(self, source: Path, config: dict[str, Any], tcp_established: bool,
+                      lazy_pages: criu.LazyPages | None = None) -> str:
         """``criu restore -d`` from ``source`` (an extracted archive or a kept checkpoint)."""
         pid = int(config["pid"])
         with contextlib.ExitStack() as stack:
@@ -221,9 +323,16 @@ class ProcessMigrator(BaseMigrator):
                                                  lambda: self.state.log_file(pid), stack)
             restored = criu.restore(source / CHECKPOINT_DIR, config,
                                     tcp_established=tcp_established, inherit=fds,
-                                    workdir=self.workdir, timeout=self.timeout)
+                                    workdir=self.workdir, timeout=self.timeout,
+                                    lazy_pages=lazy_pages)
         self.state.write_record(restored, config, logfile)
         # It runs again: a checkpoint kept of it here must not run it a second time.
         self.state.drop_kept(pid)
         self._ended.pop(pid, None)
         return str(restored)
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)

@@ -146,6 +146,9 @@ class Bundles:
         namespaces[:] = [ns for ns in namespaces if ns.get("type") != "network"]
         namespaces.append({"type": "network", "path": f"/run/netns/{netns}"})
         spec.setdefault("mounts", []).extend(spec_mounts(volumes))
+        # #19: a cgroup of its own per state dir (runc's default is /NAME): the direct
+        # route restores while the source, paused, still holds its cgroup on this host.
+        spec["linux"]["cgroupsPath"] = f"/{netns}"
         return spec
 
     def drained(self, name: str) -> int | None:

@@ -51,10 +51,20 @@ class Runc:
         """``runc --root ROOT ARGS``."""
         return ["runc", "--root", str(self.root), *args]
 
-    def checkpoint_argv(self, name: str, images: Path, work: Path,
-                        opts: CheckpointOptions) -> list[str]:
+    def checkpoint_argv(self, name: str, images: Path, work: Path, opts: CheckpointOptions,
+                        *, page_server: str | None = None, lazy: bool = False,
+                        leave_running: bool = False) -> list[str]:
+        """``page_server`` ADDR:PORT: the pages go there (pre-copy), or with ``lazy`` the
+        dump serves them there until the last one was fetched (post-copy)."""
+        flags = criu_option_args(opts)
+        if leave_running and "--leave-running" not in flags:
+            flags.append("--leave-running")
+        if page_server is not None:
+            flags += ["--page-server", page_server]
+        if lazy:
+            flags.append("--lazy-pages")
         return [*self.argv("checkpoint", "--image-path", str(images), "--work-path", str(work)),
-                *criu_option_args(opts), name]
+                *flags, name]
 
     @staticmethod
     def run_args(name: str, bundle: Path) -> list[str]:

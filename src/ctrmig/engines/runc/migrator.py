@@ -15,9 +15,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,8 +34,8 @@ from ctrmig.archive.layout import (
     STATS_DUMP,
     volume_member,
 )
+from ctrmig.direct import lazy, pages
 from ctrmig.engines.base import BaseMigrator, Dump
-from ctrmig.engines.runc import lazy
 from ctrmig.engines.runc.bundle import TEMPLATE, Bundles, config_dump, process_settings
 from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc, keep_logs, summary, with_criu_logs
 from ctrmig.engines.runc.images import ImageCache
@@ -195,7 +196,6 @@ class RuncMigrator(BaseMigrator):
             raise CheckpointError(f"runc container {name!r} is {status}, not running",
                                   hint="restore or resume it first" if status ==
                                   "checkpointed" else None)
-        bundle = self.bundles.path(name)
         meta = self.bundles.meta(name) or {}
         mounts = from_records(meta.get("volumes"))
         if not opts.ignore_volumes:
@@ -206,6 +206,9 @@ class RuncMigrator(BaseMigrator):
         shutil.rmtree(images, ignore_errors=True)
         images.mkdir(0o700)  # CRIU's images: the container's memory
         work = self.paths.new_workdir("checkpoint")
+        sink = self.page_sink
+        if sink is not None:  # the direct route (ctrmig.direct): its own Dump
+            return self._direct_dump(record, opts, sink, images, work, mounts)
         # Left running, the container must not change its volumes before write() packed
         # them as the memory image knows them: it stays paused until then (runc keeps a
         # paused container paused through checkpoint --leave-running).
@@ -231,30 +234,7 @@ class RuncMigrator(BaseMigrator):
                 volumes = self.volumes.pack(mounts, work, ignore=opts.ignore_volumes)
             finally:
                 unpause()
-            writer.add_tree(images, CHECKPOINT_DIR)
-            writer.add_file(SPEC_DUMP, bundle / "config.json")
-            writer.add_bytes(CONFIG_DUMP, to_json(config_dump(meta)))
-            diff = work / ROOTFS_DIFF
-            deleted = write_rootfs_diff(bundle / "diff" / "upper", diff)
-            writer.add_file(ROOTFS_DIFF, diff)
-            if deleted:
-                writer.add_bytes(DELETED_FILES, to_json(deleted))
-            for stats in (work / STATS_DUMP, images / STATS_DUMP):
-                if stats.is_file():  # CRIU's dump statistics, where podman keeps them
-                    writer.add_file(STATS_DUMP, stats)
-                    break
-            for v in volumes:
-                if v["carried"]:
-                    writer.add_file(volume_member(v["name"]), self.volumes.packed(work,
-                                                                                v["name"]))
-            return {
-                "volumes": volumes,
-                "runc_root": str(self.runc.root),
-                "image_transport": meta.get("transport_ref", ""),
-                "image_digest": meta.get("digest", ""),
-                "dump_seconds": round(dump_seconds, 3),
-                "rootfs_deleted_paths": deleted,
-            }
+            return self._write_members(writer, name, images, work, dump_seconds, volumes)
 
         def commit() -> None:
             shutil.rmtree(work, ignore_errors=True)
@@ -273,14 +253,144 @@ class RuncMigrator(BaseMigrator):
 
         return Dump(write=write, rollback=rollback, commit=commit)
 
+    def _write_members(self, writer: ArchiveWriter, name: str, images: Path, work: Path,
+                       dump_seconds: float, volumes: builtins.list[dict[str, Any]]
+                       ) -> dict[str, Any]:
+        """Every archive member of a dump of ``name`` into ``images``, but the manifest."""
+        bundle = self.bundles.path(name)
+        meta = self.bundles.meta(name) or {}
+        writer.add_tree(images, CHECKPOINT_DIR)
+        writer.add_file(SPEC_DUMP, bundle / "config.json")
+        writer.add_bytes(CONFIG_DUMP, to_json(config_dump(meta)))
+        diff = work / ROOTFS_DIFF
+        deleted = write_rootfs_diff(bundle / "diff" / "upper", diff)
+        writer.add_file(ROOTFS_DIFF, diff)
+        if deleted:
+            writer.add_bytes(DELETED_FILES, to_json(deleted))
+        for stats in (work / STATS_DUMP, images / STATS_DUMP):
+            if stats.is_file():  # CRIU's dump statistics, where podman keeps them
+                writer.add_file(STATS_DUMP, stats)
+                break
+        for v in volumes:
+            if v["carried"]:
+                writer.add_file(volume_member(v["name"]), self.volumes.packed(work, v["name"]))
+        return {
+            "volumes": volumes,
+            "runc_root": str(self.runc.root),
+            "image_transport": meta.get("transport_ref", ""),
+            "image_digest": meta.get("digest", ""),
+            "dump_seconds": round(dump_seconds, 3),
+            "rootfs_deleted_paths": deleted,
+        }
+
+    # --- the direct route (ctrmig.direct) ----------------------------------------------
+
+    #: Where the next dump sends its pages; set by :meth:`sending_pages` only.
+    page_sink: pages.PageSink | None = None
+
+    @contextlib.contextmanager
+    def sending_pages(self, sink: pages.PageSink) -> Iterator[None]:
+        """Checkpoints in the block send their pages to ``sink`` (the direct route): the
+        archive then holds every image but the pages."""
+        self.page_sink = sink
+        try:
+            yield
+        finally:
+            self.page_sink = None
+
+    def _direct_dump(self, record: ContainerRecord, opts: CheckpointOptions,
+                     sink: pages.PageSink, images: Path, work: Path,
+                     mounts: builtins.list[Mount]) -> Dump:
+        """Pre-copy: pause, dump with the pages to the sink's relay, and keep the container
+        paused (its memory intact) until the migration ends: rollback is an unpause.
+        Post-copy: a ``--lazy-pages`` dump that serves the pages on the sink's port and
+        ends the container only once the target took the last one."""
+        name = record.name
+        started = time.monotonic()
+        sink.mark("freeze")
+        argv = self.runc.checkpoint_argv(name, images, work, opts, page_server=sink.address,
+                                         lazy=sink.lazy, leave_running=not sink.lazy)
+        dumping: subprocess.Popen[bytes] | None = None
+        try:
+            if sink.lazy:
+                dumping = lazy.start_dump(argv, what=f"runc checkpoint {name}",
+                                          log_file=work / "dump.log")
+                sink.serving = dumping
+            else:
+                proc.run(self.runc.argv("pause", name), timeout=self.timeout,
+                         what=f"runc pause {name}")
+                sink.mark("frozen")
+                try:
+                    self._checkpoint_argv(name, argv, images, work)
+                except BaseException:
+                    self._unpause(name)
+                    raise
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        sink.mark("dumped")
+        dump_seconds = time.monotonic() - started
+
+        def write(writer: ArchiveWriter) -> dict[str, Any]:
+            # Pre-copy keeps the container paused, post-copy frozen: the volumes hold still.
+            volumes = self.volumes.pack(mounts, work, ignore=opts.ignore_volumes)
+            extra = self._write_members(writer, name, images, work, dump_seconds, volumes)
+            if not sink.lazy:
+                extra[pages.PAGE_STREAM] = sink.sent()
+            return extra
+
+        def served() -> None:
+            """Post-copy: wait for the dump to end (the target took the last page)."""
+            try:
+                assert dumping is not None
+                lazy.end_dump(dumping, what=f"runc checkpoint {name}",
+                              log_file=work / "dump.log", timeout=self.timeout)
+                self.bundles.drained(name)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(images, ignore_errors=True)
+
+        def commit() -> None:
+            sink.mark("written")
+            if dumping is not None:  # the pages flow on until the last one: see served
+                sink.served = served
+                return
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(images, ignore_errors=True)
+
+        def rollback() -> None:
+            try:
+                if dumping is not None:
+                    # Killing the serving CRIU releases the frozen container: it runs on.
+                    proc.kill_group(dumping)
+                self._unpause(name)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(images, ignore_errors=True)
+
+        return Dump(write=write, rollback=rollback, commit=commit)
+
+    def _unpause(self, name: str) -> None:
+        """Let a container the direct route paused run on (nothing if it is not paused)."""
+        state = self.runc.state(name)
+        if state and state.get("status") == "paused":
+            proc.run(self.runc.argv("resume", name), timeout=self.timeout,
+                     what=f"runc resume {name}")
+
     def _checkpoint(self, name: str, images: Path, work: Path, opts: CheckpointOptions
                     ) -> float:
         """``runc checkpoint`` into ``images``; return how long the dump took. On failure
         the container runs on (CRIU resumes it) and the error quotes CRIU."""
         started = time.monotonic()
+        self._checkpoint_argv(name, self.runc.checkpoint_argv(name, images, work, opts),
+                              images, work)
+        return time.monotonic() - started
+
+    def _checkpoint_argv(self, name: str, argv: builtins.list[str], images: Path,
+                         work: Path) -> None:
         try:
-            proc.run(self.runc.checkpoint_argv(name, images, work, opts), timeout=self.timeout,
-                     log_file=work / "dump.log", what=f"runc checkpoint {name}")
+            proc.run(argv, timeout=self.timeout, log_file=work / "dump.log",
+                     what=f"runc checkpoint {name}")
         except CommandError as e:
             shutil.rmtree(images, ignore_errors=True)
             text = with_criu_logs(e.stderr or "", work)
@@ -292,7 +402,6 @@ class RuncMigrator(BaseMigrator):
                 f"runc checkpoint of {name!r} failed: {summary(text)}", stderr=text,
                 hint=f"{left}; full logs kept in {kept}" if kept else left,
             ) from e
-        return time.monotonic() - started
 
     def resume(self, container: str) -> None:
         """Run again a container that a checkpoint stopped, from the images it kept."""
@@ -300,7 +409,11 @@ class RuncMigrator(BaseMigrator):
         images = self.bundles.kept_images(container)
         if self.bundles.meta(container) is None:
             raise ContainerNotFoundError(f"no runc container named {container!r}")
-        if self.runc.state(container) is not None:
+        state = self.runc.state(container)
+        if state is not None and state.get("status") == "paused":
+            self._unpause(container)  # the direct route's checkpoint keeps it paused
+            return
+        if state is not None:
             raise CheckpointError(f"runc container {container!r} is already running")
         if not (images / "inventory.img").is_file():
             raise CheckpointError(f"runc container {container!r} has no kept checkpoint",
@@ -355,9 +468,12 @@ class RuncMigrator(BaseMigrator):
             if diff.exists():
                 apply_rootfs_diff(diff, bundle / "rootfs")
             images = source / CHECKPOINT_DIR
+            if opts.page_images:  # the direct route: pages a page server received
+                pages.merge(Path(opts.page_images), manifest.extra.get(pages.PAGE_STREAM),
+                            images)
             with self.paths.workdir("restore") as work, (
-                    lazy.serving(images, work, self.timeout) if opts.lazy_pages
-                    else contextlib.nullcontext()):
+                    lazy.serving(images, work, self.timeout, opts.lazy_page_server)
+                    if opts.lazy_pages else contextlib.nullcontext()):
                 opts.commit()  # runc restore runs on in its own session if we die
                 self._start(name, self.runc.restore_args(name, images, work, bundle, opts),
                             work=work, error=RestoreError, what=f"runc restore {name}")

@@ -1,0 +1,188 @@
+"""Post-copy (``ctrmig migrate --lazy-pages``): the target runs at once, its memory
+fetched from the source's page server afterwards; the source ends with the last page.
+
+The two-host topology (runc over ``runc+ssh://``, the page server's port tunnelled
+through an ssh stdio relay) and one host, memory verified by memhog. When the link breaks
+mid post-copy, the memory is split between the hosts: the target must be killed and the
+container run on, intact, at the source.
+"""
+
+# ruff: noqa: F811 - pytest fixtures imported from their test modules, used by name
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bench import workload
+
+import ctrmig
+from ctrmig.engines.runc import RuncMigrator
+from ctrmig.host import criu
+from tests.conftest import unique, wait_for
+from tests.hosts import TwoHosts
+from tests.integration import test_failures as failures
+from tests.integration.test_direct import (  # noqa: F401 - fixtures
+    MIB,
+    memhog_image,
+    memhog_pair,
+    migrate,
+    pair,
+    runs_once_intact,
+    runs_only_on,
+    start_memhog,
+    verified_on,
+)
+from tests.integration.test_failures import (  # noqa: F401 - hosts is a fixture
+    Pair,
+    hosts,
+    set_link,
+    slow_link,
+    wait_exit,
+    wait_until,
+)
+
+pytestmark = pytest.mark.runc
+
+
+@pytest.fixture(autouse=True)
+def _post_copy_possible() -> None:
+    """setup-host sets fs.pipe-max-size; without it ctrmig refuses (tested in unit)."""
+    criu.require_post_copy()
+
+
+def test_post_copy_over_ssh(pair: Pair) -> None:
+    name, _ = start_memhog(pair)
+    report = migrate(pair, name, "--lazy-pages")
+    assert report["route"] == "post-copy"
+    assert int(str(report["bytes_moved"])) > MIB << 20  # every page came through the relay
+    runs_only_on(pair, name, "B")
+    verified_on(pair.target, name)
+    assert not pair.source.exists(name)
+
+
+def test_post_copy_on_one_host(tmp_path: Path, memhog_image: str) -> None:
+    a = RuncMigrator(state_dir=tmp_path / "a")
+    b = RuncMigrator(state_dir=tmp_path / "b")
+    name = a.run(memhog_image, name=unique("ctrmig-p"), command=workload.command(MIB))
+    try:
+        wait_for(lambda: workload.health(a.logs(name)).rounds > 2, timeout=120,
+                 what="memhog verifying")
+        report = ctrmig.migrate(name, source=a, target=b,
+                                restore_options={"lazy_pages": True})
+        assert report.route == "post-copy"
+        assert not a.exists(name)
+        verified_on(b, name)
+    finally:
+        for m in (a, b):
+            if m.exists(name):
+                m.remove(name)
+
+
+def test_link_breaks_mid_post_copy(pair: Pair) -> None:
+    """The veth goes down while the target runs on half its memory: the target is killed
+    (by the source's ctrmig if it can reach it, else by its own relay's watchdog), the
+    source's CRIU lets go and the container runs on there, memory intact."""
+    name, _ = start_memhog(pair, 256)
+    with slow_link(pair.hosts, "40mbit"):  # 256 MiB then take ~50 s to fetch
+        child = pair.spawn(pair.migrate_argv(name, "--lazy-pages"))
+        try:
+            hit = wait_until(child, lambda: ("B", pair.target) in pair.running(name),
+                             "the target running on lazy pages")
+            assert hit, "the migration ended before the target ran"
+            set_link(pair.hosts, up=False)
+            code, err = wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            set_link(pair.hosts, up=True)
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    # The target, cut off, ends itself once its pages stop (the relay's watchdog).
+    wait_for(lambda: not pair.target.exists(name), timeout=90,
+             what="the cut-off target killed")
+    assert runs_once_intact(pair, name) == "A"
+    time.sleep(1)
+    runs_only_on(pair, name, "A")
+
+
+def test_killed_mid_post_copy_then_recover(pair: Pair) -> None:
+    """SIGKILL of ``ctrmig migrate`` while the target runs on lazy pages: its guard stops
+    the source's page server (the container runs on there), the cut-off target ends
+    itself, and ``ctrmig recover`` finds it running once, memory intact."""
+    name, _ = start_memhog(pair, 256)
+    with slow_link(pair.hosts, "40mbit"):
+        child = pair.spawn(pair.migrate_argv(name, "--lazy-pages"))
+        try:
+            hit = wait_until(child, lambda: ("B", pair.target) in pair.running(name),
+                             "the target running on lazy pages")
+            assert hit, "the migration ended before the target ran"
+            child.send_signal(signal.SIGKILL)
+            wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    res = pair.recover()
+    out = res.stdout.decode() + res.stderr.decode()
+    assert res.returncode == 0, out
+    assert name in out, out
+    wait_for(lambda: not pair.target.exists(name), timeout=90,
+             what="the cut-off target killed")
+    assert runs_once_intact(pair, name) == "A"
+
+
+# --- every failure point of tests/integration/test_failures.py, on post-copy ------------
+
+
+class PostCopyPair(Pair):
+    """test_failures' runc pair, migrating with --lazy-pages."""
+
+    def migrate_argv(self, name: str, *extra: str) -> list[str]:
+        return super().migrate_argv(name, "--lazy-pages", *extra)
+
+
+@pytest.fixture
+def lazy_pair(hosts: TwoHosts, test_image: str, tmp_path: Path) -> Iterator[Pair]:
+    base = memhog_pair(hosts, test_image, tmp_path)
+    p = PostCopyPair(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    try:
+        yield p
+    finally:
+        set_link(hosts, up=True)
+        p.cleanup()
+    assert p.journals() == [], "a journal was left behind"
+
+
+def test_post_copy_dump_fails(lazy_pair: Pair) -> None:
+    failures.test_dump_fails(lazy_pair)
+
+
+def test_post_copy_transfer_breaks(lazy_pair: Pair, tmp_path: Path) -> None:
+    failures.test_transfer_breaks(lazy_pair, tmp_path)
+
+
+def test_post_copy_target_lacks_space(lazy_pair: Pair, tmp_path: Path) -> None:
+    failures.test_target_lacks_space(lazy_pair, tmp_path)
+
+
+def test_post_copy_target_lacks_the_image(lazy_pair: Pair, tmp_path: Path) -> None:
+    failures.test_target_lacks_the_image(lazy_pair, tmp_path)
+
+
+def test_post_copy_name_taken_at_the_last_moment(lazy_pair: Pair, tmp_path: Path) -> None:
+    failures.test_target_name_taken_at_the_last_moment(lazy_pair, tmp_path)
+
+
+@pytest.mark.parametrize("phase", ["started", "transfer"])
+def test_post_copy_ctrl_c(lazy_pair: Pair, phase: str) -> None:
+    failures.test_ctrl_c(lazy_pair, phase)
+
+
+@pytest.mark.parametrize("phase", ["started", "dump", "transfer", "restore"])
+def test_post_copy_killed_then_recover(lazy_pair: Pair, phase: str) -> None:
+    failures.test_killed_then_recover(lazy_pair, phase)
