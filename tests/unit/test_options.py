@@ -58,7 +58,9 @@ def test_include_image_true_round_trips() -> None:
     (RestoreOptions, cli.restore, set()),
     # Key files are read where ctrmig runs: checkpoint and restore only (see options.py).
     (CheckpointOptions, cli.migrate, {"leave_running", "encrypt_to", "sign"}),
-    (RestoreOptions, cli.migrate, {"identity", "trusted_keys"}),
+    # ... and what a migration sets itself on the direct route, for the remote restore.
+    (RestoreOptions, cli.migrate, {"identity", "trusted_keys", "page_images",
+                                   "lazy_page_server"}),
 ])
 def test_every_api_option_is_a_cli_flag(cls: type[Any], command: Any,
                                         excluded: set[str]) -> None:
