@@ -411,6 +411,25 @@ class WatchedTarget:
         return name
 
 
+class WatchedSource:
+    """The source migrator; its resume (the rollback) knows that a failed post-copy has
+    already let the container run on at the source."""
+
+    def __init__(self, source: Migrator, plan: Plan):
+        self._source, self._plan = source, plan
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def resume(self, container: str) -> None:
+        if self._plan.sink.lazy:
+            self._plan.target_failed()  # the serving dump is gone: CRIU let go
+            if any(c.state == "running" for c in self._source.list()
+                   if container in (c.name, c.id)):
+                return
+        self._source.resume(container)
+
+
 @dataclasses.dataclass
 class Plan:
     """What the direct route hands the migration: a sink for the source's dump, the
