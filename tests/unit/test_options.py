@@ -26,6 +26,8 @@ def _non_default(cls: type[Any]) -> Any:
             values[f.name] = ("8080:80", "9090:90")
         elif f.name == "include_image":
             values[f.name] = False
+        elif f.type == "str | None":  # the direct route's page_images, lazy_page_server
+            values[f.name] = f"value-of-{f.name}"
         else:
             values[f.name] = True
     return cls(**values)
@@ -53,7 +55,8 @@ def test_include_image_true_round_trips() -> None:
     (CheckpointOptions, cli.checkpoint, set()),
     (RestoreOptions, cli.restore, set()),
     (CheckpointOptions, cli.migrate, {"leave_running"}),
-    (RestoreOptions, cli.migrate, set()),
+    # migrate sets the direct route's own (page_images, lazy_page_server) itself
+    (RestoreOptions, cli.migrate, {"page_images", "lazy_page_server"}),
 ])
 def test_every_api_option_is_a_cli_flag(cls: type[Any], command: Any,
                                         excluded: set[str]) -> None:
