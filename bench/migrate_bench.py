@@ -50,7 +50,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from tests.hosts import Host, TwoHosts
 
@@ -91,7 +91,7 @@ class Row:
 
     mib: int
     engine: str
-    route: str  # ctrmig, ctrmig-lazy, raw, floor
+    route: str  # ctrmig, ctrmig-lazy, ctrmig-direct, ctrmig-postcopy, raw, floor
     downtime_s: float | None = None
     total_s: float | None = None
     bytes_moved: int | None = None
@@ -383,18 +383,28 @@ class RuncBench:
                    f"{name} filled")
         return name, workload.health(self.a.logs(name))
 
-    def ctrmig(self, mib: int, *, lazy: bool = False) -> Row:
+    #: route name in the table -> (migrate's route, lazy pages)
+    ROUTES: ClassVar[dict[str, tuple[str, bool]]] = {
+        "ctrmig": ("archive", False), "ctrmig-lazy": ("archive", True),
+        "ctrmig-direct": ("direct", False), "ctrmig-postcopy": ("direct", True)}
+
+    def ctrmig(self, mib: int, *, lazy: bool = False, route: str | None = None) -> Row:
+        """``route``: a key of :data:`ROUTES` (default: the archive route, lazy or not)."""
         import ctrmig
 
-        row = Row(mib, "runc", "ctrmig-lazy" if lazy else "ctrmig")
+        route = route or ("ctrmig-lazy" if lazy else "ctrmig")
+        how, lazy = self.ROUTES[route]
+        row = Row(mib, "runc", route)
         name, before = self._start(mib)
         try:
             rep = ctrmig.migrate(name, source=cast(ctrmig.Migrator, self.a),
-                                 target=cast(ctrmig.Migrator, self.b),
+                                 target=cast(ctrmig.Migrator, self.b), route=how,
                                  restore_options={"lazy_pages": True} if lazy else None)
             row.downtime_s, row.total_s = rep.downtime_s, rep.total_s
             row.bytes_moved = rep.bytes_moved
-            row.detail = {"checkpoint_s": rep.checkpoint_s, "restore_s": rep.restore_s}
+            row.detail = {"checkpoint_s": rep.checkpoint_s, "restore_s": rep.restore_s,
+                          "freeze_s": rep.freeze_s, "dump_s": rep.dump_s,
+                          "transfer_s": rep.transfer_s}
             if rep.manifest is not None:
                 row.detail["dump_s"] = rep.manifest.extra.get("dump_seconds")
             row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
@@ -705,8 +715,12 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
                 measure(Row(mib, "podman", "raw"), podman.raw, mib)
             if runc is not None:
                 measure(Row(mib, "runc", "ctrmig"), runc.ctrmig, mib)
+                measure(Row(mib, "runc", "ctrmig-direct"), runc.ctrmig, mib,
+                        route="ctrmig-direct")
                 if lazy:
                     measure(Row(mib, "runc", "ctrmig-lazy"), runc.ctrmig, mib, lazy=True)
+                    measure(Row(mib, "runc", "ctrmig-postcopy"), runc.ctrmig, mib,
+                            route="ctrmig-postcopy")
             if docker_bench is not None and mib <= docker_max:
                 measure(Row(mib, "docker", "ctrmig"), docker_bench.ctrmig, mib)
                 measure(Row(mib, "docker", "raw"), docker_bench.raw, mib)

@@ -248,6 +248,7 @@ def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_sou
         with direct_route.planned(source, target, rest, lazy=lazy, timeout=timeout) as plan:
             watched = direct_route.WatchedTarget(target, plan.outcome, plan.target_failed,
                                                  plan.target_ran)
+            source = direct_route.WatchedSource(source, plan)
             report = _migrate(container, source, watched, keep_source,
                               ckpt, plan.restore, progress)
             marks = dict(plan.sink.marks)

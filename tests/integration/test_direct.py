@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from bench import workload
 import ctrmig
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import services
+from ctrmig.migrate import MigrationReport
 from tests.conftest import unique, wait_for
 from tests.hosts import TwoHosts
 from tests.integration.test_failures import (  # noqa: F401 - hosts is a fixture
@@ -51,8 +52,9 @@ def memhog_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return workload.ensure_image(tmp_path_factory.mktemp("memhog"))
 
 
-def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path) -> Pair:
-    """runc on host A -> ``runc+ssh://`` ctrmig on host B, running memhog."""
+def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path,
+                cls: type[Pair] = Pair) -> Pair:
+    """runc on host A -> ``runc+ssh://`` ctrmig on host B, running ``image``."""
     a, b = hosts.a, hosts.b
     src = RuncMigrator(state_dir=a.root / "runc")
     dst = RuncMigrator(state_dir=b.root / "runc")
@@ -66,7 +68,7 @@ def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path) -> Pair:
         "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
         "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
     }
-    return Pair("runc", hosts, services.netns_prefix(a.netns), src, dst, "runc",
+    return cls("runc", hosts, services.netns_prefix(a.netns), src, dst, "runc",
                 f"runc+ssh://root@{b.address}:{SSH_PORT}", "", env, run,
                 tmp_path / "journal")
 
@@ -74,11 +76,15 @@ def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path) -> Pair:
 @pytest.fixture
 def pair(hosts: TwoHosts, memhog_image: str,
          tmp_path: Path) -> Iterator[Pair]:
-    p = memhog_pair(hosts, memhog_image, tmp_path)
+    yield from cleaned(memhog_pair(hosts, memhog_image, tmp_path))
+
+
+def cleaned(p: Pair) -> Iterator[Pair]:
+    """A fixture's body: ``p``, then the link up, its containers gone, no journal left."""
     try:
         yield p
     finally:
-        set_link(hosts, up=True)
+        set_link(p.hosts, up=True)
         p.cleanup()
     assert p.journals() == [], "a journal was left behind"
 
@@ -153,39 +159,39 @@ def test_archive_route_still_there(pair: Pair) -> None:
     verified_on(pair.target, name)
 
 
-def test_direct_on_one_host(tmp_path: Path, memhog_image: str) -> None:
-    """runc state dir A -> B on this host, through the API (the link a socket pair)."""
+def on_one_host(tmp_path: Path, image: str, **migrate_args: object) -> MigrationReport:
+    """memhog moved between two runc state dirs of this host through the API (the link a
+    socket pair); its memory verified on the target; the report."""
     a = RuncMigrator(state_dir=tmp_path / "a")
     b = RuncMigrator(state_dir=tmp_path / "b")
-    name = a.run(memhog_image, name=unique("ctrmig-d"), command=workload.command(MIB))
+    name = a.run(image, name=unique("ctrmig-d"), command=workload.command(MIB))
     try:
         wait_for(lambda: workload.health(a.logs(name)).rounds > 2, timeout=120,
                  what="memhog verifying")
-        report = ctrmig.migrate(name, source=a, target=b, route="direct")
-        assert report.route == "direct" and report.dump_s > 0
+        report = ctrmig.migrate(name, source=a, target=b, **migrate_args)  # type: ignore[arg-type]
         assert report.bytes_moved > MIB << 20
         assert not a.exists(name)
         verified_on(b, name)
+        return report
     finally:
         for m in (a, b):
             if m.exists(name):
                 m.remove(name)
 
 
-# --- failure points the direct route adds ------------------------------------------------
+def test_direct_on_one_host(tmp_path: Path, memhog_image: str) -> None:
+    report = on_one_host(tmp_path, memhog_image, route="direct")
+    assert report.route == "direct" and report.dump_s > 0
 
 
-def test_page_stream_breaks_mid_dump(pair: Pair) -> None:
-    """The link goes down while the pages stream (the dump itself): the dump fails, the
-    source (paused for the dump) runs on, memory intact, nothing on the target."""
-    name, _ = start_memhog(pair, 256)
-    with slow_link(pair.hosts, "40mbit"):
-        base = tx_bytes(pair.hosts)
-        child = pair.spawn(pair.migrate_argv(name, "--route", "direct"))
+def cut_link(pair: Pair, argv: list[str], ready: Callable[[], object], what: str,
+             rate: str = "40mbit") -> tuple[int, str]:
+    """Run ``argv`` over the slowed link, take the link down once ``ready``; return the
+    exit code and stderr (the migration must not have ended before)."""
+    with slow_link(pair.hosts, rate):
+        child = pair.spawn(argv)
         try:
-            hit = wait_until(child, lambda: dumping({name.encode()})
-                             and tx_bytes(pair.hosts) - base > 8 << 20, "pages on the wire")
-            assert hit, "the migration ended before the pages streamed"
+            assert wait_until(child, ready, what), f"the migration ended before {what}"
             set_link(pair.hosts, up=False)
             code, err = wait_exit(child)
         finally:
@@ -195,6 +201,20 @@ def test_page_stream_breaks_mid_dump(pair: Pair) -> None:
             set_link(pair.hosts, up=True)
     assert code != 0, err
     assert "Traceback" not in err, err
+    return code, err
+
+
+# --- failure points the direct route adds ------------------------------------------------
+
+
+def test_page_stream_breaks_mid_dump(pair: Pair) -> None:
+    """The link goes down while the pages stream (the dump itself): the dump fails, the
+    source (paused for the dump) runs on, memory intact, nothing on the target."""
+    name, _ = start_memhog(pair, 256)
+    base = tx_bytes(pair.hosts)
+    cut_link(pair, pair.migrate_argv(name, "--route", "direct"),
+             lambda: dumping({name.encode()}) and tx_bytes(pair.hosts) - base > 8 << 20,
+             "pages on the wire")
     runs_only_on(pair, name, "A")
     verified_on(pair.source, name)
 
@@ -203,17 +223,8 @@ def test_killed_while_paused_then_recover(pair: Pair) -> None:
     """SIGKILL of ``ctrmig migrate`` while the source is paused for the direct route's
     dump: ``ctrmig recover`` resumes (unpauses) it; it runs once, memory intact."""
     name, _ = start_memhog(pair, 128)
-    with slow_link(pair.hosts, "40mbit"):
-        child = pair.spawn(pair.migrate_argv(name, "--route", "direct"))
-        try:
-            hit = wait_until(child, lambda: _state(pair, name) == "paused", "paused source")
-            assert hit, "the migration ended before the source was paused"
-            child.send_signal(signal.SIGKILL)
-            wait_exit(child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    kill_when(pair, pair.migrate_argv(name, "--route", "direct"),
+              lambda: _state(pair, name) == "paused", "the source paused")
     res = pair.recover()
     out = res.stdout.decode() + res.stderr.decode()
     assert res.returncode == 0, out
@@ -229,6 +240,20 @@ def runs_once_intact(pair: Pair, name: str) -> str:
     again = [s for s, _ in pair.running(name)]
     assert again == where, f"{name} runs on {again}"
     return where[0]
+
+
+def kill_when(pair: Pair, argv: list[str], ready: Callable[[], object], what: str) -> None:
+    """Run ``argv`` over the slowed link and SIGKILL it once ``ready``."""
+    with slow_link(pair.hosts, "40mbit"):
+        child = pair.spawn(argv)
+        try:
+            assert wait_until(child, ready, what), f"the migration ended before {what}"
+            child.send_signal(signal.SIGKILL)
+            wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def _state(pair: Pair, name: str) -> str:

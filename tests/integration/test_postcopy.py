@@ -10,26 +10,25 @@ container run on, intact, at the source.
 # ruff: noqa: F811 - pytest fixtures imported from their test modules, used by name
 from __future__ import annotations
 
-import dataclasses
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bench import workload
 
-import ctrmig
-from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import criu
-from tests.conftest import unique, wait_for
+from tests.conftest import wait_for
 from tests.hosts import TwoHosts
 from tests.integration import test_failures as failures
 from tests.integration.test_direct import (  # noqa: F401 - fixtures
     MIB,
+    cleaned,
+    cut_link,
+    kill_when,
     memhog_image,
     memhog_pair,
     migrate,
+    on_one_host,
     pair,
     runs_once_intact,
     runs_only_on,
@@ -65,43 +64,19 @@ def test_post_copy_over_ssh(pair: Pair) -> None:
 
 
 def test_post_copy_on_one_host(tmp_path: Path, memhog_image: str) -> None:
-    a = RuncMigrator(state_dir=tmp_path / "a")
-    b = RuncMigrator(state_dir=tmp_path / "b")
-    name = a.run(memhog_image, name=unique("ctrmig-p"), command=workload.command(MIB))
-    try:
-        wait_for(lambda: workload.health(a.logs(name)).rounds > 2, timeout=120,
-                 what="memhog verifying")
-        report = ctrmig.migrate(name, source=a, target=b,
-                                restore_options={"lazy_pages": True})
-        assert report.route == "post-copy"
-        assert not a.exists(name)
-        verified_on(b, name)
-    finally:
-        for m in (a, b):
-            if m.exists(name):
-                m.remove(name)
+    report = on_one_host(tmp_path, memhog_image, restore_options={"lazy_pages": True})
+    assert report.route == "post-copy"
 
 
 def test_link_breaks_mid_post_copy(pair: Pair) -> None:
     """The veth goes down while the target runs on half its memory: the target is killed
     (by the source's ctrmig if it can reach it, else by its own relay's watchdog), the
     source's CRIU lets go and the container runs on there, memory intact."""
-    name, _ = start_memhog(pair, 256)
-    with slow_link(pair.hosts, "40mbit"):  # 256 MiB then take ~50 s to fetch
-        child = pair.spawn(pair.migrate_argv(name, "--lazy-pages"))
-        try:
-            hit = wait_until(child, lambda: ("B", pair.target) in pair.running(name),
-                             "the target running on lazy pages")
-            assert hit, "the migration ended before the target ran"
-            set_link(pair.hosts, up=False)
-            code, err = wait_exit(child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            set_link(pair.hosts, up=True)
-    assert code == 1, err
-    assert "Traceback" not in err, err
+    name, _ = start_memhog(pair, 256)  # at 40 Mbit/s its pages take ~50 s to fetch
+    code, _ = cut_link(pair, pair.migrate_argv(name, "--lazy-pages"),
+                       lambda: ("B", pair.target) in pair.running(name),
+                       "the target running on lazy pages")
+    assert code == 1
     # The target, cut off, ends itself once its pages stop (the relay's watchdog).
     wait_for(lambda: not pair.target.exists(name), timeout=90,
              what="the cut-off target killed")
@@ -115,18 +90,9 @@ def test_killed_mid_post_copy_then_recover(pair: Pair) -> None:
     the source's page server (the container runs on there), the cut-off target ends
     itself, and ``ctrmig recover`` finds it running once, memory intact."""
     name, _ = start_memhog(pair, 256)
-    with slow_link(pair.hosts, "40mbit"):
-        child = pair.spawn(pair.migrate_argv(name, "--lazy-pages"))
-        try:
-            hit = wait_until(child, lambda: ("B", pair.target) in pair.running(name),
-                             "the target running on lazy pages")
-            assert hit, "the migration ended before the target ran"
-            child.send_signal(signal.SIGKILL)
-            wait_exit(child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    kill_when(pair, pair.migrate_argv(name, "--lazy-pages"),
+              lambda: ("B", pair.target) in pair.running(name),
+              "the target running on lazy pages")
     res = pair.recover()
     out = res.stdout.decode() + res.stderr.decode()
     assert res.returncode == 0, out
@@ -148,14 +114,7 @@ class PostCopyPair(Pair):
 
 @pytest.fixture
 def lazy_pair(hosts: TwoHosts, test_image: str, tmp_path: Path) -> Iterator[Pair]:
-    base = memhog_pair(hosts, test_image, tmp_path)
-    p = PostCopyPair(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
-    try:
-        yield p
-    finally:
-        set_link(hosts, up=True)
-        p.cleanup()
-    assert p.journals() == [], "a journal was left behind"
+    yield from cleaned(memhog_pair(hosts, test_image, tmp_path, PostCopyPair))
 
 
 def test_post_copy_dump_fails(lazy_pair: Pair) -> None:

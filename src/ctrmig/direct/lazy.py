@@ -13,7 +13,9 @@ import contextlib
 import logging
 import os
 import select
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,12 +49,39 @@ def serving(images: Path, work: Path, timeout: float,
     it, wait until every page was handed over. A daemon that fails raises RestoreError:
     the caller must then kill what it restored (its memory is incomplete)."""
     daemon = _start(images, work, page_server)
+    restoring = threading.Event()
+    restoring.set()
+    watcher = threading.Thread(target=_watch, args=(daemon, work, restoring), daemon=True)
+    watcher.start()
     try:
         yield
     except BaseException:
         proc.stop(daemon)
         raise
+    finally:
+        restoring.clear()
     _finish(daemon, work, timeout, page_server is not None)
+
+
+def _watch(daemon: subprocess.Popen[bytes], work: Path, restoring: threading.Event) -> None:
+    """A daemon that fails while the restore still runs leaves CRIU's restore hanging
+    (criu 4.2, its tasks blocked on pages that never come): kill that restore, found
+    among our own descendants by the work dir on its command line."""
+    while restoring.is_set() and daemon.poll() is None:
+        time.sleep(0.05)
+    if not restoring.is_set() or daemon.returncode == 0:
+        return
+    marker = str(work)
+    for pid in proc.tree(os.getpid())[1:]:
+        try:
+            argv = proc.cmdline(pid)
+        except OSError:
+            continue
+        if any(marker in a for a in argv):
+            log.warning("criu lazy-pages failed during the restore; killing the restore")
+            for p in reversed(proc.tree(pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
 
 
 def _start(images: Path, work: Path, page_server: str | None) -> subprocess.Popen[bytes]:

@@ -14,6 +14,7 @@ Post-copy: the source's CRIU serves its pages on a loopback port (``sink.port``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,24 @@ class PageSink:
 
     def mark(self, what: str) -> None:
         self.marks[what] = time.monotonic()
+
+
+class SendsPages:
+    """A migrator whose dumps can send their pages to a :class:`PageSink` (mixed into the
+    runc and process migrators; the direct route checks for ``sending_pages``)."""
+
+    #: Where the next dump sends its pages; set by :meth:`sending_pages` only.
+    page_sink: PageSink | None = None
+
+    @contextlib.contextmanager
+    def sending_pages(self, sink: PageSink) -> Iterator[None]:
+        """Checkpoints in the block send their pages to ``sink``: the archive then holds
+        every image but the pages."""
+        self.page_sink = sink
+        try:
+            yield
+        finally:
+            self.page_sink = None
 
 
 class Receiver:

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from ctrmig.direct import guard as guard_module
@@ -80,22 +81,25 @@ def choose(route: str, source: Migrator, target: Migrator) -> bool:
 Announce = Callable[[dict[str, Any]], None]
 
 
-def serve_receive(wire: End, announce: Announce, timeout: float) -> dict[str, Any]:
-    """Pre-copy, on the target: a page server fed from ``wire``; announces its dir."""
-    directory = pages.new_directory()
+def serve_receive(wire: End, announce: Announce, timeout: float,
+                  parent: Path | None = None) -> dict[str, Any]:
+    """Pre-copy, on the target: a page server fed from ``wire``, writing into a new dir
+    under ``parent`` (the target's workdir, where it extracts archives); announces it."""
+    directory = pages.new_directory(parent)
     receiver = pages.Receiver(directory, wire)
     announce({"dir": str(directory)})
     return receiver.finish(timeout)
 
 
-def serve_relay(wire: End, announce: Announce, timeout: float) -> dict[str, Any]:
+def serve_relay(wire: End, announce: Announce, timeout: float,
+                parent: Path | None = None) -> dict[str, Any]:
     """Post-copy, on the target: a loopback port for ``criu lazy-pages``, relayed to
     ``wire``; announces the port."""
     tally = pages.lazy_relay(wire, lambda port: announce({"port": port}), timeout=timeout)
     return {**tally.as_dict(), "error": tally.error}
 
 
-SERVE: dict[str, Callable[[End, Announce, float], dict[str, Any]]] = {
+SERVE: dict[str, Callable[[End, Announce, float, Path | None], dict[str, Any]]] = {
     "receive": serve_receive, "relay": serve_relay}
 
 
@@ -111,7 +115,7 @@ def serve_stdio(role: str, argument: str | None = None) -> int:
     def announce(info: dict[str, Any]) -> None:
         os.write(1, (json.dumps(info) + "\n").encode())
 
-    result = SERVE[role](wire, announce, FINISH_TIMEOUT)
+    result = SERVE[role](wire, announce, FINISH_TIMEOUT, None)
     os.write(2, (pages.summary_line(result) + "\n").encode())
     return 1 if result.get("error") else 0
 
@@ -132,7 +136,8 @@ class Link(Protocol):
 class LocalLink:
     """The target's end in this process (a target engine on this host)."""
 
-    def __init__(self, role: str, timeout: float = FINISH_TIMEOUT):
+    def __init__(self, role: str, parent: Path | None = None,
+                 timeout: float = FINISH_TIMEOUT):
         ours, theirs = socket.socketpair()
         self.wire: End = SocketEnd(ours)
         self._result: dict[str, Any] = {}
@@ -140,7 +145,7 @@ class LocalLink:
 
         def run() -> None:
             try:
-                self._result.update(SERVE[role](SocketEnd(theirs), said.put, timeout))
+                self._result.update(SERVE[role](SocketEnd(theirs), said.put, timeout, parent))
             except BaseException as e:  # reported through finish()
                 self._result["error"] = str(e) or type(e).__name__
                 said.put(None)
@@ -244,7 +249,8 @@ def _read_line(fd: int, timeout: float) -> bytes:
 def open_link(target: Migrator, role: str) -> Link:
     if isinstance(target, RemoteMigrator):
         return SshLink(target, role)
-    return LocalLink(role)
+    workdir = getattr(target, "workdir", None)
+    return LocalLink(role, Path(workdir) if workdir is not None else None)
 
 
 # --- the source's end ----------------------------------------------------------------------
@@ -409,6 +415,25 @@ class WatchedTarget:
         self._outcome.set(True)
         self._on_success()
         return name
+
+
+class WatchedSource:
+    """The source migrator; its resume (the rollback) knows that a failed post-copy has
+    already let the container run on at the source."""
+
+    def __init__(self, source: Migrator, plan: Plan):
+        self._source, self._plan = source, plan
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def resume(self, container: str) -> None:
+        if self._plan.sink.lazy:
+            self._plan.target_failed()  # the serving dump is gone: CRIU let go
+            if any(c.state == "running" for c in self._source.list()
+                   if container in (c.name, c.id)):
+                return
+        self._source.resume(container)
 
 
 @dataclasses.dataclass

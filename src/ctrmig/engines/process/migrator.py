@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +28,7 @@ from ctrmig.host.files import write_private
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 
-class ProcessMigrator(BaseMigrator):
+class ProcessMigrator(pages.SendsPages, BaseMigrator):
     """Checkpoint and restore a plain process tree (named by its root PID) with CRIU."""
 
     engine = "process"
@@ -62,7 +61,6 @@ class ProcessMigrator(BaseMigrator):
         # Root PID -> the PIDs of a tree the direct route's dump left stopped (its pages
         # went to the target): resume() continues it, remove() ends it.
         self._held: dict[int, list[int]] = {}
-        self.page_sink: pages.PageSink | None = None
 
     # --- facts about this host -------------------------------------------------------------
 
@@ -188,16 +186,6 @@ class ProcessMigrator(BaseMigrator):
         return Dump(write=write, rollback=rollback, commit=commit)
 
     # --- the direct route (ctrmig.direct) ----------------------------------------------
-
-    @contextlib.contextmanager
-    def sending_pages(self, sink: pages.PageSink) -> Iterator[None]:
-        """Checkpoints in the block send their pages to ``sink`` (the direct route): the
-        archive then holds every image but the pages."""
-        self.page_sink = sink
-        try:
-            yield
-        finally:
-            self.page_sink = None
 
     def _direct_dump(self, pid: int, config: dict[str, Any], dump: Path,
                      opts: CheckpointOptions, sink: pages.PageSink) -> Dump:

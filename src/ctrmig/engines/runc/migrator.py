@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,7 +65,7 @@ from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-class RuncMigrator(BaseMigrator):
+class RuncMigrator(pages.SendsPages, BaseMigrator):
     """Run, checkpoint and restore runc containers from local images."""
 
     engine: ClassVar[str] = "runc"
@@ -284,19 +284,6 @@ class RuncMigrator(BaseMigrator):
         }
 
     # --- the direct route (ctrmig.direct) ----------------------------------------------
-
-    #: Where the next dump sends its pages; set by :meth:`sending_pages` only.
-    page_sink: pages.PageSink | None = None
-
-    @contextlib.contextmanager
-    def sending_pages(self, sink: pages.PageSink) -> Iterator[None]:
-        """Checkpoints in the block send their pages to ``sink`` (the direct route): the
-        archive then holds every image but the pages."""
-        self.page_sink = sink
-        try:
-            yield
-        finally:
-            self.page_sink = None
 
     def _direct_dump(self, record: ContainerRecord, opts: CheckpointOptions,
                      sink: pages.PageSink, images: Path, work: Path,
