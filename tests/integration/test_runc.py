@@ -90,7 +90,7 @@ def test_checkpoint_remove_restore_continues_with_lazy_pages(
     assert m.list() == []
 
     started = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger="ctrmig.engines.runc"):
+    with caplog.at_level(logging.DEBUG, logger="ctrmig"):  # runc and the lazy daemon
         restored = m.restore(archive.path, lazy_pages=True)  # type: ignore[arg-type]
     took = time.monotonic() - started
     # With lazy pages, runc restored without the pages and criu lazy-pages served them.

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ from ctrmig.archive.layout import (
 )
 from ctrmig.direct import lazy, pages
 from ctrmig.engines.base import BaseMigrator, Dump
+from ctrmig.engines.runc import direct
 from ctrmig.engines.runc.bundle import TEMPLATE, Bundles, config_dump, process_settings
 from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc, keep_logs, summary, with_criu_logs
 from ctrmig.engines.runc.images import ImageCache
@@ -208,7 +208,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
         work = self.paths.new_workdir("checkpoint")
         sink = self.page_sink
         if sink is not None:  # the direct route (ctrmig.direct): its own Dump
-            return self._direct_dump(record, opts, sink, images, work, mounts)
+            return direct.direct_dump(self, record, opts, sink, images, work, mounts)
         # Left running, the container must not change its volumes before write() packed
         # them as the memory image knows them: it stays paused until then (runc keeps a
         # paused container paused through checkpoint --leave-running).
@@ -283,87 +283,6 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
             "rootfs_deleted_paths": deleted,
         }
 
-    # --- the direct route (ctrmig.direct) ----------------------------------------------
-
-    def _direct_dump(self, record: ContainerRecord, opts: CheckpointOptions,
-                     sink: pages.PageSink, images: Path, work: Path,
-                     mounts: builtins.list[Mount]) -> Dump:
-        """Pre-copy: pause, dump with the pages to the sink's relay, and keep the container
-        paused (its memory intact) until the migration ends: rollback is an unpause.
-        Post-copy: a ``--lazy-pages`` dump that serves the pages on the sink's port and
-        ends the container only once the target took the last one."""
-        name = record.name
-        started = time.monotonic()
-        sink.mark("freeze")
-        argv = self.runc.checkpoint_argv(name, images, work, opts, page_server=sink.address,
-                                         lazy=sink.lazy, leave_running=not sink.lazy)
-        dumping: subprocess.Popen[bytes] | None = None
-        try:
-            if sink.lazy:
-                dumping = lazy.start_dump(argv, what=f"runc checkpoint {name}",
-                                          log_file=work / "dump.log")
-                sink.serving = dumping
-            else:
-                proc.run(self.runc.argv("pause", name), timeout=self.timeout,
-                         what=f"runc pause {name}")
-                sink.mark("frozen")
-                try:
-                    self._checkpoint_argv(name, argv, images, work)
-                except BaseException:
-                    self._unpause(name)
-                    raise
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        sink.mark("dumped")
-        dump_seconds = time.monotonic() - started
-
-        def write(writer: ArchiveWriter) -> dict[str, Any]:
-            # Pre-copy keeps the container paused, post-copy frozen: the volumes hold still.
-            volumes = self.volumes.pack(mounts, work, ignore=opts.ignore_volumes)
-            extra = self._write_members(writer, name, images, work, dump_seconds, volumes)
-            if not sink.lazy:
-                extra[pages.PAGE_STREAM] = sink.sent()
-            return extra
-
-        def served() -> None:
-            """Post-copy: wait for the dump to end (the target took the last page)."""
-            try:
-                assert dumping is not None
-                lazy.end_dump(dumping, what=f"runc checkpoint {name}",
-                              log_file=work / "dump.log", timeout=self.timeout)
-                self.bundles.drained(name)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-                shutil.rmtree(images, ignore_errors=True)
-
-        def commit() -> None:
-            sink.mark("written")
-            if dumping is not None:  # the pages flow on until the last one: see served
-                sink.served = served
-                return
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(images, ignore_errors=True)
-
-        def rollback() -> None:
-            try:
-                if dumping is not None:
-                    # Killing the serving CRIU releases the frozen container: it runs on.
-                    proc.kill_group(dumping)
-                self._unpause(name)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-                shutil.rmtree(images, ignore_errors=True)
-
-        return Dump(write=write, rollback=rollback, commit=commit)
-
-    def _unpause(self, name: str) -> None:
-        """Let a container the direct route paused run on (nothing if it is not paused)."""
-        state = self.runc.state(name)
-        if state and state.get("status") == "paused":
-            proc.run(self.runc.argv("resume", name), timeout=self.timeout,
-                     what=f"runc resume {name}")
-
     def _checkpoint(self, name: str, images: Path, work: Path, opts: CheckpointOptions
                     ) -> float:
         """``runc checkpoint`` into ``images``; return how long the dump took. On failure
@@ -398,7 +317,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
             raise ContainerNotFoundError(f"no runc container named {container!r}")
         state = self.runc.state(container)
         if state is not None and state.get("status") == "paused":
-            self._unpause(container)  # the direct route's checkpoint keeps it paused
+            direct.unpause(self, container)  # the direct route's checkpoint keeps it paused
             return
         if state is not None:
             raise CheckpointError(f"runc container {container!r} is already running")
