@@ -90,7 +90,8 @@ def test_checkpoint_remove_restore_continues_with_lazy_pages(
     assert m.list() == []
 
     started = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger="ctrmig"):  # runc and the lazy daemon
+    # the lazy-pages daemon lives in ctrmig.direct.lazy (the direct route shares it)
+    with caplog.at_level(logging.DEBUG, logger="ctrmig.direct.lazy"):
         restored = m.restore(archive.path, lazy_pages=True)  # type: ignore[arg-type]
     took = time.monotonic() - started
     # With lazy pages, runc restored without the pages and criu lazy-pages served them.

@@ -126,6 +126,9 @@ class Receiver:
         if code != 0 and not record["error"]:
             text = _read(self.directory / PAGE_SERVER_LOG)
             record["error"] = f"criu page-server failed (exit {code}): {proc.tail(text, 3)}"
+        if record["error"]:  # no restore will use these pages: nothing to leave behind
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return record
         tmp = self.directory / (RECEIVED + ".tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.directory / RECEIVED)

@@ -199,7 +199,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
         meta = self.bundles.meta(name) or {}
         mounts = from_records(meta.get("volumes"))
         if not opts.ignore_volumes:
-            self._refuse_shared(name, mounts)
+            _refuse_shared(self, name, mounts)
         # Without leave_running the images stay in the bundle until the container is
         # removed or resumed: resume() (the rollback, or migrate's) restores from them.
         images = self.bundles.kept_images(name)
@@ -359,7 +359,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
         img = self.images.get(config["image"], config.get("transport_ref"), digest)
         volumes = self.volumes.restore(
             mounts, source, lambda v: not opts.ignore_volumes and volume_member(v) in
-            manifest.files, replace=opts.replace_volumes, users=self._volume_users)
+            manifest.files, replace=opts.replace_volumes, users=lambda v: _volume_users(self, v))
         meta = {"name": name, "image": config["image"], "transport_ref": img.transport_ref,
                 "digest": img.digest, "process": config["process"], "created": _now(),
                 "restored_from": manifest.container.name,
@@ -402,25 +402,27 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
                          work=work, error=error, what=what,
                          record=lambda pid: self.bundles.record_supervisor(name, pid))
 
-    def _volume_users(self, volume: str) -> builtins.list[str]:
-        """Containers of this state dir, running or paused, that mount named ``volume``."""
-        states = {s["id"]: s for s in self.runc.containers()}
-        return [n for n in self.bundles.names()
-                if self.bundles.status(n, states) in ("running", "paused")
-                and any(m.kind == "volume" and m.name == volume
-                        for m in from_records((self.bundles.meta(n) or {}).get("volumes")))]
 
-    def _refuse_shared(self, name: str, mounts: builtins.list[Mount]) -> None:
-        """Refuse to carry a volume another running container may be writing to."""
-        shared = [f"{m.name} (also mounted by {', '.join(users)})" for m in mounts
-                  if m.kind == "volume"
-                  and (users := [u for u in self._volume_users(m.name) if u != name])]
-        if shared:
-            raise CheckpointError(
-                "the content of volume(s) shared with running containers cannot be "
-                f"captured consistently: {'; '.join(shared)}",
-                hint="stop those containers first, or pass --ignore-volumes to leave "
-                     "volume content out of the archive")
+def _volume_users(m: RuncMigrator, volume: str) -> list[str]:
+    """Containers of ``m``'s state dir, running or paused, that mount named ``volume``."""
+    states = {s["id"]: s for s in m.runc.containers()}
+    return [n for n in m.bundles.names()
+            if m.bundles.status(n, states) in ("running", "paused")
+            and any(v.kind == "volume" and v.name == volume
+                    for v in from_records((m.bundles.meta(n) or {}).get("volumes")))]
+
+
+def _refuse_shared(m: RuncMigrator, name: str, mounts: list[Mount]) -> None:
+    """Refuse to carry a volume another running container may be writing to."""
+    shared = [f"{v.name} (also mounted by {', '.join(users)})" for v in mounts
+              if v.kind == "volume"
+              and (users := [u for u in _volume_users(m, v.name) if u != name])]
+    if shared:
+        raise CheckpointError(
+            "the content of volume(s) shared with running containers cannot be "
+            f"captured consistently: {'; '.join(shared)}",
+            hint="stop those containers first, or pass --ignore-volumes to leave "
+                 "volume content out of the archive")
 
 
 def _pause(runc: Runc, name: str) -> Callable[[], None]:
