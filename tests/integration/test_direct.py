@@ -23,7 +23,6 @@ from bench import workload
 
 import ctrmig
 from ctrmig.engines.runc import RuncMigrator
-from ctrmig.host import services
 from ctrmig.migrate import MigrationReport
 from tests.conftest import unique, wait_for
 from tests.hosts import TwoHosts
@@ -33,6 +32,7 @@ from tests.integration.test_failures import (  # noqa: F401 - hosts is a fixture
     SSH_PORT,
     Pair,
     hosts,
+    runc_pair,
     set_link,
     slow_link,
     tx_bytes,
@@ -55,22 +55,7 @@ def memhog_image(tmp_path_factory: pytest.TempPathFactory) -> str:
 def memhog_pair(hosts: TwoHosts, image: str, tmp_path: Path,
                 cls: type[Pair] = Pair) -> Pair:
     """runc on host A -> ``runc+ssh://`` ctrmig on host B, running ``image``."""
-    a, b = hosts.a, hosts.b
-    src = RuncMigrator(state_dir=a.root / "runc")
-    dst = RuncMigrator(state_dir=b.root / "runc")
-
-    def run(cmd: list[str]) -> str:
-        return src.run(image, name=unique("ctrmig-d"), command=cmd)
-
-    ssh_options = [*hosts.ssh_options, *SSH_KEEPALIVE]  # type: ignore[attr-defined]
-    env = {
-        "CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
-        "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
-        "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
-    }
-    return cls("runc", hosts, services.netns_prefix(a.netns), src, dst, "runc",
-                f"runc+ssh://root@{b.address}:{SSH_PORT}", "", env, run,
-                tmp_path / "journal")
+    return runc_pair(hosts, image, tmp_path, "ctrmig-d", cls)
 
 
 @pytest.fixture

@@ -250,21 +250,7 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
                  tmp_path / "journal")
     else:
         request.applymarker(pytest.mark.runc)
-        src = RuncMigrator(state_dir=a.root / "runc")
-        dst = RuncMigrator(state_dir=b.root / "runc")
-
-        def run(cmd: list[str]) -> str:
-            return src.run(test_image, name=unique("ctrmig-f"), command=cmd)
-
-        ssh_options = [*hosts.ssh_options, *SSH_KEEPALIVE]  # type: ignore[attr-defined]
-        env = {
-            "CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
-            "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
-            "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
-        }
-        p = Pair(engine, hosts, in_a, src, dst, "runc",
-                 f"runc+ssh://root@{b.address}:{SSH_PORT}", "",  # no API
-                 env, run, tmp_path / "journal")
+        p = runc_pair(hosts, test_image, tmp_path)
     try:
         yield p
     finally:
@@ -273,6 +259,26 @@ def pair(request: pytest.FixtureRequest, hosts: TwoHosts, test_image: str,
         p.source.close()
         p.target.close()
     assert p.journals() == [], "a journal was left behind"
+
+
+def runc_pair(hosts: TwoHosts, image: str, tmp_path: Path, prefix: str = "ctrmig-f",
+              cls: type[Pair] = Pair) -> Pair:
+    """runc on host A -> ``runc+ssh://`` ctrmig on host B (no API), running ``image``."""
+    a, b = hosts.a, hosts.b
+    src = RuncMigrator(state_dir=a.root / "runc")
+    dst = RuncMigrator(state_dir=b.root / "runc")
+
+    def run(cmd: list[str]) -> str:
+        return src.run(image, name=unique(prefix), command=cmd)
+
+    ssh_options = [*hosts.ssh_options, *SSH_KEEPALIVE]  # type: ignore[attr-defined]
+    env = {
+        "CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+        "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+        "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}",
+    }
+    return cls("runc", hosts, services.netns_prefix(a.netns), src, dst, "runc",
+               f"runc+ssh://root@{b.address}:{SSH_PORT}", "", env, run, tmp_path / "journal")
 
 
 def wait_exit(child: subprocess.Popen[bytes], timeout: float = 300) -> tuple[int, str]:
