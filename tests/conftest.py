@@ -78,6 +78,16 @@ def first_count(text: str) -> int:
     return int(counts[0]) if counts else 0
 
 
+def resumed_count(logs: Callable[[], str], what: str = "the restored counter") -> int:
+    """The first count a restored counter printed, once it printed one.
+
+    A restored container's log can still be empty when restore returns (docker starts
+    a fresh log for it), so reading it at once races the workload's next line.
+    """
+    wait_for(lambda: first_count(logs()) > 0, what=f"{what} to print")
+    return first_count(logs())
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
     deadline = time.monotonic() + timeout
     while True:

@@ -26,7 +26,7 @@ from ctrmig.archive import verify
 from ctrmig.engines.docker import DockerMigrator, volumes
 from ctrmig.errors import CheckpointError, PrivilegeError, VolumeConflictError
 from ctrmig.host import images
-from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
+from tests.conftest import COUNTER_CMD, last_count, need, resumed_count, unique, wait_for
 from tests.hosts import TwoHosts
 
 IMAGE = "localhost/ctrmig-busybox:latest"
@@ -156,7 +156,7 @@ def test_round_trip_with_a_named_and_an_anonymous_volume(vols: Volumes, tmp_path
     assert {data, anon}.isdisjoint(vols.volume_names())
     assert vols.m.restore(archive) == name
     assert vols.api.inspect_container(name)["State"]["Running"]
-    assert first_count(vols.m.logs(name)) > before > 0, "memory state went on"
+    assert resumed_count(lambda: vols.m.logs(name)) > before > 0, "memory state went on"
     assert_holds(vols, name, "/data", "named")
     assert_holds(vols, name, "/anon", "anon")
     assert data in vols.volume_names(), "the named volume was recreated by name"
