@@ -432,6 +432,9 @@ def _roll_back(source: Migrator, container: str, result: dict[str, Any],
 # States an engine reports while an operation is under way (runc's for a checkpoint or
 # restore in progress, podman's and docker's transitions): not a state to decide on.
 TRANSIENT_STATES = frozenset({"checkpointing", "restoring", "stopping", "removing"})
+#: States of a container made but not started yet. podman 5.4 shows a container it is
+#: importing as "created" until CRIU has restored it (4.3 showed nothing until running).
+NOT_YET_STARTED = frozenset({"created", "configured", "initialized"})
 SETTLE_TIMEOUT = 900.0  # as long as an engine call may take
 
 
@@ -499,11 +502,13 @@ def _wait_for_helpers(helpers: list[dict[str, Any]], container: str) -> None:
 
 
 def _appearing_state(m: Migrator, name: str, grace: float) -> str | None:
-    """The target's settled state, watching up to ``grace`` seconds for it to appear."""
+    """The target's settled state, watching up to ``grace`` seconds for it to appear and
+    start."""
     deadline = time.monotonic() + grace
     log.info("%s: the target got the whole archive and may still be restoring it; "
              "watching for it up to %.0f s", name, grace)
-    while (state := _settled_state(m, name)) is None and time.monotonic() < deadline:
+    while ((state := _settled_state(m, name)) is None or state in NOT_YET_STARTED) \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
     return state
 
@@ -553,7 +558,8 @@ def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: P
     # The source first: a checkpoint still running there decides what the target gets.
     source_state = _settled_state(src, container)
     target_state = _settled_state(dst, target_name)
-    if target_state is None and committed and not helpers:
+    if (target_state is None or target_state in NOT_YET_STARTED) and committed \
+            and not helpers:
         # An API engine (podman) that got every byte goes on alone; over ssh, the
         # session ended above and the remote lock showed no restore: nothing can come.
         target_state = _appearing_state(dst, target_name, settings.current().recover_grace)

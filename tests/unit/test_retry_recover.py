@@ -121,6 +121,29 @@ def test_a_committed_target_that_appears_late_is_finished(
     assert source.removed == ["web"] and source.resumed == [] and target.removed == []
 
 
+def test_a_committed_target_still_created_is_watched_until_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman 5.4 lists a container it is importing as created until CRIU restored it:
+    removing it then would roll back a migration that is about to finish."""
+    source = Host("podman", {"web": ["exited"]})
+    target = Host("podman", {"web": ["created", "created", "created", "running"]})
+    _hosts(monkeypatch, source, target)
+    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    assert done == ["web: finished; it runs on dst as web"]
+    assert target.removed == [] and source.removed == ["web"]
+
+
+def test_a_committed_target_left_created_is_removed_after_the_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = Host("podman", {"web": ["exited"]})
+    target = Host("podman", {"web": ["created"]})
+    _hosts(monkeypatch, source, target)
+    override_settings(monkeypatch, recover_grace=0.0)
+    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    assert done == ["web: rolled back; it runs on src"]
+    assert target.removed == ["web"] and source.resumed == ["web"]
+
+
 def test_a_committed_target_that_never_appears_is_rolled_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = Host("podman", {"web": ["exited"]})
