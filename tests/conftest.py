@@ -297,3 +297,29 @@ def host_network_untouched() -> Iterator[None]:
     changed = [f"+ {line}" for line in sorted(after - before)]
     changed += [f"- {line}" for line in sorted(before - after)]
     assert not changed, "the host's network changed during the session:\n" + "\n".join(changed)
+
+
+# --- temporary files: ctrmig processes the tests start leave none behind -----------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_temporary_files_left() -> Iterator[None]:
+    """Give every process the session starts a TMPDIR of its own; fail the session if
+    ctrmig left anything there (a spool or a copy of pages holds a container's memory).
+
+    A ctrmig killed by a test leaves its scratch directory until ``ctrmig recover``, which
+    the tests that kill it run. Engines' own temporary files (podman's) are not ours.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="ctrmig-tests-tmp-"))
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(directory)
+    try:
+        yield
+        left = sorted(p.name for p in directory.iterdir() if p.name.startswith("ctrmig"))
+        assert not left, f"ctrmig left temporary files in {directory}: {left}"
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(directory, ignore_errors=True)

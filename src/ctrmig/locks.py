@@ -15,13 +15,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from ctrmig import settings
 from ctrmig.errors import BusyError
-from ctrmig.host import proc
+from ctrmig.host import proc, scratch
 from ctrmig.host.files import FILE_MODE, private_dir
 
 
@@ -31,7 +30,7 @@ def lock_dir() -> Path:
     try:
         return private_dir(directory)
     except OSError:
-        return private_dir(Path(tempfile.gettempdir()) / "ctrmig-locks")
+        return private_dir(scratch.base() / "ctrmig-locks")
 
 
 def _prefix(engine: str, scope: str) -> str:

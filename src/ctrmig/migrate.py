@@ -31,7 +31,7 @@ from ctrmig.direct import route as direct_route
 from ctrmig.engines.base import listing
 from ctrmig.engines.remote import is_remote
 from ctrmig.errors import BusyError, ChecksumError, CtrmigError, OptionError
-from ctrmig.host import proc
+from ctrmig.host import proc, scratch
 from ctrmig.host.files import open_private, private_dir
 from ctrmig.options import CheckpointOptions, Options, RestoreOptions, build
 from ctrmig.preflight import require as require_preflight
@@ -215,7 +215,8 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
         rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))
     try:
         if direct_route.choose(route, src, dst):
-            report = _migrate_direct(container, src, dst, keep_source, ckpt, rest, progress)
+            report = _migrate_direct(container, src, dst, keep_source, ckpt, rest, progress,
+                                     journal)
         else:
             report = _migrate(container, src, dst, keep_source, ckpt, rest, progress)
     except BaseException:
@@ -238,7 +239,7 @@ def _api_url(m: Migrator) -> str:
 
 def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_source: bool,
                     ckpt: CheckpointOptions, rest: RestoreOptions,
-                    progress: Progress | None) -> MigrationReport:
+                    progress: Progress | None, journal: Journal | None) -> MigrationReport:
     """The migration with CRIU's pages going straight to the target (pre-copy), or
     fetched by it after it runs (post-copy, ``rest.lazy_pages``)."""
     lazy = rest.lazy_pages
@@ -246,6 +247,8 @@ def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_sou
     report: MigrationReport | None = None
     try:
         with direct_route.planned(source, target, rest, lazy=lazy, timeout=timeout) as plan:
+            if journal and plan.restore.page_images:  # for recover, should we die
+                journal.phase("migrating", pages_dir=plan.restore.page_images)
             watched = direct_route.WatchedTarget(target, plan.outcome, plan.target_failed,
                                                  plan.target_ran)
             source = direct_route.WatchedSource(source, plan)
@@ -521,7 +524,7 @@ def recover(journal_dir: Path | None = None) -> list[str]:
     So the container ends up running exactly once. Before deciding, recover() waits for
     whatever may still change the answer: a checkpoint or restore under way on either
     side, an ssh session still carrying the archive, a target engine still importing an
-    archive it received whole.
+    archive it received whole. Last, it removes the scratch space of dead ctrmig processes.
     """
     directory = journal_dir or settings.current().journal_dir
     done: list[str] = []
@@ -534,6 +537,7 @@ def recover(journal_dir: Path | None = None) -> list[str]:
                     done.append(_recover_one(path))
         except BusyError:
             done.append(f"{path.stem}: being recovered by another ctrmig")
+    scratch.sweep()  # what ctrmig processes killed on the way left (spools, copies)
     return done
 
 
@@ -577,5 +581,7 @@ def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: P
         if source_state not in (None, "running"):
             _resume_when_ready(src, container)
         said = f"{container}: rolled back; it runs on {data['from']}"
+    if data.get("pages_dir"):  # pre-copy pages the target received and no restore took
+        direct_route.discard_pages(dst, str(data["pages_dir"]))
     path.unlink()
     return said

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -579,6 +580,21 @@ def test_killed_then_recover(pair: Pair, phase: str) -> None:
     pair.assert_exactly_once(name, before)
 
 
+def _writes_settled(pid: int, quiet: float = 1.0, limit: float = 30.0) -> None:
+    """Wait until process ``pid`` has written nothing (files, sockets) for ``quiet`` s."""
+    def written() -> int:
+        io = Path(f"/proc/{pid}/io").read_text()
+        return int(re.search(r"^wchar: (\d+)", io, re.M)[1])  # type: ignore[index]
+
+    deadline = time.monotonic() + limit
+    last, since = written(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"pid {pid} kept writing for {limit:g} s"
+        time.sleep(0.05)
+        if (now := written()) != last:
+            last, since = now, time.monotonic()
+
+
 def _journal_phase(pair: Pair) -> str:
     for path in pair.journals():
         with contextlib.suppress(OSError, ValueError):
@@ -628,8 +644,9 @@ def test_killed_after_the_archive_arrived(pair: Pair, tmp_path: Path) -> None:
                                  "the upload's last piece")
             os.kill(service, signal.SIGSTOP)
             # At most 16 KiB follow the commit (archive.streams.pieces): they fit in the
-            # paused service's socket, so host B holds the whole archive when ctrmig dies.
-            time.sleep(0.3)
+            # paused service's socket, so host B holds the whole archive when ctrmig dies,
+            # once ctrmig wrote them (on a loaded machine that took more than 0.3 s).
+            _writes_settled(child.pid)
         assert reached, "the migration ended before the archive arrived"
         child.kill()
         code, _ = wait_exit(child)

@@ -107,6 +107,7 @@ def _hosts(monkeypatch: pytest.MonkeyPatch, source: Host, target: Host) -> None:
     monkeypatch.setattr(mig.endpoints, "connect",
                         lambda spec: {"src": source, "dst": target}[spec])
     monkeypatch.setattr(mig.time, "sleep", lambda s: None)
+    monkeypatch.setattr(mig.scratch, "sweep", lambda: [])  # not the host's TMPDIR
 
 
 def test_a_committed_target_that_appears_late_is_finished(
@@ -201,3 +202,18 @@ def test_two_recovers_never_act_on_one_migration(
     assert source.resumed == [] and (journal / "web-1234.json").exists()
     assert mig.recover(journal) == ["web: rolled back; it runs on src"]
     assert source.resumed == ["web"]
+
+
+def test_pages_a_killed_direct_migration_left_on_the_target_are_discarded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pre-copy pages wait in a directory outside any process's scratch for the restore
+    to take them; when none will, recover removes them (they are the container's memory)."""
+    received = tmp_path / "tmp" / "ctrmig-pages-abc"
+    received.mkdir(parents=True)
+    (received / "pages-1.img").write_bytes(b"secret memory")
+    source = Host("runc", {"web": ["paused"]})
+    target = Host("runc", {"web": [None]})
+    _hosts(monkeypatch, source, target)
+    done = mig.recover(_journal(tmp_path / "journals", pages_dir=str(received)))
+    assert done == ["web: rolled back; it runs on src"]
+    assert not received.exists()

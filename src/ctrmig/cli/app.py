@@ -29,6 +29,7 @@ from ctrmig import options, settings
 from ctrmig.archive import COMPRESSIONS
 from ctrmig.archive.streams import Progress as ProgressCallback
 from ctrmig.errors import ERROR_LINE, ContainerNotFoundError, CtrmigError, OptionError
+from ctrmig.host import scratch
 from ctrmig.options import Options
 
 log = logging.getLogger("ctrmig")
@@ -222,6 +223,7 @@ def cli(ctx: click.Context, verbose: int, json_errors: bool) -> None:
     """
     ctx.obj = {"verbose": verbose, "json_errors": json_errors}
     settings.use(settings.load(os.environ))  # the environment, read once, here
+    ctx.with_resource(scratch.private())  # temporary files go where recover can sweep them
     # ctrmig's own notes (what it waits for, an image it loaded) show by default; -v adds
     # its debug log (the commands it runs); -vv every library's too.
     logging.basicConfig(

@@ -29,7 +29,7 @@ from typing import Any
 
 from ctrmig.direct.relay import End, Relay, SocketEnd, Tally, accept, listener
 from ctrmig.errors import ChecksumError, RestoreError
-from ctrmig.host import proc
+from ctrmig.host import proc, scratch
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,10 @@ def lazy_relay(wire: End, announce: Callable[[int], None], *, timeout: float,
 
 
 def new_directory(parent: Path | None = None) -> Path:
-    """A private directory for a receiver's pages (TMPDIR, as archives are extracted)."""
-    return Path(tempfile.mkdtemp(prefix="ctrmig-pages-", dir=parent))
+    """A private directory for a receiver's pages: in ``parent``, else in TMPDIR itself,
+    not in the receiver's scratch (host.scratch), since the directory outlives the
+    receiver (``ctrmig _pages receive``): the restore merges it, or recover discards it."""
+    return Path(tempfile.mkdtemp(prefix="ctrmig-pages-", dir=parent or scratch.base()))
 
 
 def merge(directory: Path, sent: object, images: Path) -> None:

@@ -173,6 +173,16 @@ class LocalLink:
             pages.remove_directory(str(self.info["dir"]))
 
 
+def discard_pages(target: Migrator, directory: str) -> None:
+    """Remove the pages directory a receiver made for ``target`` (here or over ssh) that
+    no restore took: a killed migration's, found in its journal by ``ctrmig recover``."""
+    if isinstance(target, RemoteMigrator):
+        with contextlib.suppress(CtrmigError):
+            proc.run(target.helper_argv("_pages", "clean", directory), timeout=60)
+    else:
+        pages.remove_directory(directory)
+
+
 class SshLink:
     """The target's end in ``ctrmig _pages ROLE`` on the target host, over ssh stdio."""
 
@@ -227,9 +237,7 @@ class SshLink:
 
     def clean(self) -> None:
         if "dir" in self.info:
-            with contextlib.suppress(CtrmigError):
-                proc.run(self.remote.helper_argv("_pages", "clean", str(self.info["dir"])),
-                         timeout=60)
+            discard_pages(self.remote, str(self.info["dir"]))
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
