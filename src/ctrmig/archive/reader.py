@@ -221,7 +221,8 @@ class _Scan:
         try:
             tar = tarfile.open(fileobj=cast(BinaryIO, stream), mode="r:", tarinfo=_SafeTarInfo)
         except _READ_ERRORS as e:
-            raise ArchiveCorruptError(f"not a readable tar archive: {e}") from None
+            raise ArchiveCorruptError(f"not a readable tar archive: {e}",
+                                      hint=foreign.EXPECTED) from None
         count = 0
         try:
             for info in tar:
