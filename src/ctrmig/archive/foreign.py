@@ -20,11 +20,13 @@ that shows a manifest repeats it (:func:`note`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -150,8 +152,8 @@ def note(manifest: Manifest) -> str:
     found = facts(manifest)
     if found is None:
         return ""
-    return (f"{NO_CHECKSUMS} ({LAYOUTS[found['layout']][1]}): ctrmig computed every sha256 "
-            "while reading it")
+    return (f"{NO_CHECKSUMS}: {LAYOUTS[found['layout']][1]}, not ctrmig's; ctrmig computed "
+            "every sha256 while reading it")
 
 
 # --- restoring one ----------------------------------------------------------------------------
@@ -159,8 +161,7 @@ def note(manifest: Manifest) -> str:
 def restore_engine(manifest: Manifest) -> str:
     """The engine that restores this archive when none is named: its writer's, but
     podman's for CRI-O's (same layout; no CRI-O engine here)."""
-    found = facts(manifest)
-    return "podman" if found is not None and found["layout"] == CRIO else manifest.engine
+    return "podman" if _is_crio(manifest) else manifest.engine
 
 
 def native(manifest: Manifest, engine: str) -> bool:
@@ -200,11 +201,41 @@ def podman_config(crio: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str,
     }
 
 
+@contextlib.contextmanager
+def podman_import_file(source: Path, manifest: Manifest,
+                       workdir: Path | None = None) -> Iterator[Path]:
+    """The verified archive file ``source`` as podman's import takes it: itself, or for a
+    CRI-O checkpoint a private copy (removed on exit) whose config.dump is libpod's."""
+    if not _is_crio(manifest):
+        yield source
+        return
+    # Imported here: the reader and the spool import this module.
+    from ctrmig.archive.reader import decompressed
+    from ctrmig.archive.sources import plaintext
+    from ctrmig.archive.spool import read_members
+
+    kept = read_members(source, manifest, KEPT)  # checked against the manifest again
+    config = json.dumps(podman_config(_json(kept, CONFIG_DUMP), _json(kept, SPEC_DUMP))).encode()
+    fd, name = tempfile.mkstemp(prefix="ctrmig-podman-", suffix=".tar", dir=workdir)
+    try:
+        with os.fdopen(fd, "wb") as out, plaintext(source) as raw, \
+                tarfile.open(fileobj=decompressed(raw)[0], mode="r|") as src, \
+                tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as dst:
+            for info in src:
+                if info.name.removeprefix("./") == CONFIG_DUMP:
+                    info.size = len(config)
+                    dst.addfile(info, io.BytesIO(config))
+                else:
+                    dst.addfile(info, src.extractfile(info) if info.isfile() else None)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
 def podman_dialect(root: Path, manifest: Manifest) -> None:
     """Rewrite a CRI-O checkpoint extracted at ``root`` (verified) for podman's import:
     config.dump in libpod's form (:func:`podman_config`). Nothing for other archives."""
-    found = facts(manifest)
-    if found is None or found["layout"] != CRIO:
+    if not _is_crio(manifest):
         return
     try:
         crio = json.loads((root / CONFIG_DUMP).read_bytes())
@@ -302,6 +333,11 @@ def _file_pieces(path: Path, info: tarfile.TarInfo) -> Iterator[bytes]:
 
 
 # --- small helpers -----------------------------------------------------------------------------
+
+def _is_crio(manifest: Manifest) -> bool:
+    found = facts(manifest)
+    return found is not None and found["layout"] == CRIO
+
 
 def _json(kept: Mapping[str, bytes], name: str) -> dict[str, Any]:
     if name not in kept:
