@@ -130,7 +130,7 @@ def detect(files: Mapping[str, FileEntry], kept: Mapping[str, bytes]) -> str:
         if name not in kept:
             raise ManifestError(f"{name} is implausibly large ({files[name].size} bytes)")
     config, spec = _json(kept, CONFIG_DUMP), _json(kept, SPEC_DUMP)
-    if not spec.get("process") or not isinstance(spec.get("root"), dict):
+    if not isinstance(spec.get("process"), dict):
         raise ManifestError(f"{SPEC_DUMP} is not an OCI runtime spec", hint=EXPECTED)
     if any(key in config for key in _PODMAN_KEYS):
         return PODMAN_EXPORT
