@@ -5,6 +5,7 @@ directory. inspect, verify and restore take them, and say the writer gave no che
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -21,7 +22,7 @@ from podman import PodmanClient
 import ctrmig
 from ctrmig.archive import foreign
 from ctrmig.cli import cli
-from ctrmig.errors import ArchiveError
+from ctrmig.errors import ContainerNotFoundError
 from tests.conftest import COUNTER_CMD, last_count, podman_read_file, unique, wait_for
 
 
@@ -46,10 +47,10 @@ def podman_export(name: str, dest: Path, compress: str) -> Path:
     return dest
 
 
-def assert_resumed(m: ctrmig.Migrator, source: str, new: str) -> None:
-    """The restored counter went on from where the source stopped, never from 1 again:
-    its memory came back."""
-    stopped_at = last_count(m.logs(source))
+def assert_resumed(m: ctrmig.Migrator, source: str | int, new: str) -> None:
+    """The restored counter went on from where the source (or the count given) stopped,
+    never from 1 again: its memory came back."""
+    stopped_at = source if isinstance(source, int) else last_count(m.logs(source))
     assert stopped_at >= 5
     wait_for(lambda: last_count(m.logs(new)) > stopped_at + 3, what=f"{new} counting on")
     counts = [int(c) for c in re.findall(r"count=(\d+)", m.logs(new))]
@@ -204,39 +205,62 @@ def test_a_crio_checkpoint_is_shown_and_restored_into_podman(
 
 # --- docker ----------------------------------------------------------------------------------
 
-def test_a_docker_checkpoint_directory_is_shown_verified_and_its_restore_refused(
+def docker_checkpoint_dir(client: docker.DockerClient, cid: str, parent: Path) -> Path:
+    """``docker checkpoint create --checkpoint-dir PARENT CID cp1`` (the container stops),
+    through the Engine API; returns PARENT/cp1."""
+    resp = client.api.post(client.api._url("/containers/{0}/checkpoints", cid),
+                           data=json.dumps({"CheckpointID": "cp1", "Exit": True,
+                                            "CheckpointDir": str(parent)}),
+                           headers={"Content-Type": "application/json"})
+    assert resp.status_code == 201, resp.text
+    assert (parent / "cp1" / "inventory.img").is_file()
+    return parent / "cp1"
+
+
+def test_a_docker_checkpoint_directory_is_shown_verified_and_restored_into_a_container(
     dockerd_socket: Path, test_image: str, tmp_path: Path,
 ) -> None:
     client = docker.DockerClient(base_url=f"unix://{dockerd_socket}", timeout=300)
-    name = unique()
-    ctr = client.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
-    try:
-        wait_for(lambda: last_count(ctr.logs().decode()) >= 5, what="docker counter")
-        # docker checkpoint create --checkpoint-dir DIR NAME CP, through the Engine API
-        resp = client.api.post(client.api._url("/containers/{0}/checkpoints", ctr.id),
-                               data=json.dumps({"CheckpointID": "cp1", "Exit": True,
-                                                "CheckpointDir": str(tmp_path / "cps")}),
-                               headers={"Content-Type": "application/json"})
-        assert resp.status_code == 201, resp.text
-    finally:
-        ctr.remove(force=True)
-        client.close()
-    directory = tmp_path / "cps" / "cp1"
-    assert (directory / "inventory.img").is_file()
-
-    manifest = ctrmig.inspect(directory)
-    assert manifest.engine == "docker" and manifest.memory_bytes > 0
-    assert all(f.startswith("checkpoint/") for f in manifest.files)
-    assert ctrmig.verify(directory).files == manifest.files
-    data = cli_json("inspect", str(directory))
-    assert data["checksums_from_writer"] is False and data["pids"]
-    result = CliRunner().invoke(cli, ["verify", str(directory)])
-    assert result.exit_code == 0 and foreign.NO_CHECKSUMS in result.output, result.output
-
     m = ctrmig.migrator("docker", base_url=f"unix://{dockerd_socket}")
+    name, other = unique(), unique()
     try:
-        with pytest.raises(ArchiveError, match="only CRIU's images") as refused:
+        ctr = client.containers.run(test_image, COUNTER_CMD, name=name, detach=True)
+        wait_for(lambda: last_count(m.logs(name)) >= 5, what="docker counter")
+        directory = docker_checkpoint_dir(client, ctr.id, tmp_path / "cps")
+
+        manifest = ctrmig.inspect(directory)
+        assert manifest.engine == "docker" and manifest.memory_bytes > 0
+        assert all(f.startswith("checkpoint/") for f in manifest.files)
+        assert ctrmig.verify(directory).files == manifest.files
+        data = cli_json("inspect", str(directory))
+        assert data["checksums_from_writer"] is False and data["pids"]
+        result = CliRunner().invoke(cli, ["verify", str(directory)])
+        assert result.exit_code == 0 and foreign.NO_CHECKSUMS in result.output, result.output
+
+        # Nothing to create a container from: refused without a container to start.
+        result = CliRunner().invoke(cli, ["restore", str(directory),
+                                          "--url", f"unix://{dockerd_socket}"])
+        assert result.exit_code == 1 and "--name CONTAINER" in result.output, result.output
+        with pytest.raises(ContainerNotFoundError, match="no docker container"):
             m.restore(directory, name=unique())
-        assert "docker start --checkpoint" in (refused.value.hint or "")
+
+        stopped_at = last_count(m.logs(name))
+        # Into a container created with the same image and command.
+        client.containers.create(test_image, COUNTER_CMD, name=other)
+        assert m.restore(directory, name=other) == other
+        assert_resumed(m, stopped_at, other)
+        # Into the stopped container it came from, through the CLI; the directory is
+        # read (verified into a private copy), never moved.
+        result = CliRunner().invoke(cli, ["restore", str(directory), "--name", name,
+                                          "--url", f"unix://{dockerd_socket}"])
+        assert result.exit_code == 0, result.output
+        assert "no checksums from the writer" in result.output
+        assert_resumed(m, stopped_at, name)
+        assert sorted(p.name for p in directory.iterdir()) == sorted(
+            f.removeprefix("checkpoint/") for f in manifest.files)
     finally:
+        for c in (name, other):
+            with contextlib.suppress(docker.errors.NotFound):
+                client.containers.get(c).remove(force=True)
         m.close()
+        client.close()

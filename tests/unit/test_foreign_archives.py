@@ -135,7 +135,7 @@ def test_ctrmigs_own_archives_are_not_foreign(tmp_path: Path) -> None:
         w.finish(Manifest(engine="podman", container=ContainerRecord(name="c")))
     manifest = verify(tmp_path / "own.tar")
     assert foreign.facts(manifest) is None and foreign.note(manifest) == ""
-    foreign.check_restorable(manifest)
+    foreign.check_restorable(manifest, "runc", None)
 
 
 @pytest.mark.parametrize(("files", "message"), [
@@ -188,9 +188,11 @@ def test_a_docker_checkpoint_directory_reads_as_checkpoint_images(tmp_path: Path
     with extracted(directory, workdir=tmp_path) as (root, again):
         assert (root / "checkpoint" / "pages-1.img").read_bytes() == PAGES
         assert again.files == manifest.files
-    with pytest.raises(ArchiveError, match="only CRIU's images") as refused:
-        foreign.check_restorable(manifest)
-    assert "docker start --checkpoint" in (refused.value.hint or "")
+    for engine, name in (("podman", "c"), ("docker", None), ("runc", "c")):
+        with pytest.raises(ArchiveError, match="only CRIU's images") as refused:
+            foreign.check_restorable(manifest, engine, name)
+        assert "--engine docker --name CONTAINER" in (refused.value.hint or "")
+    foreign.check_restorable(manifest, "docker", "c")  # into that existing container
 
 
 def test_an_extracted_ctrmig_archive_directory_verifies(tmp_path: Path) -> None:
@@ -207,15 +209,16 @@ def test_an_extracted_ctrmig_archive_directory_verifies(tmp_path: Path) -> None:
     assert foreign.facts(verify(tmp_path / "tree")) is None
 
 
-@pytest.mark.parametrize("engine", [ExtractingFake, FileFake])
+@pytest.mark.parametrize(("engine", "name"), [("podman", "new"), ("docker", None)])
 def test_restore_refuses_a_docker_directory_before_the_engine(
-    tmp_path: Path, engine: type[ExtractingFake], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, engine: str, name: str | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Only into docker, and only into a named container: before any engine hook."""
     override_settings(monkeypatch, lock_dir=tmp_path / "locks")
-    m = engine()
-    m.engine = "docker"  # type: ignore[misc]
+    m = ExtractingFake()
+    m.engine = engine  # type: ignore[misc]
     with pytest.raises(ArchiveError, match="only CRIU's images"):
-        m.restore(docker_dir(tmp_path / "cp1"), name="new")
+        m.restore(docker_dir(tmp_path / "cp1"), name=name)
     assert m.calls == []
 
 

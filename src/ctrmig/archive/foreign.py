@@ -169,18 +169,28 @@ def native(manifest: Manifest, engine: str) -> bool:
     return manifest.engine == engine or (engine == "podman" and restore_engine(manifest) == engine)
 
 
-def check_restorable(manifest: Manifest) -> None:
-    """Refuse, before any engine call, what no engine can restore from: a docker
-    checkpoint directory holds CRIU's images only (no config, image or rootfs changes)."""
+def images_only(manifest: Manifest) -> bool:
+    """Whether this is a docker checkpoint directory's: CRIU's images and nothing else."""
     found = facts(manifest)
-    if found is not None and found["layout"] == DOCKER_DIR:
+    return found is not None and found["layout"] == DOCKER_DIR
+
+
+def check_restorable(manifest: Manifest, engine: str, name: str | None) -> None:
+    """Refuse, before any engine call, what cannot be restored as asked. A docker
+    checkpoint directory holds CRIU's images only (no config, image or rootfs changes to
+    create a container from): docker restores it into an existing stopped container."""
+    if images_only(manifest) and (engine != "docker" or not name):
         raise ArchiveError(
             "a docker checkpoint directory holds only CRIU's images: no container config, "
-            "image or rootfs changes to create a container from, so ctrmig cannot restore it",
-            hint="start the container it came from: copy the directory to "
-                 "<docker root>/containers/<id>/checkpoints/NAME and run `docker start "
-                 "--checkpoint NAME CONTAINER`; or checkpoint with `ctrmig checkpoint "
-                 "CONTAINER -o FILE`, whose archive carries all of it")
+            "image or rootfs changes to create a container from",
+            hint="restore it into the stopped docker container it came from (or one created "
+                 "with the same image and command): --engine docker --name CONTAINER")
+
+
+def images_only_tree(root: Path) -> bool:
+    """Whether the extracted archive ``root`` holds CRIU's images alone (a docker
+    checkpoint directory's): :func:`images_only` for an engine that sees only ``root``."""
+    return [p.name for p in root.iterdir()] == [CHECKPOINT_DIR]
 
 
 def podman_config(crio: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -254,7 +254,7 @@ class BaseMigrator(ABC):
 
         Adapters extend this and call it first: the archive is judged before the engine
         is asked anything."""
-        foreign.check_restorable(manifest)
+        foreign.check_restorable(manifest, self.engine, opts.name)
         if not foreign.native(manifest, self.engine):
             raise EngineMismatchError(
                 f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
