@@ -86,6 +86,14 @@ def tar_of(files: dict[str, bytes], extra: Sequence[tarfile.TarInfo] = (),
     return raw
 
 
+@pytest.fixture
+def private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Locks and temp files of restores below ``tmp_path``."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
+    return tmp_path
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -211,10 +219,10 @@ def test_an_extracted_ctrmig_archive_directory_verifies(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("engine", "name"), [("podman", "new"), ("docker", None)])
 def test_restore_refuses_a_docker_directory_before_the_engine(
-    tmp_path: Path, engine: str, name: str | None, monkeypatch: pytest.MonkeyPatch,
+    private: Path, engine: str, name: str | None,
 ) -> None:
     """Only into docker, and only into a named container: before any engine hook."""
-    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
+    tmp_path = private
     m = ExtractingFake()
     m.engine = engine  # type: ignore[misc]
     with pytest.raises(ArchiveError, match="only CRIU's images"):
@@ -292,10 +300,9 @@ def test_a_hostile_docker_directory_is_refused(tmp_path: Path, kind: str) -> Non
 
 @pytest.mark.parametrize("engine", [ExtractingFake, FileFake])
 def test_the_privilege_gate_judges_a_foreign_archive(
-    tmp_path: Path, engine: type[ExtractingFake], monkeypatch: pytest.MonkeyPatch,
+    private: Path, engine: type[ExtractingFake],
 ) -> None:
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
+    tmp_path = private
     arc = write(tmp_path / "priv.tar.zst", tar_of(podman_files("privileged"), compression="zstd"))
     m = engine()
     with pytest.raises(PrivilegeError, match="SYS_ADMIN"):
@@ -311,10 +318,9 @@ def test_the_privilege_gate_judges_a_foreign_archive(
 
 
 def test_a_crio_checkpoint_restores_through_a_podman_engine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    private: Path,
 ) -> None:
-    override_settings(monkeypatch, lock_dir=tmp_path / "locks")
-    assert ExtractingFake().restore(write(tmp_path / "c.tar", tar_of(crio_files())),
+    assert ExtractingFake().restore(write(private / "c.tar", tar_of(crio_files())),
                                     name="c") == "restored"
 
 
