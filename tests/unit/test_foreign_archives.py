@@ -253,7 +253,8 @@ def _assert_refused(arc: Path, error: type[Exception], match: str, work: Path) -
     ("dotdot", "escapes with '..'"), ("symlink", "symlink"), ("hardlink", "hard link"),
     ("device", "device node"), ("absolute", "absolute path"),
 ])
-def test_a_hostile_foreign_archive_is_refused(tmp_path: Path, kind: str, match: str) -> None:
+def test_a_hostile_foreign_archive_is_refused(private: Path, kind: str, match: str) -> None:
+    tmp_path = private
     evil = tarfile.TarInfo({"dotdot": "checkpoint/../../../tmp/ctrmig-foreign-sentinel",
                             "absolute": str(SENTINEL)}.get(kind, "checkpoint/pages-2.img"))
     if kind == "symlink":
@@ -264,6 +265,11 @@ def test_a_hostile_foreign_archive_is_refused(tmp_path: Path, kind: str, match: 
         evil.type, evil.devmajor, evil.devminor = tarfile.CHRTYPE, 1, 3
     arc = write(tmp_path / "evil.tar", tar_of(podman_files(), [evil]))
     _assert_refused(arc, UnsafeArchiveError, match, tmp_path)
+    for engine in (ExtractingFake(), FileFake()):  # restore: refused before any engine hook
+        with pytest.raises(UnsafeArchiveError, match=match):
+            engine.restore(arc, name="evil")
+        assert engine.calls == []
+    assert not SENTINEL.exists()
 
 
 def test_a_foreign_archive_within_the_limits_only(tmp_path: Path) -> None:
