@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -280,7 +281,7 @@ def test_a_foreign_archive_within_the_limits_only(tmp_path: Path) -> None:
         verify(arc, limits=Limits(max_members=3))
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo", "symlinked_dir"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "symlinked_dir", "device"])
 def test_a_hostile_docker_directory_is_refused(tmp_path: Path, kind: str) -> None:
     directory = docker_dir(tmp_path / "cp1")
     SENTINEL.mkdir()  # a target that exists: following the link would read or write there
@@ -289,9 +290,11 @@ def test_a_hostile_docker_directory_is_refused(tmp_path: Path, kind: str) -> Non
             os.symlink(SENTINEL, directory / "pages-2.img")
         elif kind == "fifo":
             os.mkfifo(directory / "pages-2.img")  # read, it would block forever
+        elif kind == "device":  # /dev/null's numbers (we run as root)
+            os.mknod(directory / "pages-2.img", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
         else:
             os.symlink(SENTINEL, directory / "sub")
-        match = "fifo" if kind == "fifo" else "symlink"
+        match = {"fifo": "fifo", "device": "device node"}.get(kind, "symlink")
         work = tmp_path / "work"
         work.mkdir()
         with pytest.raises(UnsafeArchiveError, match=match):
