@@ -129,6 +129,10 @@ def crio_archive(podman_export_tar: Path, dest: Path, *, pod: str = "counters",
         f"/var/log/pods/default_{pod}/{container}/0.log",
         "io.kubernetes.cri-o.SandboxID": "f" * 64, "io.container.manager": "cri-o",
     }
+    # CRI-O's containers join their pod's namespaces (pinned by CRI-O) by path.
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] in ("ipc", "uts", "network"):
+            ns["path"] = f"/var/run/{ns['type'].replace('network', 'net')}ns/{'e' * 8}-pod"
     crio_config = {
         "id": podman_config["id"], "name": full,
         "rootfsImage": podman_config["rootfsImageName"],

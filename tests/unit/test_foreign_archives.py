@@ -27,6 +27,7 @@ from ctrmig.errors import (
     ArchiveError,
     ManifestError,
     PrivilegeError,
+    RestoreError,
     SignatureError,
     UnsafeArchiveError,
 )
@@ -346,7 +347,22 @@ def test_podman_config_of_a_crio_checkpoint() -> None:
     assert config["createNetNS"] is True and config["runtime"] == "runc"
 
 
-def test_podman_import_file_rewrites_only_config_dump(tmp_path: Path) -> None:
+def test_podman_spec_leaves_the_pods_namespaces_behind() -> None:
+    spec = json.loads(crio_files()["spec.dump"])
+    spec["linux"]["namespaces"] = [{"type": "ipc", "path": "/var/run/ipcns/x"},
+                                   {"type": "uts", "path": "/var/run/utsns/x"},
+                                   {"type": "network", "path": "/var/run/netns/x"},
+                                   {"type": "mount"}, {"type": "pid"}]
+    got = foreign.podman_spec(spec)
+    assert got["linux"]["namespaces"] == [{"type": t} for t in
+                                          ("ipc", "uts", "network", "mount", "pid")]
+    assert spec["linux"]["namespaces"][0]["path"] == "/var/run/ipcns/x"  # a copy changed
+    spec["linux"]["namespaces"][4]["path"] = "/proc/1/ns/pid"
+    with pytest.raises(RestoreError, match="PID namespace"):
+        foreign.podman_spec(spec)
+
+
+def test_podman_import_file_rewrites_only_config_and_spec(tmp_path: Path) -> None:
     files = crio_files()
     arc = write(tmp_path / "c.tar", tar_of(files))
     manifest = verify(arc)
@@ -356,7 +372,10 @@ def test_podman_import_file_rewrites_only_config_dump(tmp_path: Path) -> None:
             got: dict[str, Any] = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
                                    for m in tar.getmembers()}
     assert json.loads(got.pop("config.dump"))["rootfsImageID"] == "b" * 64
-    assert got == {n: d for n, d in files.items() if n != "config.dump"}
+    spec = json.loads(got.pop("spec.dump"))
+    assert spec == foreign.podman_spec(json.loads(files["spec.dump"]))
+    assert not [ns for ns in spec["linux"]["namespaces"] if "path" in ns]
+    assert got == {n: d for n, d in files.items() if n not in ("config.dump", "spec.dump")}
     assert not copy.exists()
     podman = verify(write(tmp_path / "p.tar", tar_of(podman_files())))
     with foreign.podman_import_file(tmp_path / "p.tar", podman, tmp_path) as same:

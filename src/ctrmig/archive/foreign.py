@@ -211,11 +211,41 @@ def podman_config(crio: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str,
     }
 
 
+def podman_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.dump of a CRI-O checkpoint for podman: without the paths of the pod's
+    namespaces (its pause container's, pinned by CRI-O on the source host). runc dumped
+    the IPC and UTS namespaces with the container, so they come back new; with the paths
+    left in, runc's restore fails (seen: "criu failed: type RESTORE errno 56"). A PID
+    namespace shared with the pod was dumped as external: refused."""
+    out: dict[str, Any] = json.loads(json.dumps(spec))  # a deep copy
+    for ns in _dict(out.get("linux")).get("namespaces") or []:
+        if not isinstance(ns, dict) or "path" not in ns:
+            continue
+        if ns.get("type") == "pid":
+            raise RestoreError(
+                "the CRI-O container shared its pod's PID namespace (shareProcessNamespace): "
+                "it cannot be restored outside that pod",
+                hint="checkpoint a container of a pod that does not share its PID namespace")
+        del ns["path"]
+    return out
+
+
+def podman_members(kept: Mapping[str, bytes]) -> dict[str, bytes]:
+    """config.dump and spec.dump of a CRI-O checkpoint (``kept``: their contents) as
+    podman's import takes them."""
+    try:
+        crio, spec = _json(kept, CONFIG_DUMP), _json(kept, SPEC_DUMP)
+    except ManifestError as e:
+        raise RestoreError(f"cannot translate the CRI-O checkpoint: {e.message}") from None
+    return {CONFIG_DUMP: json.dumps(podman_config(crio, spec)).encode(),
+            SPEC_DUMP: json.dumps(podman_spec(spec)).encode()}
+
+
 @contextlib.contextmanager
 def podman_import_file(source: Path, manifest: Manifest,
                        workdir: Path | None = None) -> Iterator[Path]:
     """The verified archive file ``source`` as podman's import takes it: itself, or for a
-    CRI-O checkpoint a private copy (removed on exit) whose config.dump is libpod's."""
+    CRI-O checkpoint a private copy (removed on exit) with :func:`podman_members`."""
     if not _is_crio(manifest):
         yield source
         return
@@ -224,17 +254,17 @@ def podman_import_file(source: Path, manifest: Manifest,
     from ctrmig.archive.sources import plaintext
     from ctrmig.archive.spool import read_members
 
-    kept = read_members(source, manifest, KEPT)  # checked against the manifest again
-    config = json.dumps(podman_config(_json(kept, CONFIG_DUMP), _json(kept, SPEC_DUMP))).encode()
+    members = podman_members(read_members(source, manifest, KEPT))  # checked again
     fd, name = tempfile.mkstemp(prefix="ctrmig-podman-", suffix=".tar", dir=workdir)
     try:
         with os.fdopen(fd, "wb") as out, plaintext(source) as raw, \
                 tarfile.open(fileobj=decompressed(raw)[0], mode="r|") as src, \
                 tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as dst:
             for info in src:
-                if info.name.removeprefix("./") == CONFIG_DUMP:
-                    info.size = len(config)
-                    dst.addfile(info, io.BytesIO(config))
+                data = members.get(info.name.removeprefix("./"))
+                if data is not None:
+                    info.size = len(data)
+                    dst.addfile(info, io.BytesIO(data))
                 else:
                     dst.addfile(info, src.extractfile(info) if info.isfile() else None)
         yield Path(name)
@@ -243,19 +273,18 @@ def podman_import_file(source: Path, manifest: Manifest,
 
 
 def podman_dialect(root: Path, manifest: Manifest) -> None:
-    """Rewrite a CRI-O checkpoint extracted at ``root`` (verified) for podman's import:
-    config.dump in libpod's form (:func:`podman_config`). Nothing for other archives."""
+    """Rewrite a CRI-O checkpoint extracted at ``root`` (verified) for podman's import
+    (:func:`podman_members`). Nothing for other archives."""
     if not _is_crio(manifest):
         return
     try:
-        crio = json.loads((root / CONFIG_DUMP).read_bytes())
-        spec = json.loads((root / SPEC_DUMP).read_bytes())
-    except (OSError, ValueError) as e:
-        raise RestoreError(f"cannot read the CRI-O checkpoint's {CONFIG_DUMP}: {e}") from None
-    config = podman_config(_dict(crio), _dict(spec))
-    tmp = root / f"{CONFIG_DUMP}.podman"
-    tmp.write_text(json.dumps(config))
-    tmp.replace(root / CONFIG_DUMP)
+        kept = {name: (root / name).read_bytes() for name in KEPT}
+    except OSError as e:
+        raise RestoreError(f"cannot read the CRI-O checkpoint: {e}") from None
+    for name, data in podman_members(kept).items():
+        tmp = root / f"{name}.podman"
+        tmp.write_bytes(data)
+        tmp.replace(root / name)
 
 
 # --- a directory, read as an archive -----------------------------------------------------------
