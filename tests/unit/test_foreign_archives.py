@@ -150,6 +150,7 @@ def test_ctrmigs_own_archives_are_not_foreign(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("files", "message"), [
     ({"spec.dump": b"{}"}, "no checkpoint/inventory.img"),
+    ({"pod.dump": b"{}", "pod.options": b"{}"}, "a pod checkpoint"),
     ({**podman_files(), "ctrmig/runtime-spec.json": b"{}"}, "cut short"),
     ({k: v for k, v in podman_files().items() if k != "spec.dump"}, "no spec.dump"),
     ({**podman_files(), "config.dump": b'{"Id": "x", "HostConfig": {}}'},

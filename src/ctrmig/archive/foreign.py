@@ -115,6 +115,11 @@ def synthesize(files: Mapping[str, FileEntry], kept: Mapping[str, bytes]) -> Man
 
 def detect(files: Mapping[str, FileEntry], kept: Mapping[str, bytes]) -> str:
     """Which foreign layout ``files`` are (see :func:`synthesize`), or ManifestError."""
+    pods = [n for n in ("pod.dump", "checkpointed.pods") if n in files]
+    if pods:  # checkpointctl's pod and kubelet-metadata layouts
+        raise ManifestError(f"a pod checkpoint ({pods[0]}): several containers in one archive",
+                            hint="ctrmig restores one container's checkpoint archive at a time "
+                                 "(what the kubelet's checkpoint API writes)")
     if INVENTORY not in files:
         raise ManifestError("archive has no manifest.yaml and no checkpoint/inventory.img: "
                             "not a checkpoint ctrmig knows", hint=EXPECTED)
