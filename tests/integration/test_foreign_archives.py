@@ -22,7 +22,7 @@ from podman import PodmanClient
 import ctrmig
 from ctrmig.archive import foreign
 from ctrmig.cli import cli
-from ctrmig.errors import ContainerNotFoundError
+from ctrmig.errors import ContainerNotFoundError, PrivilegeError, UnsafeArchiveError
 from tests.conftest import COUNTER_CMD, last_count, podman_read_file, unique, wait_for
 
 
@@ -106,6 +106,41 @@ def test_podmans_own_export_is_inspected_verified_and_restored(
         assert podman_read_file(podman_client, new, "/state.txt") == "written-after-start\n"
     finally:
         podman.remove(new)
+
+
+def test_hostile_and_privileged_podman_exports_are_refused_before_podman(
+    podman: ctrmig.Migrator, podman_counter: Callable[[], str], podman_client: PodmanClient,
+    test_image: str, tmp_path: Path,
+) -> None:
+    name = podman_counter()
+    export = podman_export(name, tmp_path / "p.tar", "none")
+    # The real export plus one member escaping by a symlink: no manifest to blame.
+    with tarfile.open(export) as src, tarfile.open(tmp_path / "evil.tar", "w") as dst:
+        for info in src.getmembers():
+            dst.addfile(info, src.extractfile(info) if info.isfile() else None)
+        link = tarfile.TarInfo("checkpoint/pages-9.img")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
+        dst.addfile(link)
+    new = unique()
+    with pytest.raises(UnsafeArchiveError, match="symlink"):
+        podman.restore(tmp_path / "evil.tar", name=new)
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "evil.tar")])
+    assert result.exit_code == 1 and "symlink" in result.output, result.output
+    assert not podman.exists(new)
+
+    # A container with more than default capabilities: podman's own export is judged
+    # like ctrmig's (spec.dump and the CRIU images' credentials).
+    priv = unique()
+    podman_client.containers.run(test_image, COUNTER_CMD, name=priv, detach=True,
+                                 cap_add=["SYS_ADMIN"])
+    try:
+        wait_for(lambda: last_count(podman.logs(priv)) >= 5, what=f"{priv} counting")
+        archive = podman_export(priv, tmp_path / "priv.tar.zst", "zstd")
+    finally:
+        podman.remove(priv)
+    with pytest.raises(PrivilegeError, match="SYS_ADMIN"):
+        podman.restore(archive, name=new)
+    assert not podman.exists(new)
 
 
 # --- CRI-O ---------------------------------------------------------------------------------
