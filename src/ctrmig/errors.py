@@ -172,3 +172,8 @@ def named(name: str) -> type[CtrmigError]:
             return cls
         pending += cls.__subclasses__()
     return EngineError
+
+
+class NoManifestError(ManifestError):
+    """The archive has no manifest.yaml: not ctrmig's (see :mod:`ctrmig.archive.foreign`),
+    or cut short."""

@@ -50,7 +50,7 @@ from typing import Any, BinaryIO, cast
 import yaml
 import zstandard
 
-from ctrmig.archive import crypto
+from ctrmig.archive import crypto, foreign
 from ctrmig.archive.layout import MANIFEST_NAME, SIGNATURE_NAME
 from ctrmig.archive.manifest import FileEntry, Manifest
 from ctrmig.archive.sources import Identities, open_plain, plaintext
@@ -61,6 +61,8 @@ from ctrmig.errors import (
     ArchiveError,
     ChecksumError,
     ManifestError,
+    NoManifestError,
+    SignatureError,
     UnsafeArchiveError,
 )
 from ctrmig.host.files import private_dir
@@ -205,6 +207,7 @@ class _Scan:
         self.names: set[str] = set()
         self.parents: set[str] = set()
         self.seen: dict[str, FileEntry] = {}
+        self.kept: dict[str, bytes] = {}  # foreign.KEPT members, for a manifest if none
         self.dirs: set[str] = set()
         self.manifest: Manifest | None = None
         self.manifest_bytes = b""
@@ -218,7 +221,8 @@ class _Scan:
         try:
             tar = tarfile.open(fileobj=cast(BinaryIO, stream), mode="r:", tarinfo=_SafeTarInfo)
         except _READ_ERRORS as e:
-            raise ArchiveCorruptError(f"not a readable tar archive: {e}") from None
+            raise ArchiveCorruptError(f"not a readable tar archive: {e}",
+                                      hint=foreign.EXPECTED) from None
         count = 0
         try:
             for info in tar:
@@ -333,6 +337,8 @@ class _Scan:
     def hash_into(self, name: str, info: tarfile.TarInfo, data: BinaryIO,
                   sink: Callable[[bytes], object] | None) -> None:
         sha, got = hashlib.sha256(), 0
+        keep: list[bytes] | None = [] if (
+            name in foreign.KEPT and info.size <= MAX_MANIFEST_BYTES) else None
         while True:
             try:
                 chunk = data.read(CHUNK)
@@ -347,20 +353,24 @@ class _Scan:
             got += len(chunk)
             if sink is not None:
                 sink(chunk)
+            if keep is not None:
+                keep.append(chunk)
             if self.progress:
                 self.progress(len(chunk))
         if got != info.size:
             raise ArchiveCorruptError(f"archive is truncated inside {name!r}")
         self.seen[name] = FileEntry(size=got, sha256=sha.hexdigest())
+        if keep is not None:
+            self.kept[name] = b"".join(keep)
 
     def check(self, trusted_keys: str | Path | None = None) -> Manifest:
         """Compare what was read with the manifest, and (``trusted_keys``) check that a
         trusted key signed it; return the manifest."""
-        if self.manifest is None:
-            raise ManifestError(
-                "archive has no manifest.yaml",
-                hint="it was not written by ctrmig, or it is truncated",
-            )
+        if self.manifest is None:  # not ctrmig's: a known foreign layout, or refused
+            self.manifest = foreign.synthesize(self.seen, self.kept)
+            if trusted_keys is not None:
+                raise SignatureError(f"{foreign.note(self.manifest)}, nor any signature: "
+                                     "nothing a trusted key signed")
         want, got = self.manifest.files, self.seen
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))
@@ -431,8 +441,16 @@ def verify(
 
 def read_manifest(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
                   identities: Identities = ()) -> Manifest:
-    """Return the manifest without verifying checksums (fast on uncompressed archives)."""
-    return parse_manifest(read_signed(source, limits=limits, identities=identities)[0])
+    """Return the manifest without verifying checksums (fast on uncompressed archives).
+
+    An archive without one (podman's, CRI-O's, a docker checkpoint directory) is read
+    whole, for the manifest :mod:`.foreign` makes of it."""
+    try:
+        return parse_manifest(read_signed(source, limits=limits, identities=identities)[0])
+    except NoManifestError:
+        if not isinstance(source, (str, os.PathLike)):
+            raise
+        return verify(source, limits=limits, identities=identities)
 
 
 def read_signed(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
@@ -441,7 +459,8 @@ def read_signed(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
     if isinstance(source, (str, os.PathLike)):
         with open_plain(Path(source)) as raw:
             head = raw.read(crypto.HEAD_BYTES)
-        if detect_compression(head) == "none" and not crypto.is_encrypted(head):
+        if detect_compression(head) == "none" and not crypto.is_encrypted(head) \
+                and not Path(source).is_dir():
             return _read_manifest_seeking(Path(source), limits)
     # Compressed, encrypted or a stream: walk every header, decompressing the data but
     # neither hashing it nor keeping it (half of a verify's CPU).
@@ -450,8 +469,8 @@ def read_signed(source: Path | BinaryIO, *, limits: Limits = DEFAULT_LIMITS,
         for _member in scan.members():
             pass
     if scan.manifest is None:
-        raise ManifestError("archive has no manifest.yaml",
-                            hint="it was not written by ctrmig, or it is truncated")
+        raise NoManifestError("archive has no manifest.yaml",
+                              hint="it was not written by ctrmig, or it is truncated")
     return scan.manifest_bytes, scan.signature
 
 
@@ -470,7 +489,7 @@ def _read_manifest_seeking(path: Path, limits: Limits) -> tuple[bytes, bytes | N
                     continue
                 info = member
             if info is None or info.name != MANIFEST_NAME or not info.isfile():
-                raise ManifestError(
+                raise NoManifestError(
                     "archive has no manifest.yaml at its end",
                     hint="it was not written by ctrmig, or it is truncated",
                 )

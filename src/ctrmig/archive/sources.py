@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from ctrmig.archive import crypto
+from ctrmig.archive.foreign import tree_stream
 from ctrmig.archive.streams import CHUNK, read_into
 from ctrmig.errors import ArchiveError
 
@@ -77,7 +78,10 @@ def is_encrypted(path: Path) -> bool:
 
 
 def open_plain(path: Path) -> BinaryIO:
-    """Open the archive file ``path`` as it is (no decryption), with a clear error."""
+    """Open the archive file ``path`` as it is (no decryption), with a clear error; a
+    directory (a docker checkpoint's) reads as a tar of it (:func:`.foreign.tree_stream`)."""
+    if path.is_dir():
+        return tree_stream(path)
     try:
         return open(path, "rb", buffering=CHUNK)
     except FileNotFoundError:

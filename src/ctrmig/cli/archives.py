@@ -19,7 +19,7 @@ from rich.table import Table
 
 import ctrmig
 from ctrmig import options
-from ctrmig.archive import Manifest, crypto
+from ctrmig.archive import Manifest, crypto, foreign
 from ctrmig.archive.layout import VOLUMES_DIR, volume_member
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
 from ctrmig.archive.reader import read_signed
@@ -78,32 +78,40 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
         console_out().print(table)
 
 
+#: An archive file, or a docker checkpoint directory (see :mod:`ctrmig.archive.foreign`).
+archive_argument = click.argument("archive", type=click.Path())
+
+
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@archive_argument
 @engine_option
 @url_option
 @option_flags(RestoreOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restore(archive: str, engine: str | None, url: str | None, as_json: bool,
             **flags: Any) -> None:
-    """Restore ARCHIVE into a running container (engine: the archive's, by default).
+    """Restore ARCHIVE into a running container (engine: the archive's, by default; a
+    CRI-O checkpoint's: podman).
 
     ARCHIVE '-' reads the archive from standard input (then --engine is required).
     """
-    total = None
+    total, note = None, ""
     if archive == "-" and engine is None:
         raise click.UsageError("--engine is required when the archive comes from stdin")
     if engine is None:
         manifest = ctrmig.inspect(archive, identities=flags.get("identity") or ())
-        engine, total = manifest.engine, manifest.total_bytes
+        engine, total = foreign.restore_engine(manifest), manifest.total_bytes
+        note = foreign.note(manifest)
     source = sys.stdin.buffer if archive == "-" else archive
     with contextlib.closing(connect(engine, url)) as m, \
             progress_bar(f"restore {Path(archive).name}", total) as progress:
         restored = m.restore(source, built(RestoreOptions, flags), progress=progress)
     if as_json:
-        click.echo(json.dumps({"engine": engine, "name": restored}))
+        click.echo(json.dumps({"engine": engine, "name": restored} |
+                              ({"foreign": note} if note else {})))
     else:
-        console_out().print(f"restored {engine} container {restored}")
+        console_out().print(f"restored {engine} container {restored}" +
+                            (f" (from a foreign archive: {note})" if note else ""))
 
 
 def _pids(manifest: Manifest) -> list[int]:
@@ -136,43 +144,61 @@ def _plain(archive: str, identities: tuple[str, ...]) -> Iterator[Path]:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@archive_argument
 @identity_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect(archive: str, identities: tuple[str, ...], as_json: bool) -> None:
     """Show what ARCHIVE holds, where it came from, who signed it, and whether its
-    checksums hold (an encrypted archive needs --identity)."""
+    checksums hold (an encrypted archive needs --identity). Archives ctrmig did not
+    write (podman's, CRI-O's, a docker checkpoint directory) are shown too, saying so."""
     encrypted = is_encrypted(Path(archive))
     with _plain(archive, identities) as plain:
         mf = ctrmig.inspect(plain)
         try:
-            ctrmig.verify(plain)
+            if foreign.facts(mf) is None:  # a foreign one was read whole for its manifest
+                ctrmig.verify(plain)
             checksums = "ok"
         except CtrmigError as e:
             checksums = e.message
-        signature = _signature(plain)
+        signature = _signature(plain, mf)
         asks = _privileges(plain) if checksums == "ok" else "not judged (checksums)"
     pids = _pids(mf)
     sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
-             "total_bytes": mf.total_bytes, "archive_bytes": Path(archive).stat().st_size}
+             "total_bytes": mf.total_bytes, "archive_bytes": _bytes_on_disk(Path(archive))}
     volumes = _volumes(mf)
     facts = {"encryption": "age" if encrypted else "none", "signature": signature}
+    note = foreign.note(mf)
     if as_json:
         listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]
         data = mf.to_dict() | {"sizes": sizes, "pids": pids, "checksums": checksums,
                                "privileges": listed, "volumes": volumes} | facts
+        data["checksums_from_writer"] = not note
+        if note:
+            data["foreign"] = (foreign.facts(mf) or {}) | {"note": note}
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         shown = asks if isinstance(asks, str) else summary(asks) or "none"
         facts["volumes"] = "; ".join(map(_volume_line, volumes)) or "-"
-        _print_inspect(mf, sizes, pids, checksums, shown, facts)
+        if note:
+            facts["origin"] = note
+        shown_sums = f"{checksums} ({foreign.NO_CHECKSUMS})" if note else checksums
+        _print_inspect(mf, sizes, pids, shown_sums, shown, facts)
     if checksums != "ok":
         raise click.exceptions.Exit(1)
 
 
-def _signature(archive: Path) -> str:
+def _bytes_on_disk(archive: Path) -> int:
+    """The archive file's size; a directory's: its files' total."""
+    if not archive.is_dir():
+        return archive.stat().st_size
+    return sum(p.lstat().st_size for p in archive.rglob("*") if p.is_file())
+
+
+def _signature(archive: Path, mf: Manifest) -> str:
     """Who signed the archive (the key's fingerprint) and whether the signature holds;
     whether that key is trusted is ``verify --trusted-keys``'s to say."""
+    if foreign.facts(mf) is not None:
+        return "unsigned (not ctrmig's archive: no manifest to sign)"
     try:
         data, sig = read_signed(archive)
         if sig is None:
@@ -185,7 +211,7 @@ def _signature(archive: Path) -> str:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@archive_argument
 @identity_option
 @click.option("--trusted-keys", metavar="FILE", help=options.TRUSTED_KEYS.help)
 def verify(archive: str, identities: tuple[str, ...], trusted_keys: str | None) -> None:
@@ -196,6 +222,10 @@ def verify(archive: str, identities: tuple[str, ...], trusted_keys: str | None) 
     if trusted_keys is not None:
         _, sig = read_signed(Path(archive), identities=identities)
         signed = f", signed by {crypto.signer_key(sig)}" if sig else ""
+    note = foreign.note(manifest)
+    if note:
+        console_out().print(f"{archive}: ok ({len(manifest.files)} files read; {note})")
+        return
     console_out().print(f"{archive}: ok ({len(manifest.files)} files verified{signed})")
 
 

@@ -29,6 +29,7 @@ from ctrmig.archive import (
     atomic_output,
     crypto,
     extracted,
+    foreign,
     privileges,
 )
 from ctrmig.archive.layout import image_member
@@ -253,7 +254,8 @@ class BaseMigrator(ABC):
 
         Adapters extend this and call it first: the archive is judged before the engine
         is asked anything."""
-        if manifest.engine != self.engine:
+        foreign.check_restorable(manifest, self.engine, opts.name)
+        if not foreign.native(manifest, self.engine):
             raise EngineMismatchError(
                 f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
                 hint=f"restore it with --engine {manifest.engine}",

@@ -21,13 +21,19 @@ from typing import Any, ClassVar
 import tenacity
 
 from ctrmig import settings
-from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, foreign
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.docker import config, rootfs, volumes
 from ctrmig.engines.docker.api import EngineAPI
 from ctrmig.engines.docker.checkpoints import Checkpoints, new_name
-from ctrmig.errors import CheckpointError, EngineError, OptionError
+from ctrmig.errors import (
+    CheckpointError,
+    ContainerNotFoundError,
+    EngineError,
+    OptionError,
+    RestoreError,
+)
 from ctrmig.host import http
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
@@ -251,7 +257,25 @@ class DockerMigrator(BaseMigrator):
         # Before the base loads a carried image: a daemon that cannot restore says so first.
         self.checkpoints.require()
 
+    def _check_name_free(self, name: str, source: Path | None = None) -> None:
+        if source is None or not foreign.images_only_tree(source):
+            super()._check_name_free(name, source)
+            return
+        # A docker checkpoint directory's images go into a container that exists already.
+        if not self.exists(name):
+            raise ContainerNotFoundError(
+                f"no docker container {name!r} to start from the checkpoint directory's images",
+                hint="name the stopped container it came from, or create one with the same "
+                     f"image and command (docker create --name {name} IMAGE COMMAND...)")
+        state = self.api.inspect(name).get("State") or {}
+        if state.get("Running") or state.get("Paused"):
+            raise RestoreError(
+                f"docker container {name!r} is running: a checkpoint directory's images "
+                "start a stopped container", hint=f"stop it first (docker stop {name})")
+
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
+        if foreign.images_only(manifest):
+            return self._start_stopped(source, opts)
         recorded = config.load_config(source)
         body = config.create_body(recorded, opts.publish_ports)
         name = opts.name or manifest.container.name
@@ -264,6 +288,23 @@ class DockerMigrator(BaseMigrator):
                                 label=name)  # refuses a volume here with other content
         with vols.created():
             return self._restore_into(source, body, name, vols, opts)
+
+    def _start_stopped(self, source: Path, opts: RestoreOptions) -> str:
+        """Start the existing stopped container ``opts.name`` from the CRIU images alone
+        (a docker checkpoint directory's), as ``docker start --checkpoint`` does; on
+        failure it stays stopped, as it was."""
+        assert opts.name is not None
+        cid = str(self.api.inspect(opts.name)["Id"])
+        checkpoint, path = self.checkpoints.place(cid, source / CHECKPOINT_DIR)
+        try:
+            opts.commit()
+            self.checkpoints.start(cid, checkpoint, path)
+        except BaseException:
+            self.checkpoints.drop(cid, checkpoint)
+            raise
+        if not opts.keep:
+            self.checkpoints.drop(cid, checkpoint)
+        return opts.name
 
     def _restore_into(self, source: Path, body: dict[str, Any], name: str,
                       vols: volumes.Restorer, opts: RestoreOptions) -> str:

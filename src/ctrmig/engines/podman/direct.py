@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ctrmig.archive import ArchiveWriter, Manifest, privileges
+from ctrmig.archive import ArchiveWriter, Manifest, foreign, privileges
 from ctrmig.archive.layout import CONFIG_DUMP
 from ctrmig.archive.streams import CHUNK
 from ctrmig.engines.podman import bundle
@@ -69,6 +69,7 @@ class DirectTarget(PodmanMigrator):
         assert opts.name is not None
         name, old = opts.name, manifest.extra.get("podman_paths")
         if not isinstance(old, dict) or not (source / RUNTIME_SPEC).is_file():
+            foreign.podman_dialect(source, manifest)  # CRI-O's config.dump, as libpod's
             return self._import_dir(source, opts)  # podman's own export: podman imports it
         data = self._create(source, opts)
         try:

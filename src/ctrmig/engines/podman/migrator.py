@@ -24,7 +24,7 @@ from podman import PodmanClient
 from podman.errors import APIError
 
 from ctrmig import settings
-from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, foreign
 from ctrmig.archive.reader import decompressed
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
@@ -327,7 +327,8 @@ class PodmanMigrator(BaseMigrator):
             return target.restore(archive, options, progress=progress, **overrides)
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
-        with source.open("rb") as body:
+        with foreign.podman_import_file(source, manifest, self.workdir) as path, \
+                path.open("rb") as body:
             return self._import(body, opts)
 
     def _import(self, body: BinaryIO, opts: RestoreOptions) -> str:
