@@ -149,7 +149,7 @@ def push(archive: Path, ref: str, engine: Migrator | None = None, *,
             transport.copy(source, f"oci-archive:{loadable}:{ref}", what=f"save {ref}")
             oci.remove_layout(layout)
             _store(ref, engine)._load_image(loadable, "oci-archive")  # type: ignore[attr-defined]
-    log.info("checkpoint image %s written (base %s)", ref, base.name or "-")
+    log.debug("checkpoint image %s written (base %s)", ref, base.name or "-")
     return Pushed(ref, digest, base.name, registry)
 
 

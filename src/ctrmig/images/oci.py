@@ -84,7 +84,8 @@ def checkpoint_annotations(facts: Facts, base: Base, source_image: str) -> dict[
     out = {PODMAN + k: v for k, v in shared.items()}
     out |= {CRIO + k: v for k, v in shared.items()}
     podman_only = {"criu.version": _criu_number(facts.criu_version),
-                   "runtime.name": facts.runtime, "host.arch": facts.arch,
+                   "runtime.name": facts.runtime,
+                   "host.arch": _GOARCH.get(facts.arch, facts.arch),
                    "host.kernel": facts.kernel}
     if facts.engine == "podman":
         podman_only["podman.version"] = facts.engine_version
