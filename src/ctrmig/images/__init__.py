@@ -43,6 +43,8 @@ __all__ = [
     "base_ref",
     "check_ref",
     "checkpoint",
+    "delete",
+    "has_tag",
     "is_registry_ref",
     "pulled",
     "push",
@@ -167,6 +169,25 @@ def _push_base(archive: Path, manifest: Manifest, ref: str, tmp: Path) -> Base |
     transport.copy(f"{fmt}:{saved}", f"docker://{name}", what=f"push {name}")
     saved.unlink()
     return Base(name, transport.config_digest(name))
+
+
+def has_tag(ref: str) -> bool:
+    """Whether ``ref`` ends in a tag or digest (``repo:tag``, ``repo@sha256:...``)."""
+    return "@" in ref or ref.rfind(":") > ref.rfind("/")
+
+
+def delete(pushed: Pushed) -> None:
+    """Delete a pushed checkpoint image from the registry, where it allows deletes
+    (distribution's ``storage.delete.enabled``), else say that it stays there. Its base
+    stays: a registry deletes a manifest, not a tag, and other checkpoints of the same
+    image name the same base manifest."""
+    if not pushed.registry:
+        return
+    try:
+        transport.delete(pushed.ref)
+    except CtrmigError as e:
+        log.warning("the registry keeps %s (and with it the checkpoint's memory): %s",
+                    pushed.ref, e.message)
 
 
 def _facts(manifest: Manifest) -> Facts:

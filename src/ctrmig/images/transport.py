@@ -61,3 +61,8 @@ def config_digest(ref: str) -> str:
                                   what=f"skopeo inspect {ref}"))
     digest = str((manifest.get("config") or {}).get("digest", ""))
     return digest.removeprefix("sha256:")
+
+
+def delete(ref: str) -> None:
+    """``skopeo delete docker://ref``: the registry drops the tag's manifest."""
+    _skopeo("delete", f"docker://{ref}", what=f"delete {ref}")
