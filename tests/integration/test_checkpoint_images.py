@@ -19,9 +19,17 @@ import pytest
 from click.testing import CliRunner, Result
 
 import ctrmig
-from ctrmig import cli
+from ctrmig import cli, images
+from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import mounts, proc, services
-from tests.conftest import first_count, last_count, unique, wait_for
+from tests.conftest import (
+    COUNTER_CMD,
+    cleanup_runc_state,
+    first_count,
+    last_count,
+    unique,
+    wait_for,
+)
 from tests.registry import Registry
 
 Podman = Callable[..., subprocess.CompletedProcess[bytes]]
@@ -259,3 +267,29 @@ def test_checkpoint_image_refusals(podman_counter: Callable[[], str],
             {name: "running"}
     finally:
         m.close()
+
+
+def test_runc_container_through_a_registry_into_an_empty_runc(
+        runc_state: RuncMigrator, test_image: str, registry: Registry,
+        tmp_path: Path) -> None:
+    """ctrmig's image of a runc container: the archive inside carries the base (ctrmig's
+    --include-image), so a runc with an empty image cache restores it from the registry
+    alone."""
+    m = runc_state
+    name = m.run(test_image, name=unique("ctrmig-img"), command=COUNTER_CMD)
+    wait_for(lambda: last_count(m.logs(name)) >= 5, what=f"{name} counting")
+    ref = registry.ref(f"runc/{name}", "v1")
+    archive, pushed = images.checkpoint(m, name, ref)
+    assert pushed.base == registry.ref(f"runc/{name}", "v1-base")
+    assert archive.manifest.extra.get("image_archive")  # the base travels inside too
+    before = last_count(m.logs(name))
+    m.remove(name)
+    other = RuncMigrator(state_dir=tmp_path / "other", workdir=tmp_path)
+    try:
+        with images.pulled(ref) as (image, path):
+            assert image.engine == "runc" and image.container == name
+            assert other.restore(path) == name
+        wait_for(lambda: last_count(other.logs(name)) > before + 3, what="restored counter")
+        assert before < first_count(other.logs(name)) <= before + 3
+    finally:
+        assert not cleanup_runc_state(other)
