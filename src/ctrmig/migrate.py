@@ -627,5 +627,7 @@ def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: P
         if source_state not in (None, "running"):
             _resume_when_ready(src, container)
         said = f"{container}: rolled back; it runs on {data['from']}"
+    if data.get("via"):  # the checkpoint image a --via migration pushed leaves the registry
+        images.delete(images.Pushed(str(data["via"]), "", "", registry=True))
     path.unlink()
     return said
