@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from ctrmig import images
-from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, atomic_output, verify
+from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, atomic_output, crypto, verify
 from ctrmig.errors import ArchiveCorruptError, OptionError
+from ctrmig.host import proc
 from ctrmig.images import oci, transport
 from ctrmig.migrate import via_ref
 from ctrmig.options import CheckpointOptions
@@ -145,3 +146,21 @@ def test_refused_before_the_engine_is_asked() -> None:
     engine.engine = "docker"
     with pytest.raises(OptionError, match="only podman keeps checkpoint images"):
         images.checkpoint(engine, "web", "localhost/x:1")  # type: ignore[arg-type]
+
+
+def test_a_signed_archive_stays_signed_through_an_image(tmp_path: Path) -> None:
+    key = tmp_path / "signer"
+    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], timeout=30)
+    trusted = tmp_path / "trusted"
+    trusted.write_text(key.with_suffix(".pub").read_text())
+    arc = tmp_path / "a.tar"
+    with atomic_output(arc) as out:
+        w = ArchiveWriter(out, "zstd", sign=crypto.signer(str(key)))
+        w.add_bytes("config.dump", json.dumps(PODMAN_CONFIG).encode())
+        w.finish(Manifest(engine="podman", container=ContainerRecord(name="web")))
+    base = oci.Base("r:1/w:1-base", "cd" * 32)
+    oci.write_layout(arc, tmp_path / "layout", oci.checkpoint_annotations(
+        oci.Facts("web", "podman"), base, ""), config_dump=lambda b: oci.podman_config(b, base))
+    back = tmp_path / "back.tar"
+    oci.write_archive(oci.read_layout(tmp_path / "layout"), back)
+    assert verify(back, trusted_keys=trusted).container.name == "web"
