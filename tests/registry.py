@@ -21,6 +21,7 @@ import pytest
 from ctrmig import settings
 from ctrmig.host import services
 from ctrmig.host.files import private_dir, write_private
+from tests.hosts import wait_tcp
 
 BINARY = "/usr/bin/docker-registry"
 
@@ -61,9 +62,10 @@ def _wait_listening(port: int, svc: services.Service, timeout: float = 30.0) -> 
                        f"{svc.log_path}")
 
 
-def start(root: Path) -> tuple[Registry, services.Service]:
-    """docker-registry on 127.0.0.1:<free port>, storing under ``root`` (deletes allowed,
-    so that a migration can drop its checkpoint image after)."""
+def start(root: Path, address: str = "127.0.0.1",
+          netns: str | None = None) -> tuple[Registry, services.Service]:
+    """docker-registry on ADDRESS:<free port> (in ``netns``, if given), storing under
+    ``root`` (deletes allowed, so that a migration can drop its checkpoint image after)."""
     private_dir(root / "data")
     port = _free_port()
     config = root / "config.yml"
@@ -72,16 +74,23 @@ def start(root: Path) -> tuple[Registry, services.Service]:
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
         "  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: {address}:{port}\n"
     ))
     conf = root / "registries.conf"
-    write_private(conf, f'[[registry]]\nlocation = "127.0.0.1:{port}"\ninsecure = true\n')
+    write_private(conf, f'[[registry]]\nlocation = "{address}:{port}"\ninsecure = true\n')
     svc = services.Service("docker-registry", root / "unused.sock",
                            [BINARY, "serve", str(config)], root / "registry.log",
-                           root / "registry.pid")
+                           root / "registry.pid", netns=netns)
     svc.start(wait=False)
-    _wait_listening(port, svc)
-    return Registry(f"127.0.0.1:{port}", conf, root), svc
+    if netns is None:
+        _wait_listening(port, svc)
+    else:
+        try:
+            wait_tcp(netns, address, port)
+        except BaseException:
+            svc.stop()
+            raise
+    return Registry(f"{address}:{port}", conf, root), svc
 
 
 @pytest.fixture(scope="session")

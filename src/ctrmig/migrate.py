@@ -415,19 +415,30 @@ def _migrate_via(container: str, source: Migrator, target: Migrator, ref: str,
     report = MigrationReport(container, source.engine, target.engine, route="registry",
                              compression="none")
     started = time.monotonic()
-    # A failed push resumes the source itself (images.checkpoint).
-    archive, pushed = images.checkpoint(source, container, ref, ckpt)
+    # A failed push resumes the source itself (images.checkpoint, or ctrmig there). Over
+    # ssh, ctrmig on that host pushes (or pulls) itself: the image goes through the
+    # registry only, never through this host.
+    pushed = images.Pushed(ref, "", "", registry=True)
+    remote_checkpoint = getattr(source, "checkpoint_image", None)
+    if remote_checkpoint is not None:
+        remote_checkpoint(container, ref, ckpt)
+    else:
+        archive, pushed = images.checkpoint(source, container, ref, ckpt)
+        report.manifest = archive.manifest
     checkpointed = time.monotonic()
     try:
-        with images.pulled(ref) as (_, path):
-            report.bytes_moved = path.stat().st_size
-            report.target_name = target.restore(path, rest)
+        remote_restore = getattr(target, "restore_image", None)
+        if remote_restore is not None:
+            report.target_name = remote_restore(ref, rest)
+        else:
+            with images.pulled(ref) as (_, path):
+                report.bytes_moved = path.stat().st_size
+                report.target_name = target.restore(path, rest)
     except BaseException as e:
-        _roll_back(source, container, {"manifest": archive.manifest}, e)
+        _roll_back(source, container, {"manifest": report.manifest}, e)
         images.delete(pushed)
         raise
     done = time.monotonic()
-    report.manifest = archive.manifest
     report.checkpoint_s = checkpointed - started
     report.transfer_s = report.checkpoint_s
     report.restore_s = done - checkpointed

@@ -11,6 +11,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,9 @@ from tests.conftest import (
     unique,
     wait_for,
 )
+from tests.hosts import TwoHosts
 from tests.registry import Registry
+from tests.registry import start as start_registry
 
 Podman = Callable[..., subprocess.CompletedProcess[bytes]]
 
@@ -293,3 +296,46 @@ def test_runc_container_through_a_registry_into_an_empty_runc(
         assert before < first_count(other.logs(name)) <= before + 3
     finally:
         assert not cleanup_runc_state(other)
+
+
+SSH_PORT = 2293
+CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
+
+
+def test_migrate_via_registry_to_another_host_that_pulls_itself(
+        test_image: str, tmp_path: Path) -> None:
+    """runc on host A -> runc+ssh:// on host B, through a registry on A's address: A's
+    ctrmig pushes, B's ctrmig pulls and restores (the archive never crosses the ssh link);
+    B starts with an empty runc image cache."""
+    with TwoHosts(tmp_path / "h") as hosts:
+        a, b = hosts.a, hosts.b
+        ssh_options = b.start_sshd(port=SSH_PORT)
+        reg, svc = start_registry(tmp_path / "reg", address=a.address, netns=a.netns)
+        src = RuncMigrator(state_dir=a.root / "runc")
+        dst = RuncMigrator(state_dir=b.root / "runc")
+        try:
+            name = src.run(test_image, name=unique("ctrmig-via"), command=COUNTER_CMD)
+            wait_for(lambda: last_count(src.logs(name)) >= 5, what=f"{name} counting")
+            remote = (f"env CTRMIG_RUNC_STATE_DIR={dst.state_dir} "
+                      f"CONTAINERS_REGISTRIES_CONF={reg.conf} {CTRMIG}")
+            env = {"CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+                   "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+                   "CTRMIG_REMOTE_COMMAND": remote, "CONTAINERS_REGISTRIES_CONF": str(reg.conf),
+                   "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal")}
+            res = a.run([CTRMIG, "migrate", name, "--from", "runc", "--to",
+                         f"runc+ssh://root@{b.address}:{SSH_PORT}", "--via",
+                         f"{reg.address}/moves", "--keep-source", "--json"], env=env)
+            assert res.returncode == 0, res.stderr.decode()
+            report = json.loads(res.stdout.decode().strip().splitlines()[-1])
+            assert report["route"] == "registry" and report["bytes_moved"] == 0
+            # Kept (stopped) for its log: where it stopped, the target goes on.
+            assert [(c.name, c.state) for c in src.list()] == [(name, "checkpointed")]
+            stopped_at = last_count(src.logs(name))
+            wait_for(lambda: last_count(dst.logs(name)) > stopped_at + 3,
+                     what="the moved counter")
+            assert stopped_at < first_count(dst.logs(name)) <= stopped_at + 3
+            assert not list((tmp_path / "journal").glob("*.json"))
+        finally:
+            assert not cleanup_runc_state(src)
+            assert not cleanup_runc_state(dst)
+            svc.stop()
