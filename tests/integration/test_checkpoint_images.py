@@ -339,3 +339,30 @@ def test_migrate_via_registry_to_another_host_that_pulls_itself(
             assert not cleanup_runc_state(src)
             assert not cleanup_runc_state(dst)
             svc.stop()
+
+
+def test_migrate_via_registry_into_an_empty_podman(
+        podman_counter: Callable[[], str], podman_env: dict[str, str], registry: Registry,
+        tmp_path: Path) -> None:
+    """podman -> another podman whose storage holds no image at all: the image ctrmig
+    pulls from the registry carries the base, loaded there before the restore."""
+    name = podman_counter()
+    sock = podman_env["CTRMIG_PODMAN_URL"]
+    with TwoHosts(tmp_path / "h") as hosts:
+        b = hosts.b
+        b.start_podman()
+        assert b.podman_cli("images", "-q").strip() == ""
+        res = ctrmig_cli("migrate", name, "--from", f"podman+{sock}", "--to",
+                         f"podman+unix://{b.podman_socket}", "--via",
+                         f"{registry.address}/moves", "--keep-source", "--json",
+                         env={**podman_env, "CTRMIG_JOURNAL_DIR": str(tmp_path / "j")})
+        assert res.exit_code == 0, res.output
+        src = ctrmig.migrator("podman", url=sock)
+        dst = ctrmig.migrator("podman", url=f"unix://{b.podman_socket}")
+        try:
+            stopped_at = last_count(src.logs(name))
+            assert_resumed(lambda: dst.logs(name), stopped_at)
+            assert dst.has_image("localhost/ctrmig-busybox:latest")
+        finally:
+            src.close()
+            dst.close()
