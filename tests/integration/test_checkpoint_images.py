@@ -32,6 +32,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.hosts import TwoHosts
+from tests.integration.test_docker import Docker
 from tests.registry import Registry
 from tests.registry import start as start_registry
 
@@ -366,3 +367,21 @@ def test_migrate_via_registry_into_an_empty_podman(
         finally:
             src.close()
             dst.close()
+
+
+def test_docker_container_through_a_registry(dockerd_socket: Path, registry: Registry,
+                                              tmp_path: Path) -> None:
+    dk = Docker(dockerd_socket, "localhost/ctrmig-busybox:latest")
+    try:
+        name = dk.counter()
+        ref = registry.ref(f"docker/{name}", "v1")
+        _, pushed = images.checkpoint(dk.m, name, ref)
+        assert pushed.base == registry.ref(f"docker/{name}", "v1-base")
+        before = last_count(dk.m.logs(name))
+        new = dk.track(f"{name}-2")
+        with images.pulled(ref) as (image, path):
+            assert image.engine == "docker"
+            assert dk.m.restore(path, name=new) == new
+        dk.assert_continues(new, before)
+    finally:
+        dk.cleanup()
