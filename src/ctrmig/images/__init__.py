@@ -201,7 +201,8 @@ def _facts(manifest: Manifest) -> Facts:
 def pulled(ref: str, engine: Migrator | None = None, *,
            workdir: Path | None = None) -> Iterator[tuple[Image, Path]]:
     """Checkpoint image ``ref`` (pulled from its registry, else taken from ``engine``'s
-    store) and the archive it carries, in a private temporary directory removed after."""
+    store) and the archive it carries, in a private temporary directory removed after.
+    The image's layout is gone once the archive is written (its annotations stay)."""
     with _private_dir(workdir) as tmp:
         layout = tmp / "layout"
         target = f"oci:{layout}:{oci.LAYOUT_TAG}"
