@@ -372,12 +372,19 @@ def _migrate(
     report.total_s = done - started
     # The source stops when its dump freezes it, at the start of the checkpoint call.
     report.downtime_s = report.total_s
-    dump_seconds = report.manifest.extra.get("dump_seconds") if report.manifest else None
-    if isinstance(dump_seconds, (int, float)):  # runc records its dump's length
-        report.dump_s = float(dump_seconds)
+    if _record_dump(report):
         report.transfer_s = max(0.0, report.checkpoint_s - report.dump_s)
     _drop_source(source, container, report, keep_source)
     return report
+
+
+def _record_dump(report: MigrationReport) -> bool:
+    """Take the dump's length from the manifest, where the engine recorded it (runc)."""
+    seconds = report.manifest.extra.get("dump_seconds") if report.manifest else None
+    if isinstance(seconds, (int, float)):
+        report.dump_s = float(seconds)
+        return True
+    return False
 
 
 def _drop_source(source: Migrator, container: str, report: MigrationReport,
@@ -440,8 +447,9 @@ def _migrate_via(container: str, source: Migrator, target: Migrator, ref: str,
         raise
     done = time.monotonic()
     report.checkpoint_s = checkpointed - started
-    report.transfer_s = report.checkpoint_s
-    report.restore_s = done - checkpointed
+    _record_dump(report)
+    report.transfer_s = max(0.0, report.checkpoint_s - report.dump_s)  # the push, mostly
+    report.restore_s = done - checkpointed  # the pull and the restore
     report.total_s = report.downtime_s = done - started
     _drop_source(source, container, report, keep_source)
     # The registry held the container's memory for the move: not longer than that.
