@@ -240,6 +240,7 @@ def test_migrate_via_unreachable_registry_leaves_the_source_running_once(
     res = ctrmig_cli("migrate", name, "--from", f"podman+{sock}", "--to", f"podman+{sock}",
                      "--name", new, "--via", f"{dead}/moves", env=env)
     assert res.exit_code == 1, res.output
+    assert "hint: nothing listens at that registry address" in res.output, res.output
     m = ctrmig.migrator("podman", url=sock)
     try:
         states = {c.name: c.state.lower() for c in m.list() if c.name in (name, new)}

@@ -12,7 +12,7 @@ import pytest
 
 from ctrmig import images
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, atomic_output, crypto, verify
-from ctrmig.errors import ArchiveCorruptError, OptionError
+from ctrmig.errors import ArchiveCorruptError, CommandError, OptionError
 from ctrmig.host import proc
 from ctrmig.images import oci, transport
 from ctrmig.migrate import via_ref
@@ -164,3 +164,15 @@ def test_a_signed_archive_stays_signed_through_an_image(tmp_path: Path) -> None:
     back = tmp_path / "back.tar"
     oci.write_archive(oci.read_layout(tmp_path / "layout"), back)
     assert verify(back, trusted_keys=trusted).container.name == "web"
+
+
+def test_skopeo_failures_come_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(argv: list[str], **kwargs: object) -> None:
+        raise CommandError("push r:1/x:1 failed (exit 1)", argv=argv, returncode=1,
+                           stderr='Get "https://r:1/v2/": http: server gave HTTP response '
+                                  "to HTTPS client")
+
+    monkeypatch.setattr(proc, "run", refuse)
+    with pytest.raises(CommandError) as err:
+        transport.copy("oci:/x:checkpoint", "docker://r:1/x:1", what="push r:1/x:1")
+    assert err.value.hint is not None and "insecure = true" in err.value.hint

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from ctrmig import settings
-from ctrmig.errors import OptionError
+from ctrmig.errors import CommandError, OptionError
 from ctrmig.host import proc
 
 TIMEOUT = 900.0  # a checkpoint image is the container's memory: pushes take a while
@@ -42,10 +42,31 @@ def base_ref(ref: str) -> str:
     return f"{repo}:{tag}-base"
 
 
+#: What skopeo says -> what to do about it.
+_HINTS = (
+    ("server gave HTTP response to HTTPS client",
+     "the registry speaks plain http: mark it `insecure = true` in registries.conf "
+     "([[registry]] location = \"HOST:PORT\"), or name that file in "
+     "CONTAINERS_REGISTRIES_CONF"),
+    ("connection refused", "nothing listens at that registry address"),
+    ("unauthorized", "log in to the registry first (`podman login` / `skopeo login`)"),
+    ("manifest unknown", "no such image or tag in that registry"),
+)
+
+
 def _skopeo(*args: str, what: str) -> str:
     conf = settings.current().registries_conf
     flags = ["--registries-conf", str(conf)] if conf is not None else []
-    return proc.run(["skopeo", *flags, *args], timeout=TIMEOUT, what=what).stdout.decode()
+    try:
+        res = proc.run(["skopeo", *flags, *args], timeout=TIMEOUT, what=what)
+    except CommandError as e:
+        text = (e.stderr or "").lower()
+        hint = next((h for needle, h in _HINTS if needle.lower() in text), None)
+        if hint is None or e.hint:
+            raise
+        raise CommandError(e.message, argv=e.argv, returncode=e.returncode,
+                           stderr=e.stderr, hint=hint) from None
+    return res.stdout.decode()
 
 
 def copy(src: str, dest: str, *, what: str) -> None:
