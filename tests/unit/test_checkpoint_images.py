@@ -37,6 +37,9 @@ def test_base_ref_tags_and_via() -> None:
     assert images.has_tag("h:1/r:t") and not images.has_tag("h:1/r")
     with pytest.raises(OptionError):
         transport.split_tag("h:1/r@sha256:" + "0" * 64)
+    for bad in ("docker://h:1/r:t", "", "h:1/r t"):
+        with pytest.raises(OptionError, match="not an image name"):
+            transport.check_name(bad)
     assert via_ref("127.0.0.1:5000/moves", "web").startswith("127.0.0.1:5000/moves:web-")
     for bad in ("127.0.0.1:5000/moves:tag", "moves"):
         with pytest.raises(OptionError, match="registry repository"):

@@ -69,7 +69,7 @@ class Pushed:
 def check_ref(ref: str, engine: Migrator | None) -> bool:
     """Refuse a ``ref`` no checkpoint image can be written to; True if it names a
     registry (else: the podman engine's own store)."""
-    transport.split_tag(ref)
+    transport.split_tag(transport.check_name(ref))
     if is_registry_ref(ref):
         return True
     _store(ref, engine)
@@ -203,6 +203,7 @@ def pulled(ref: str, engine: Migrator | None = None, *,
     """Checkpoint image ``ref`` (pulled from its registry, else taken from ``engine``'s
     store) and the archive it carries, in a private temporary directory removed after.
     The image's layout is gone once the archive is written (its annotations stay)."""
+    transport.check_name(ref)
     with _private_dir(workdir) as tmp:
         layout = tmp / "layout"
         target = f"oci:{layout}:{oci.LAYOUT_TAG}"

@@ -17,6 +17,15 @@ from ctrmig.host import proc
 TIMEOUT = 900.0  # a checkpoint image is the container's memory: pushes take a while
 
 
+def check_name(ref: str) -> str:
+    """``ref`` if it is an image name ctrmig can use (no transport, no spaces)."""
+    if "://" in ref or not ref or any(c.isspace() for c in ref):
+        raise OptionError(f"{ref!r} is not an image name",
+                          hint="name it as podman does, without a transport: "
+                               "host:port/repo:tag, or localhost/name:tag")
+    return ref
+
+
 def is_registry_ref(ref: str) -> bool:
     """Whether ``ref`` names a registry (``host.domain/…``, ``host:port/…``), not the
     engine's local store (``name:tag``, ``localhost/name``: podman's local names)."""
