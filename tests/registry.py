@@ -3,8 +3,8 @@
 Started once per session on 127.0.0.1 (a free port, in the session's own network
 namespace) with its own config and storage directory, stopped by PID. podman and skopeo
 reach it over plain http through a private registries.conf marking it insecure
-(``CONTAINERS_REGISTRIES_CONF``, for podman, and ctrmig's ``registries_conf`` setting):
-the host's /etc/containers stays untouched.
+(``CONTAINERS_REGISTRIES_CONF``, for podman, and ctrmig's ``registries_conf`` setting,
+both set for each test that asks for it): the host's /etc/containers stays untouched.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from ctrmig import settings
 from ctrmig.host import services
 from ctrmig.host.files import private_dir, write_private
 from tests.hosts import wait_tcp
+from tests.support import override_settings
 
 BINARY = "/usr/bin/docker-registry"
 
@@ -94,21 +94,21 @@ def start(root: Path, address: str = "127.0.0.1",
 
 
 @pytest.fixture(scope="session")
-def registry(session_dir: Path) -> Iterator[Registry]:
-    """A session's registry; podman (``CONTAINERS_REGISTRIES_CONF``) and ctrmig (its
-    settings) find its registries.conf for the whole session."""
+def registry_service(session_dir: Path) -> Iterator[Registry]:
+    """The session's registry, started on first use and stopped by PID at the end."""
     if not os.path.exists(BINARY):
         raise RuntimeError("docker-registry is not installed: run scripts/setup-host")
     reg, svc = start(session_dir / "registry")
-    before_env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
-    os.environ["CONTAINERS_REGISTRIES_CONF"] = str(reg.conf)
-    before = settings.use(settings.current().replace(registries_conf=reg.conf))
     try:
         yield reg
     finally:
-        settings.use(before)
-        if before_env is None:
-            os.environ.pop("CONTAINERS_REGISTRIES_CONF", None)
-        else:
-            os.environ["CONTAINERS_REGISTRIES_CONF"] = before_env
         svc.stop()
+
+
+@pytest.fixture
+def registry(registry_service: Registry, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """The session's registry, reachable for this test: podman finds its registries.conf
+    in ``CONTAINERS_REGISTRIES_CONF``, ctrmig in its settings (both undone after)."""
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registry_service.conf))
+    override_settings(monkeypatch, registries_conf=registry_service.conf)
+    return registry_service
