@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -388,3 +390,52 @@ def test_docker_container_through_a_registry(dockerd_socket: Path, registry: Reg
         dk.assert_continues(new, before)
     finally:
         dk.cleanup()
+
+
+def test_migrate_via_target_fails_after_the_push(
+        podman_counter: Callable[[], str], podman_env: dict[str, str], registry: Registry,
+        tmp_path: Path) -> None:
+    """The target's name is taken after ctrmig checked it was free: the pushed image's
+    restore is refused, the source runs again (exactly once), the image leaves the
+    registry, no journal stays."""
+    name = podman_counter()
+    sock = podman_env["CTRMIG_PODMAN_URL"]
+    new = f"{name}-moved"
+    journal = tmp_path / "journal"
+    env = {**os.environ, **podman_env, "CTRMIG_JOURNAL_DIR": str(journal)}
+    child = subprocess.Popen(
+        [CTRMIG, "migrate", name, "--from", f"podman+{sock}", "--to", f"podman+{sock}",
+         "--name", new, "--via", f"{registry.address}/moves"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # The journal is written right after the target's name was found free.
+        wait_for(lambda: child.poll() is not None or list(journal.glob("*.json")),
+                 timeout=120, what="the migration journal")
+        child.send_signal(signal.SIGSTOP)
+        try:
+            proc.run(["podman", "create", "--name", new, "localhost/ctrmig-busybox:latest",
+                      "sleep", "100000"], timeout=120)
+        finally:
+            child.send_signal(signal.SIGCONT)
+        _, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    text = err.decode(errors="replace")
+    assert child.returncode == 1, text
+    assert "already" in text and new in text, text
+    m = ctrmig.migrator("podman", url=sock)
+    try:
+        states = {c.name: c.state.lower() for c in m.list() if c.name in (name, new)}
+        assert states == {name: "running", new: "created"}, states
+        stopped_at = last_count(m.logs(name))
+        wait_for(lambda: last_count(m.logs(name)) > stopped_at + 3, what="the source")
+        m.remove(new)
+    finally:
+        m.close()
+    assert not list(journal.glob("*.json"))
+    tags = json.loads(proc.output(["skopeo", "--registries-conf", str(registry.conf),
+                                   "list-tags", f"docker://{registry.address}/moves"],
+                                  timeout=60))["Tags"] or []
+    assert not [t for t in tags if t.startswith(f"{name}-") and not t.endswith("-base")]
