@@ -29,6 +29,7 @@ import ctrmig
 from ctrmig import locks
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, mounts, proc, services
+from tests.registry import registry, registry_service  # noqa: F401  (fixtures)
 
 # A workload that keeps state in memory (the shell's counter) and in its filesystem (a
 # file written after start): what every engine's checkpoint/restore test checks.

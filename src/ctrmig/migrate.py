@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Literal
 
 import tenacity
 
-from ctrmig import endpoints, locks, settings
+from ctrmig import endpoints, images, locks, settings
 from ctrmig.archive import Compression, Manifest
 from ctrmig.archive.streams import Progress
 from ctrmig.direct import route as direct_route
@@ -146,6 +146,7 @@ def migrate(
     progress: Progress | None = None,
     insecure: bool = False,
     route: str = "auto",
+    via: str | None = None,
 ) -> MigrationReport:
     """Checkpoint ``container`` on ``source`` and restore it on ``target``.
 
@@ -162,6 +163,9 @@ def migrate(
     ``route``: "direct" streams CRIU's images straight to the target (runc -> runc,
     process -> process; :mod:`ctrmig.direct`), "archive" the archive, "auto" direct where
     it applies. With ``restore_options.lazy_pages`` the direct route is post-copy.
+    ``via`` (``REGISTRY/REPO``) moves the checkpoint as a checkpoint image through that
+    registry instead (:mod:`ctrmig.images`): pushed here from the source, pulled for the
+    target, deleted from the registry afterwards (where the registry allows deletes).
 
     Defaults, the same as ``ctrmig migrate``'s: ``compression="auto"`` is zstd when either
     side is reached over ssh and none otherwise; the image travels in the archive when the
@@ -174,18 +178,20 @@ def migrate(
                                "--leave-running and restore the archive elsewhere")
     for side in (source, target):
         endpoints.check_insecure(side if isinstance(side, str) else _api_url(side), insecure)
+    ref = via_ref(via, container) if via is not None else None
     journal = None
     if isinstance(source, str) and isinstance(target, str):
         journal = Journal(journal_dir or settings.current().journal_dir, {
             "container": container, "from": source, "to": target,
             "name": name or container, "keep_source": keep_source, "insecure": insecure,
+            **({"via": ref} if ref else {}),
         })
     # What we connect from strings we close again (an ssh-forwarded API's ssh client too).
     with contextlib.ExitStack() as own:
         src = _connected(own, source)
         dst = _connected(own, target)
         return _migrate_between(container, src, dst, name, compression, keep_source, ckpt,
-                                restore_options, journal, progress, route)
+                                restore_options, journal, progress, route, ref)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -202,7 +208,7 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
                      ckpt: CheckpointOptions,
                      restore_options: RestoreOptions | Mapping[str, object] | None,
                      journal: Journal | None, progress: Progress | None,
-                     route: str = "auto") -> MigrationReport:
+                     route: str = "auto", via: str | None = None) -> MigrationReport:
     if compression == "auto":
         compression = "zstd" if is_remote(src) or is_remote(dst) else "none"
     ckpt = dataclasses.replace(ckpt, compression=compression,
@@ -214,7 +220,9 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
         journal.phase("migrating")
         rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))
     try:
-        if direct_route.choose(route, src, dst):
+        if via is not None:
+            report = _migrate_via(container, src, dst, via, keep_source, ckpt, rest)
+        elif direct_route.choose(route, src, dst):
             report = _migrate_direct(container, src, dst, keep_source, ckpt, rest, progress,
                                      journal)
         else:
@@ -367,21 +375,88 @@ def _migrate(
     report.total_s = done - started
     # The source stops when its dump freezes it, at the start of the checkpoint call.
     report.downtime_s = report.total_s
-    dump_seconds = report.manifest.extra.get("dump_seconds") if report.manifest else None
-    if isinstance(dump_seconds, (int, float)):  # runc records its dump's length
-        report.dump_s = float(dump_seconds)
+    if _record_dump(report):
         report.transfer_s = max(0.0, report.checkpoint_s - report.dump_s)
+    _drop_source(source, container, report, keep_source)
+    return report
+
+
+def _record_dump(report: MigrationReport) -> bool:
+    """Take the dump's length from the manifest, where the engine recorded it (runc)."""
+    seconds = report.manifest.extra.get("dump_seconds") if report.manifest else None
+    if isinstance(seconds, (int, float)):
+        report.dump_s = float(seconds)
+        return True
+    return False
+
+
+def _drop_source(source: Migrator, container: str, report: MigrationReport,
+                 keep_source: bool) -> None:
+    """The target runs: remove the source (or keep it, stopped, as asked)."""
     if keep_source:
         report.source_kept = True
+        return
+    try:
+        source.remove(container)
+        # docker: the named volumes whose content went along (volumes.moved).
+        if (remove_volumes := getattr(source, "remove_moved_volumes", None)) is not None:
+            remove_volumes(report.manifest)
+    except CtrmigError as e:
+        log.warning("migrated, but removing the source container failed: %s", e)
+        report.source_kept = True
+
+
+# --- through a registry (#14, ctrmig.images) ----------------------------------------------
+
+
+def via_ref(via: str, container: str) -> str:
+    """The checkpoint image a migration through registry repository ``via`` pushes."""
+    if not images.is_registry_ref(via) or images.has_tag(via):
+        raise OptionError(f"--via {via!r}: name a registry repository, REGISTRY/REPO",
+                          hint="e.g. --via 127.0.0.1:5000/checkpoints (ctrmig adds the tag)")
+    return f"{via}:{container}-{uuid.uuid4().hex[:8]}"
+
+
+def _migrate_via(container: str, source: Migrator, target: Migrator, ref: str,
+                 keep_source: bool, ckpt: CheckpointOptions,
+                 rest: RestoreOptions) -> MigrationReport:
+    """The source pushes checkpoint image ``ref``, the target's restore pulls it; if the
+    push or the restore fails, the source runs again from its checkpoint."""
+    report = MigrationReport(container, source.engine, target.engine, route="registry",
+                             compression="none")
+    started = time.monotonic()
+    # A failed push resumes the source itself (images.checkpoint, or ctrmig there). Over
+    # ssh, ctrmig on that host pushes (or pulls) itself: the image goes through the
+    # registry only, never through this host.
+    pushed = images.Pushed(ref, "", "", registry=True)
+    remote_checkpoint = getattr(source, "checkpoint_image", None)
+    if remote_checkpoint is not None:
+        remote_checkpoint(container, ref, ckpt)
     else:
-        try:
-            source.remove(container)
-            # docker: the named volumes whose content went along (volumes.moved).
-            if (remove_volumes := getattr(source, "remove_moved_volumes", None)) is not None:
-                remove_volumes(report.manifest)
-        except CtrmigError as e:
-            log.warning("migrated, but removing the source container failed: %s", e)
-            report.source_kept = True
+        archive, pushed = images.checkpoint(source, container, ref, ckpt)
+        report.manifest = archive.manifest
+    checkpointed = time.monotonic()
+    try:
+        remote_restore = getattr(target, "restore_image", None)
+        if remote_restore is not None:
+            report.target_name = remote_restore(ref, rest)
+        else:
+            with images.pulled(ref) as (_, path):
+                report.bytes_moved = path.stat().st_size
+                report.target_name = target.restore(path, rest)
+    except BaseException as e:
+        _roll_back(source, container, {"manifest": report.manifest}, e)
+        images.delete(pushed)
+        raise
+    done = time.monotonic()
+    report.checkpoint_s = checkpointed - started
+    _record_dump(report)
+    report.transfer_s = max(0.0, report.checkpoint_s - report.dump_s)  # the push, mostly
+    report.restore_s = done - checkpointed  # the pull and the restore
+    report.total_s = report.downtime_s = done - started
+    _drop_source(source, container, report, keep_source)
+    # The registry held the container's memory for the move: not longer than that.
+    images.delete(pushed)
     return report
 
 
@@ -583,5 +658,7 @@ def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: P
         said = f"{container}: rolled back; it runs on {data['from']}"
     if data.get("pages_dir"):  # pre-copy pages the target received and no restore took
         direct_route.discard_pages(dst, str(data["pages_dir"]))
+    if data.get("via"):  # the checkpoint image a --via migration pushed leaves the registry
+        images.delete(images.Pushed(str(data["via"]), "", "", registry=True))
     path.unlink()
     return said

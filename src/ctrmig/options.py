@@ -70,6 +70,16 @@ IDENTITY = Spec("Decrypt an encrypted archive with FILE (an age identity or ssh 
 TRUSTED_KEYS = Spec("Refuse the archive unless a key in FILE (allowed_signers or "
                     "authorized_keys style) signed it and nothing changed since.",
                     handled="ctrmig", metavar="FILE", not_for_migrate=True)
+# Checkpoint images (ctrmig.images): where a checkpoint goes or comes from instead of a file.
+IMAGE = Spec("The checkpoint as an OCI checkpoint image REF (podman's and CRI-O's format): "
+             "host:port/repo:tag is pushed to (pulled from) that registry, insecure where "
+             "containers' registries.conf says so, with its base image beside it; a name "
+             "without a registry is podman's own image store. Whoever can pull it can read "
+             "the container's memory.", handled="ctrmig", metavar="REF")
+VIA = Spec("Move the checkpoint through this registry repository as a checkpoint image "
+           "(REGISTRY/REPO, e.g. 127.0.0.1:5000/ckpt): the source pushes it, the target "
+           "pulls it; the registry's readers can read the container's memory.",
+           handled="ctrmig", metavar="REGISTRY/REPO")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ ENVIRONMENT = {
     "CTRMIG_REMOTE_COMMAND": "ctrmig on an ssh target (default: ctrmig on its PATH)",
     "CTRMIG_SSH_OPTIONS": "extra ssh flags for ssh:// targets",
     "CTRMIG_RECOVER_GRACE": "seconds recover waits for a committed API target (default 60)",
+    "CONTAINERS_REGISTRIES_CONF": "containers' registries.conf for checkpoint images' pushes "
+                                  "and pulls (default /etc/containers/registries.conf)",
 }
 
 
@@ -56,6 +58,10 @@ class Settings:
     #: it received whole before ctrmig died (podman's API service goes on alone): podman
     #: imports 1 GiB in about 10 s here.
     recover_grace: float = 60.0
+    #: containers' registries.conf for skopeo (checkpoint images): which registries are
+    #: insecure; None: skopeo's own default (/etc/containers/registries.conf and .d).
+    #: podman reads the variable itself; skopeo 1.9 does not, so ctrmig passes it.
+    registries_conf: Path | None = None
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed."""
@@ -81,6 +87,8 @@ def load(environ: Mapping[str, str]) -> Settings:
         remote_command=environ.get("CTRMIG_REMOTE_COMMAND") or base.remote_command,
         ssh_options=tuple(shlex.split(environ.get("CTRMIG_SSH_OPTIONS", ""))),
         recover_grace=float(environ.get("CTRMIG_RECOVER_GRACE") or base.recover_grace),
+        registries_conf=(Path(environ["CONTAINERS_REGISTRIES_CONF"])
+                         if environ.get("CONTAINERS_REGISTRIES_CONF") else None),
     )
 
 

@@ -197,6 +197,12 @@ def built(cls: type[Options], flags: dict[str, Any]) -> Options:
     return options.build(cls, None, {k: v for k, v in flags.items() if k in names})
 
 
+def spec_option(spec: options.Spec, name: str) -> Callable[[F], F]:
+    """A click option for a value-taking :class:`~ctrmig.options.Spec` outside the option
+    dataclasses (``--image``, ``--via``): flag, help and metavar from the one declaration."""
+    return click.option(spec.cli_flag(name), name, help=spec.help, metavar=spec.metavar)
+
+
 engine_option = click.option(
     "--engine", "-e", type=click.Choice(ctrmig.engine_names()), envvar="CTRMIG_ENGINE",
     help=ENGINE_HELP)

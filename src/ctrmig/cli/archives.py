@@ -18,7 +18,7 @@ import click
 from rich.table import Table
 
 import ctrmig
-from ctrmig import options
+from ctrmig import images, options
 from ctrmig.archive import Manifest, crypto, foreign
 from ctrmig.archive.layout import VOLUMES_DIR, volume_member
 from ctrmig.archive.privileges import PrivilegeRequest, archive_privileges, summary
@@ -34,6 +34,7 @@ from ctrmig.cli.app import (
     pick_engine,
     progress_bar,
     size_text,
+    spec_option,
     url_option,
 )
 from ctrmig.errors import CtrmigError
@@ -43,14 +44,18 @@ from ctrmig.options import CheckpointOptions, RestoreOptions
 
 @cli.command()
 @click.argument("container")
-@click.option("-o", "--output", "archive", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "archive", type=click.Path(dir_okay=False),
               help="Archive file to write ('-': standard output).")
+@spec_option(options.IMAGE, "image")
 @engine_option
 @url_option
 @option_flags(CheckpointOptions)
-def checkpoint(container: str, archive: str, engine: str | None, url: str | None,
-               **flags: Any) -> None:
-    """Checkpoint CONTAINER into one archive file (stops it unless --leave-running)."""
+def checkpoint(container: str, archive: str | None, image: str | None, engine: str | None,
+               url: str | None, **flags: Any) -> None:
+    """Checkpoint CONTAINER into one archive file, or a checkpoint image with --image
+    (stops it unless --leave-running)."""
+    if (archive is None) == (image is None):
+        raise click.UsageError("give either -o FILE or --image REF")
     opts = built(CheckpointOptions, flags)
     print_stats = opts.print_stats
     engine = pick_engine(engine, container, url)
@@ -58,12 +63,18 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
     started = time.monotonic()
     with contextlib.closing(connect(engine, url)) as m, \
             progress_bar(f"checkpoint {container}") as progress:
-        result = m.checkpoint(container, sys.stdout.buffer if to_stdout else archive, opts,
-                              progress=progress)
+        if image is not None:
+            result, pushed = images.checkpoint(m, container, image, opts, progress=progress)
+            where = f"image {pushed.ref}" + (f" (base {pushed.base})" if pushed.base else "")
+        else:
+            assert archive is not None
+            result = m.checkpoint(container, sys.stdout.buffer if to_stdout else archive,
+                                  opts, progress=progress)
+            where = archive
     mf = result.manifest
     if to_stdout:  # stdout carries the archive: say nothing more there
         return
-    console_out().print(f"checkpointed {engine} container {mf.container.name} -> {archive} "
+    console_out().print(f"checkpointed {engine} container {mf.container.name} -> {where} "
                  f"({size_text(result.size)}; memory {size_text(mf.memory_bytes)}, "
                  f"rootfs diff {size_text(mf.rootfs_diff_bytes)})")
     if print_stats:
@@ -79,22 +90,54 @@ def checkpoint(container: str, archive: str, engine: str | None, url: str | None
 
 
 #: An archive file, or a docker checkpoint directory (see :mod:`ctrmig.archive.foreign`).
-archive_argument = click.argument("archive", type=click.Path())
+archive_argument = click.argument("archive", type=click.Path(), required=False)
 
 
 @cli.command()
 @archive_argument
+@spec_option(options.IMAGE, "image")
 @engine_option
 @url_option
 @option_flags(RestoreOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restore(archive: str, engine: str | None, url: str | None, as_json: bool,
-            **flags: Any) -> None:
-    """Restore ARCHIVE into a running container (engine: the archive's, by default; a
-    CRI-O checkpoint's: podman).
+def restore(archive: str | None, image: str | None, engine: str | None, url: str | None,
+            as_json: bool, **flags: Any) -> None:
+    """Restore ARCHIVE, or checkpoint image --image REF, into a running container
+    (engine: the archive's, by default; a CRI-O checkpoint's: podman).
 
     ARCHIVE '-' reads the archive from standard input (then --engine is required).
     """
+    if (archive is None) == (image is None):
+        raise click.UsageError("give either ARCHIVE or --image REF")
+    if image is not None:
+        with _pulled(image, engine, url) as (archive_path, engine, _):
+            _restore(str(archive_path), engine, url, as_json, flags)
+        return
+    assert archive is not None
+    _restore(archive, engine, url, as_json, flags)
+
+
+@contextlib.contextmanager
+def _pulled(ref: str, engine: str | None,
+            url: str | None) -> Iterator[tuple[Path, str, images.Image]]:
+    """Checkpoint image ``ref``'s archive (pulled, or from podman's store) and the engine
+    to restore it with: the one asked for, else the one that wrote it."""
+    store = None if images.is_registry_ref(ref) else connect(engine or "podman", url)
+    try:
+        with images.pulled(ref, store) as (image, archive):
+            if engine is None:
+                try:
+                    engine = ctrmig.inspect(archive).engine
+                except CtrmigError:  # no manifest: podman's own image (or CRI-O's)
+                    engine = image.engine
+            yield archive, engine, image
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _restore(archive: str, engine: str | None, url: str | None, as_json: bool,
+             flags: dict[str, Any]) -> None:
     total, note = None, ""
     if archive == "-" and engine is None:
         raise click.UsageError("--engine is required when the archive comes from stdin")
@@ -145,12 +188,31 @@ def _plain(archive: str, identities: tuple[str, ...]) -> Iterator[Path]:
 
 @cli.command()
 @archive_argument
+@spec_option(options.IMAGE, "image")
+@engine_option
+@url_option
 @identity_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def inspect(archive: str, identities: tuple[str, ...], as_json: bool) -> None:
-    """Show what ARCHIVE holds, where it came from, who signed it, and whether its
-    checksums hold (an encrypted archive needs --identity). Archives ctrmig did not
-    write (podman's, CRI-O's, a docker checkpoint directory) are shown too, saying so."""
+def inspect(archive: str | None, image: str | None, engine: str | None, url: str | None,
+            identities: tuple[str, ...], as_json: bool) -> None:
+    """Show what ARCHIVE (or checkpoint image --image REF) holds, where it came from, who
+    signed it, and whether its checksums hold (an encrypted archive needs --identity).
+    Archives ctrmig did not write (podman's, CRI-O's, a docker checkpoint directory) are
+    shown too, saying so."""
+    if (archive is None) == (image is None):
+        raise click.UsageError("give either ARCHIVE or --image REF")
+    if image is None:
+        assert archive is not None
+        _inspect(archive, identities, as_json, {})
+        return
+    with _pulled(image, engine, url) as (path, _, pulled):
+        _inspect(str(path), identities, as_json, {
+            "checkpoint image": f"{image} ({pulled.digest}, written by {pulled.engine})",
+            "base image": pulled.base or "-"})
+
+
+def _inspect(archive: str, identities: tuple[str, ...], as_json: bool,
+             image: dict[str, str]) -> None:
     encrypted = is_encrypted(Path(archive))
     with _plain(archive, identities) as plain:
         mf = ctrmig.inspect(plain)
@@ -166,7 +228,7 @@ def inspect(archive: str, identities: tuple[str, ...], as_json: bool) -> None:
     sizes = {"memory_bytes": mf.memory_bytes, "rootfs_diff_bytes": mf.rootfs_diff_bytes,
              "total_bytes": mf.total_bytes, "archive_bytes": _bytes_on_disk(Path(archive))}
     volumes = _volumes(mf)
-    facts = {"encryption": "age" if encrypted else "none", "signature": signature}
+    facts = {"encryption": "age" if encrypted else "none", "signature": signature, **image}
     note = foreign.note(mf)
     if as_json:
         listed = asks if isinstance(asks, str) else [dataclasses.asdict(r) for r in asks]

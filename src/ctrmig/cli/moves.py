@@ -12,7 +12,7 @@ import click
 from rich.table import Table
 
 import ctrmig
-from ctrmig import endpoints
+from ctrmig import endpoints, options
 from ctrmig.archive import COMPRESSIONS
 from ctrmig.archive.writer import check_compression
 from ctrmig.cli.app import (
@@ -24,6 +24,7 @@ from ctrmig.cli.app import (
     engine_option,
     option_flags,
     progress_bar,
+    spec_option,
     url_option,
 )
 from ctrmig.direct.route import ROUTES
@@ -50,13 +51,14 @@ from ctrmig.preflight import answer as preflight_answer
               help="direct: CRIU's pages stream straight to the target while it dumps, "
                    "no archive of the memory (runc -> runc, process -> process); archive: "
                    "the whole archive streams; auto: direct where it applies.")
+@spec_option(options.VIA, "via")
 @option_flags(CheckpointOptions, RestoreOptions, migrate=True)
 @click.option("--check", is_flag=True,
               help="Only check both hosts (nothing is frozen); exit 0 if the move can go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate(container: str, source: str, target: str, insecure: bool, name: str | None,
-            keep_source: bool, compression: str, route: str, check: bool, as_json: bool,
-            **flags: Any) -> None:
+            keep_source: bool, compression: str, route: str, via: str | None, check: bool,
+            as_json: bool, **flags: Any) -> None:
     """Move running CONTAINER from one engine/host to another.
 
     The archive streams from source to target; the source is removed on success (or
@@ -65,6 +67,7 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
     the host names another socket; docker, runc, process: runs ctrmig there, set
     CTRMIG_REMOTE_COMMAND if it is not on the remote PATH), unix:// (an API here), or
     tcp:// (an API over the network in clear: only with --insecure).
+    --via REGISTRY/REPO moves it as a checkpoint image through that registry instead.
     Both hosts are checked first (CRIU, CPU, image, mounts, ports, name, space,
     privileges): --check shows those checks and stops there.
 
@@ -88,6 +91,7 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
             compression="auto" if compression == "auto" else check_compression(compression),
             progress=progress, checkpoint_options=built(CheckpointOptions, flags),
             restore_options=built(RestoreOptions, flags), insecure=insecure, route=route,
+            via=via,
         )
     if as_json:
         data = dataclasses.asdict(report)

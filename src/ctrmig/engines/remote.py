@@ -189,6 +189,26 @@ class RemoteMigrator:
             raise RestoreError(f"unexpected answer from ctrmig on {self.address}: {out!r}") \
                 from None
 
+    def restore_image(self, ref: str, options: RestoreOptions | None = None) -> str:
+        """Restore checkpoint image ``ref`` there: the remote ctrmig pulls it from its
+        registry itself (``migrate --via``); ``on_commit`` gets the ssh PID at once."""
+        opts = build(RestoreOptions, options)
+        out = self._stream(["restore", "--image", ref, "--json", *cli_args(opts)],
+                           stdin=None, stdout=None, progress=None, before_last=opts.on_commit)
+        try:
+            return str(json.loads(out)["name"])
+        except (ValueError, KeyError):
+            raise RestoreError(f"unexpected answer from ctrmig on {self.address}: {out!r}") \
+                from None
+
+    def checkpoint_image(self, container: str, ref: str,
+                         options: CheckpointOptions | None = None) -> None:
+        """Checkpoint there into checkpoint image ``ref``: the remote ctrmig pushes it
+        (and resumes the container if the push fails)."""
+        opts = build(CheckpointOptions, options)
+        self._run("checkpoint", container, "--image", ref, *cli_args(opts),
+                  timeout=self.timeout)
+
     def close(self) -> None:
         """Nothing to release: every call is its own ssh session."""
 
@@ -198,10 +218,13 @@ class RemoteMigrator:
                 progress: Progress | None,
                 before_last: Callable[[Sequence[int]], None] | None = None) -> str:
         """Run a remote ctrmig with an archive flowing through stdin or stdout;
-        ``before_last`` gets the ssh PID before the last piece of stdin is written."""
+        ``before_last`` gets the ssh PID before the last piece of stdin is written (with
+        no stdin, at once: the remote side goes on alone from its start)."""
         argv = self._argv(*args)
         child = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            stdin=subprocess.PIPE if stdin is not None else None)
+        if stdin is None and before_last is not None:
+            before_last([child.pid])
         errors: list[bytes] = []
         assert child.stderr is not None
         err_pipe = child.stderr
