@@ -217,7 +217,9 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
     rest = dataclasses.replace(_options(RestoreOptions, restore_options), name=target_name)
     require_preflight(container, src, dst, ckpt, rest)  # every check, before the source is touched
     if journal:
-        journal.phase("migrating")
+        # docker: the named volumes that go along, for recover to remove once finished.
+        carried = getattr(src, "carried_volumes", None)
+        journal.phase("migrating", volumes=carried(container, ckpt) if carried else [])
         rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))
     try:
         if via is not None:
@@ -645,8 +647,11 @@ def _recover_between(data: dict[str, Any], src: Migrator, dst: Migrator, path: P
     if target_state != "running":
         source_state = _settled_state(src, container)
     if target_state == "running":
-        if source_state is not None and not data.get("keep_source"):
-            src.remove(container)
+        if not data.get("keep_source"):
+            if source_state is not None:
+                src.remove(container)
+            if data.get("volumes") and (remove := getattr(src, "remove_volumes", None)):
+                remove(data["volumes"])  # docker: what went along with the archive
         said = f"{container}: finished; it runs on {data['to']} as {target_name}"
     elif source_state is None and target_state is None:
         said = f"{container}: found on neither host; nothing to recover"

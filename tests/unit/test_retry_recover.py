@@ -217,3 +217,26 @@ def test_pages_a_killed_direct_migration_left_on_the_target_are_discarded(
     done = mig.recover(_journal(tmp_path / "journals", pages_dir=str(received)))
     assert done == ["web: rolled back; it runs on src"]
     assert not received.exists()
+
+
+class DockerHost(Host):
+    def __init__(self, states: dict[str, list[str | None]]):
+        super().__init__("docker", states)
+        self.volumes_removed: list[str] = []
+
+    def remove_volumes(self, names: list[str]) -> None:
+        self.volumes_removed += names
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_docker_migration_takes_its_named_volumes_along(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool) -> None:
+    """As migrate() does when it ends well: the volumes whose content went along leave the
+    source with the container (kept with keep_source), even if the container went first."""
+    source = DockerHost({"web": [None]})  # the killed ctrmig had removed the container
+    target = Host("docker", {"web": ["running"]})
+    _hosts(monkeypatch, source, target)
+    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[], keep_source=keep,
+                                volumes=["data"]))
+    assert done == ["web: finished; it runs on dst as web"]
+    assert source.volumes_removed == ([] if keep else ["data"])

@@ -10,11 +10,13 @@ Every Engine API call is in :mod:`.api`.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -127,10 +129,21 @@ class DockerMigrator(BaseMigrator):
     def logs(self, container: str) -> str:
         return self.api.logs(container)
 
+    def carried_volumes(self, container: str, opts: CheckpointOptions) -> builtins.list[str]:
+        """The named volumes whose content a checkpoint of ``container`` with ``opts``
+        carries: a migration's journal records them before the source stops."""
+        if opts.ignore_volumes:
+            return []
+        return [v.name for v in volumes.mounted(self.api.inspect(container)) if not v.anonymous]
+
     def remove_moved_volumes(self, manifest: Manifest) -> None:
         """Remove the named volumes a migration carried away in ``manifest``'s archive
         (its container removed already); one another container still uses stays."""
-        for name in volumes.moved(manifest):
+        self.remove_volumes(volumes.moved(manifest))
+
+    def remove_volumes(self, names: Iterable[str]) -> None:
+        """Remove migrated named volumes ``names``; one another container still uses stays."""
+        for name in names:
             try:
                 self.api.remove_volume(name)
             except EngineError as e:
