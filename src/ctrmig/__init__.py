@@ -20,9 +20,10 @@ from ctrmig.archive import Archive, ContainerRecord, FileEntry, Manifest
 from ctrmig.archive import read_manifest as _read_manifest
 from ctrmig.archive import verify as _verify
 from ctrmig.errors import CtrmigError
-from ctrmig.migrate import MigrationReport, migrate, recover
+from ctrmig.migrate import MigrationReport, migrate
 from ctrmig.preflight import PreflightReport, preflight
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, Migrator, RestoreOptions
+from ctrmig.recovery import recover
 from ctrmig.registry import engine_names, migrator, register
 
 __version__ = "0.1.0"

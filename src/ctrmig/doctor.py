@@ -18,7 +18,7 @@ import ctrmig
 from ctrmig import settings
 from ctrmig.errors import CtrmigError
 from ctrmig.host import criu, proc, services
-from ctrmig.migrate import still_running
+from ctrmig.recovery import still_running
 
 Status = Literal["pass", "fail", "unavailable"]
 ENGINES = ("podman", "docker", "runc")

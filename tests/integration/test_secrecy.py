@@ -21,7 +21,7 @@ from ctrmig.archive.reader import extracted, read_signed
 from ctrmig.archive.spool import spooled
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import images, proc
-from ctrmig.migrate import Journal
+from ctrmig.recovery import Journal
 from tests.conftest import COUNTER_CMD, first_count, last_count, need, unique, wait_for
 from tests.hosts import TwoHosts
 

@@ -16,6 +16,7 @@ from ctrmig.protocol import ContainerInfo
 from tests.support import override_settings
 
 mig = importlib.import_module("ctrmig.migrate")  # the module: ctrmig.migrate is a function
+rec = importlib.import_module("ctrmig.recovery")
 
 
 class FlakyResume:
@@ -33,21 +34,21 @@ class FlakyResume:
 
 @pytest.fixture(autouse=True)
 def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mig, "RESUME_WAIT", tenacity.wait_none())
+    monkeypatch.setattr(rec, "RESUME_WAIT", tenacity.wait_none())
 
 
 def test_resume_retries_until_the_checkpoint_is_saved(caplog: pytest.LogCaptureFixture) -> None:
     m = FlakyResume(failures=2)
-    mig._resume_when_ready(m, "c")  # type: ignore[arg-type]
+    rec._resume_when_ready(m, "c")  # type: ignore[arg-type]
     assert m.calls == 3
     assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_resume_gives_up_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mig, "RESUME_PATIENCE", 0.0)
+    monkeypatch.setattr(rec, "RESUME_PATIENCE", 0.0)
     m = FlakyResume(failures=100)
     with pytest.raises(CheckpointError):
-        mig._resume_when_ready(m, "c")  # type: ignore[arg-type]
+        rec._resume_when_ready(m, "c")  # type: ignore[arg-type]
     assert m.calls == 1
 
 
@@ -104,10 +105,10 @@ def _journal(tmp_path: Path, **data: object) -> Path:
 
 
 def _hosts(monkeypatch: pytest.MonkeyPatch, source: Host, target: Host) -> None:
-    monkeypatch.setattr(mig.endpoints, "connect",
+    monkeypatch.setattr(rec.endpoints, "connect",
                         lambda spec: {"src": source, "dst": target}[spec])
-    monkeypatch.setattr(mig.time, "sleep", lambda s: None)
-    monkeypatch.setattr(mig.scratch, "sweep", lambda: [])  # not the host's TMPDIR
+    monkeypatch.setattr(rec.time, "sleep", lambda s: None)
+    monkeypatch.setattr(rec.scratch, "sweep", lambda: [])  # not the host's TMPDIR
 
 
 def test_a_committed_target_that_appears_late_is_finished(
@@ -117,7 +118,7 @@ def test_a_committed_target_that_appears_late_is_finished(
     source = Host("podman", {"web": ["exited"]})
     target = Host("podman", {"web": [None, None, None, "running"]})
     _hosts(monkeypatch, source, target)
-    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    done = rec.recover(_journal(tmp_path, phase="committed", helpers=[]))
     assert done == ["web: finished; it runs on dst as web"]
     assert source.removed == ["web"] and source.resumed == [] and target.removed == []
 
@@ -129,7 +130,7 @@ def test_a_committed_target_still_created_is_watched_until_it_runs(
     source = Host("podman", {"web": ["exited"]})
     target = Host("podman", {"web": ["created", "created", "created", "running"]})
     _hosts(monkeypatch, source, target)
-    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    done = rec.recover(_journal(tmp_path, phase="committed", helpers=[]))
     assert done == ["web: finished; it runs on dst as web"]
     assert target.removed == [] and source.removed == ["web"]
 
@@ -140,7 +141,7 @@ def test_a_committed_target_left_created_is_removed_after_the_grace(
     target = Host("podman", {"web": ["created"]})
     _hosts(monkeypatch, source, target)
     override_settings(monkeypatch, recover_grace=0.0)
-    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    done = rec.recover(_journal(tmp_path, phase="committed", helpers=[]))
     assert done == ["web: rolled back; it runs on src"]
     assert target.removed == ["web"] and source.resumed == ["web"]
 
@@ -151,7 +152,7 @@ def test_a_committed_target_that_never_appears_is_rolled_back(
     target = Host("podman", {"web": [None]})
     _hosts(monkeypatch, source, target)
     override_settings(monkeypatch, recover_grace=0.0)
-    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[]))
+    done = rec.recover(_journal(tmp_path, phase="committed", helpers=[]))
     assert done == ["web: rolled back; it runs on src"]
     assert source.resumed == ["web"]
 
@@ -161,7 +162,7 @@ def test_before_the_commit_an_absent_target_is_not_waited_for(
     source = Host("podman", {"web": ["exited"]})
     target = Host("podman", {"web": [None, "running"]})  # would come, were it committed
     _hosts(monkeypatch, source, target)
-    done = mig.recover(_journal(tmp_path, phase="migrating"))
+    done = rec.recover(_journal(tmp_path, phase="migrating"))
     assert done == ["web: rolled back; it runs on src"]
 
 
@@ -179,10 +180,10 @@ def test_an_ssh_session_still_carrying_the_restore_is_waited_for(
         target.states["web"] = ["running"]  # what the remote ctrmig made meanwhile
         return False
 
-    monkeypatch.setattr(mig.proc, "alive", ssh_alive)
-    monkeypatch.setattr(mig.proc, "start_time", lambda pid: 42)
+    monkeypatch.setattr(rec.proc, "alive", ssh_alive)
+    monkeypatch.setattr(rec.proc, "start_time", lambda pid: 42)
     journal = _journal(tmp_path, phase="committed", helpers=[{"pid": ssh.pid, "start": 42}])
-    done = mig.recover(journal)
+    done = rec.recover(journal)
     ssh.wait()
     assert done == ["web: finished; it runs on dst as web"]
     assert source.removed == ["web"] and source.resumed == []
@@ -198,9 +199,9 @@ def test_two_recovers_never_act_on_one_migration(
     _hosts(monkeypatch, source, target)
     journal = _journal(tmp_path / "journal")
     with locks.container_lock("journal", "web-1234", str(journal.absolute()), "recovering"):
-        assert mig.recover(journal) == ["web-1234: being recovered by another ctrmig"]
+        assert rec.recover(journal) == ["web-1234: being recovered by another ctrmig"]
     assert source.resumed == [] and (journal / "web-1234.json").exists()
-    assert mig.recover(journal) == ["web: rolled back; it runs on src"]
+    assert rec.recover(journal) == ["web: rolled back; it runs on src"]
     assert source.resumed == ["web"]
 
 
@@ -214,7 +215,7 @@ def test_pages_a_killed_direct_migration_left_on_the_target_are_discarded(
     source = Host("runc", {"web": ["paused"]})
     target = Host("runc", {"web": [None]})
     _hosts(monkeypatch, source, target)
-    done = mig.recover(_journal(tmp_path / "journals", pages_dir=str(received)))
+    done = rec.recover(_journal(tmp_path / "journals", pages_dir=str(received)))
     assert done == ["web: rolled back; it runs on src"]
     assert not received.exists()
 
@@ -236,7 +237,7 @@ def test_a_finished_docker_migration_takes_its_named_volumes_along(
     source = DockerHost({"web": [None]})  # the killed ctrmig had removed the container
     target = Host("docker", {"web": ["running"]})
     _hosts(monkeypatch, source, target)
-    done = mig.recover(_journal(tmp_path, phase="committed", helpers=[], keep_source=keep,
+    done = rec.recover(_journal(tmp_path, phase="committed", helpers=[], keep_source=keep,
                                 volumes=["data"]))
     assert done == ["web: finished; it runs on dst as web"]
     assert source.volumes_removed == ([] if keep else ["data"])
