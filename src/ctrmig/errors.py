@@ -172,3 +172,8 @@ def named(name: str) -> type[CtrmigError]:
             return cls
         pending += cls.__subclasses__()
     return EngineError
+
+
+class UntranslatableError(EngineMismatchError):
+    """The archive was written by another engine and holds what this one cannot provide
+    (namespaces shared with a pod or another container, a mount CRIU needs, a process)."""

@@ -233,3 +233,116 @@ def _creds(buf: memoryview, name: str) -> Creds:
         raise CriuImageError(f"{name} has credentials without {', '.join(missing)}")
     masks = {key: sum(w << (32 * i) for i, w in enumerate(words)) for key, words in caps.items()}
     return Creds(**ids, **masks, groups=tuple(groups))
+
+
+# --- mountpoints-<id>.img: the mount tree CRIU will rebuild ------------------------------
+
+MNTS_MAGIC = 0x55563928
+#: A container's mount table is a few KiB; a hostile image is refused past this.
+MAX_MOUNTPOINTS_BYTES = 4 << 20
+MOUNTPOINTS_NAME = re.compile(r"mountpoints-(\d{1,10})\.img")
+# images/mnt.proto: mnt_entry.
+_MNT_FSTYPE, _MNT_ID, _MNT_ROOT, _MNT_MOUNTPOINT = 1, 2, 6, 7
+_MNT_EXT_MOUNT, _MNT_EXT_KEY = 13, 18
+
+
+@dataclass(frozen=True)
+class MountPoint:
+    """One mount of the dumped mount namespace; ``external`` is the key CRIU's restore
+    must be given a mount for (``--ext-mount-map KEY:PATH``), else empty."""
+
+    mountpoint: str
+    fstype: int
+    root: str
+    external: str
+    mnt_id: int = 0
+
+
+def read_mountpoints(data: bytes, name: str = "mountpoints image") -> list[MountPoint]:
+    """The mounts in a ``mountpoints-<id>.img`` (bytes of the file); CriuImageError if
+    it is not a well-formed one."""
+    if len(data) > MAX_MOUNTPOINTS_BYTES:
+        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
+    if len(data) < 8:
+        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
+    common, magic = struct.unpack_from("<II", data)
+    if common != IMG_COMMON_MAGIC or magic != MNTS_MAGIC:
+        raise CriuImageError(f"{name} is not a CRIU mountpoints image "
+                             f"(magic {common:#x} {magic:#x})")
+    found, pos = [], 8
+    try:
+        while pos < len(data):
+            if pos + 4 > len(data):
+                raise _Malformed("truncated entry length")
+            (size,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            if size > len(data) - pos:
+                raise _Malformed("entry runs past the image")
+            entry = memoryview(data)[pos:pos + size]
+            pos += size
+            found.append(_mount_point(entry))
+    except (_Malformed, UnicodeDecodeError) as e:
+        raise CriuImageError(f"{name} is malformed: {e}") from None
+    return found
+
+
+def _mount_point(entry: memoryview) -> MountPoint:
+    text: dict[int, str] = {}
+    ints: dict[int, int] = {}
+    for number, _wire, value in _fields(entry):
+        if isinstance(value, memoryview):
+            text[number] = bytes(value).decode()
+        else:
+            ints[number] = value
+    if _MNT_MOUNTPOINT not in text:
+        raise _Malformed("a mount without a mountpoint")
+    # Older CRIUs mark an external mount with ext_mount and keep the key in root.
+    key = text.get(_MNT_EXT_KEY) or (text.get(_MNT_ROOT, "") if ints.get(_MNT_EXT_MOUNT)
+                                     else "")
+    return MountPoint(mountpoint=text[_MNT_MOUNTPOINT], fstype=ints.get(_MNT_FSTYPE, 0),
+                      root=text.get(_MNT_ROOT, ""), external=key,
+                      mnt_id=ints.get(_MNT_ID, 0))
+
+
+FILES_MAGIC = 0x56303138
+FILES_IMAGE = "files.img"
+MAX_FILES_BYTES = 64 << 20
+# images/fdinfo.proto file_entry, images/regfile.proto reg_file_entry.
+_FILE_REG, _REG_NAME, _REG_MNT_ID, _REG_MODE = 3, 6, 7, 10
+
+
+def root_mode(files: bytes, mountpoints: list[MountPoint]) -> int | None:
+    """The mode CRIU expects of the container's root directory (it refuses to restore
+    into a root of another mode: "File . has bad mode"), from files.img; None if no
+    open file refers to it."""
+    roots = {m.mnt_id for m in mountpoints if m.mountpoint == "/"}
+    if len(files) > MAX_FILES_BYTES or len(files) < 8 or len(roots) != 1:
+        return None
+    common, magic = struct.unpack_from("<II", files)
+    if common != IMG_COMMON_MAGIC or magic != FILES_MAGIC:
+        raise CriuImageError(f"{FILES_IMAGE} is not a CRIU files image")
+    pos = 8
+    try:
+        while pos + 4 <= len(files):
+            (size,) = struct.unpack_from("<I", files, pos)
+            pos += 4
+            if size > len(files) - pos:
+                raise _Malformed("entry runs past the image")
+            reg = _submessage(memoryview(files)[pos:pos + size], _FILE_REG)
+            pos += size
+            if reg is None:
+                continue
+            fields = {n: v for n, _w, v in _fields(reg)}
+            name, mnt, mode = (fields.get(_REG_NAME), fields.get(_REG_MNT_ID),
+                               fields.get(_REG_MODE))
+            if (isinstance(name, memoryview) and bytes(name) == b"/" and isinstance(mnt, int)
+                    and _zigzag(mnt) in roots and isinstance(mode, int)):
+                return mode
+    except _Malformed as e:
+        raise CriuImageError(f"{FILES_IMAGE} is malformed: {e}") from None
+    return None
+
+
+def _zigzag(value: int) -> int:
+    """A sint32's value from its varint."""
+    return (value >> 1) ^ -(value & 1)

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from ctrmig.archive.layout import ROOTFS_DIFF
@@ -187,3 +188,13 @@ def overlay_whiteout(upper: Path, path: str) -> None:
         else:
             os.unlink(leaf)
     os.mknod(leaf, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def apply_deleted(paths: Iterable[str], rootfs: Path) -> None:
+    """Delete ``paths`` (deleted.files of podman's and docker's archives: absolute paths
+    in the container) from a mounted rootfs; nothing outside it is touched."""
+    root = rootfs.resolve()
+    for path in paths:
+        rel = Path(path.lstrip("/"))
+        if rel.parts:
+            _remove(_inside(root, rel))

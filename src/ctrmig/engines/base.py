@@ -29,9 +29,11 @@ from ctrmig.archive import (
     atomic_output,
     crypto,
     extracted,
+    portable,
     privileges,
 )
 from ctrmig.archive.layout import image_member
+from ctrmig.archive.portable import Portable
 from ctrmig.archive.spool import copy_member, spooled
 from ctrmig.archive.streams import Progress
 from ctrmig.errors import (
@@ -91,6 +93,9 @@ class BaseMigrator(ABC):
     #: finish without ctrmig (podman: before the upload's last bytes). False: the base
     #: commits just before ``_restore``.
     commits_in_restore: ClassVar[bool] = False
+    #: Engines whose archives this one restores by translating them (see
+    #: :mod:`ctrmig.archive.portable` and ``_restore_foreign``).
+    imports_from: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *, workdir: str | os.PathLike[str] | None = None, timeout: float = 900.0):
         self.workdir = Path(workdir) if workdir is not None else None
@@ -170,15 +175,19 @@ class BaseMigrator(ABC):
                     spooled(self._source(archive), workdir=self.workdir, progress=progress,
                             **keys))
             self._check_archive(manifest, root, opts)
+            foreign = self._translate(manifest, root, opts)
             # The one name policy: the name asked for, else the recorded one; taken -> refused.
             if opts.name is None:
                 stack.enter_context(self._lock(manifest.container.name, "restoring"))
                 opts = dataclasses.replace(opts, name=manifest.container.name)
             assert opts.name is not None
             self._check_name_free(opts.name, root)
-            self._ensure_image(manifest, root)
+            if foreign is None:
+                self._ensure_image(manifest, root)  # a foreign one's: _restore_foreign's
             if not self.commits_in_restore:
                 opts.commit()
+            if foreign is not None:
+                return self._restore_foreign(root, manifest, foreign, opts)
             return self._restore(root, manifest, opts)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -253,7 +262,7 @@ class BaseMigrator(ABC):
 
         Adapters extend this and call it first: the archive is judged before the engine
         is asked anything."""
-        if manifest.engine != self.engine:
+        if manifest.engine != self.engine and manifest.engine not in self.imports_from:
             raise EngineMismatchError(
                 f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
                 hint=f"restore it with --engine {manifest.engine}",
@@ -262,6 +271,31 @@ class BaseMigrator(ABC):
             privileges.archive_requests(source, manifest, extracted=self.needs_extracted),
             opts.allow_privileged,
         )
+
+    def _translate(self, manifest: Manifest, source: Path, opts: RestoreOptions
+                   ) -> Portable | None:
+        """None for this engine's own archive; else the foreign archive's neutral
+        description, judged: what runs is made from its spec.dump, so the spec's requests
+        need allow_privileged too, and the adapter refuses what it cannot provide."""
+        if manifest.engine == self.engine:
+            return None
+        foreign = portable.load(source, manifest, extracted=self.needs_extracted)
+        privileges.check(privileges.requests(foreign.spec, None), opts.allow_privileged)
+        self._check_foreign(foreign, opts)
+        log.info("restoring a %s archive into %s by translation", manifest.engine, self.engine)
+        return foreign
+
+    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
+        """Refuse (UntranslatableError) a foreign archive this engine cannot restore,
+        before any engine call. Adapters that import foreign archives override it."""
+
+    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
+                         opts: RestoreOptions) -> str:
+        """Restore another engine's archive from its neutral description ``foreign``:
+        the image (present, or carried in whatever format its writer used), a container
+        in this engine's dialect, then this engine's own restore. As ``_restore``."""
+        raise EngineMismatchError(f"the {self.engine} engine cannot restore "
+                                  f"{manifest.engine} archives")
 
     @property
     def carries_images(self) -> bool:

@@ -33,9 +33,11 @@ from ctrmig.archive.layout import (
     STATS_DUMP,
     volume_member,
 )
+from ctrmig.archive.portable import Portable
 from ctrmig.direct import lazy, pages
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.runc import direct
+from ctrmig.engines.runc import foreign as runc_foreign
 from ctrmig.engines.runc.bundle import TEMPLATE, Bundles, config_dump, process_settings
 from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc, keep_logs, summary, with_criu_logs
 from ctrmig.engines.runc.images import ImageCache
@@ -69,6 +71,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
     """Run, checkpoint and restore runc containers from local images."""
 
     engine: ClassVar[str] = "runc"
+    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "docker"})
     commits_in_restore: ClassVar[bool] = True  # right before `runc restore`
     checkpoint_options: ClassVar[frozenset[str]] = frozenset(
         {"tcp_established", "file_locks", "ignore_volumes"})
@@ -364,8 +367,18 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
                 "digest": img.digest, "process": config["process"], "created": _now(),
                 "restored_from": manifest.container.name,
                 "volumes": self.volumes.sources(mounts)}
+        return self._restore_bundle(source, manifest, opts, img.rootfs, meta, volumes)
+
+    def _restore_bundle(self, source: Path, manifest: Manifest, opts: RestoreOptions,
+                        rootfs: Path, meta: dict[str, Any], volumes: Prepared, *,
+                        adjust: Callable[[dict[str, Any], Path], None] | None = None,
+                        prepare: Callable[[Path], None] | None = None) -> str:
+        """Make the bundle of ``meta`` on the image ``rootfs``, apply the archive's rootfs
+        diff, and ``runc restore`` from its images. ``adjust`` changes the spec (see
+        :meth:`.bundle.Bundles.make`); ``prepare(bundle)`` runs after the diff applied."""
+        name = str(meta["name"])
         try:
-            bundle = self.bundles.make(name, img.rootfs, meta)
+            bundle = self.bundles.make(name, rootfs, meta, adjust)
         except BaseException:
             volumes.rollback()
             raise
@@ -373,6 +386,8 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
             diff = source / ROOTFS_DIFF
             if diff.exists():
                 apply_rootfs_diff(diff, bundle / "rootfs")
+            if prepare is not None:
+                prepare(bundle)
             images = source / CHECKPOINT_DIR
             if opts.page_images:  # the direct route: pages a page server received
                 pages.merge(Path(opts.page_images), manifest.extra.get(pages.PAGE_STREAM),
@@ -392,6 +407,13 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
             raise
         volumes.commit()
         return name
+
+    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
+        runc_foreign.check(foreign, opts)
+
+    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
+                         opts: RestoreOptions) -> str:
+        return runc_foreign.restore(self, source, manifest, foreign, opts)
 
     # --- small helpers --------------------------------------------------------------------
 
