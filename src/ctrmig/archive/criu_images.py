@@ -346,3 +346,79 @@ def root_mode(files: bytes, mountpoints: list[MountPoint]) -> int | None:
 def _zigzag(value: int) -> int:
     """A sint32's value from its varint."""
     return (value >> 1) ^ -(value & 1)
+
+
+def without_root_mode(files: bytes, mountpoints: list[MountPoint]) -> bytes:
+    """files.img with the recorded mode left out of the root directory's entries, so
+    that CRIU restores into a root of another mode (it checks a mode only where one is
+    recorded). For a target that cannot set its root's mode (podman's import applies no
+    mode to the root of its layer)."""
+    roots = {m.mnt_id for m in mountpoints if m.mountpoint == "/"}
+    out, pos = bytearray(files[:8]), 8
+    try:
+        while pos + 4 <= len(files):
+            (size,) = struct.unpack_from("<I", files, pos)
+            entry = memoryview(files)[pos + 4:pos + 4 + size]
+            if len(entry) != size:
+                raise _Malformed("entry runs past the image")
+            pos += 4 + size
+            kept = bytearray()
+            for number, wire, raw, value in _spans(entry):
+                if number == _FILE_REG and isinstance(value, memoryview) and _is_root(value,
+                                                                                      roots):
+                    reg = b"".join(r for n, _w, r, _v in _spans(value) if n != _REG_MODE)
+                    kept += _key(number, wire) + _encode_varint(len(reg)) + reg
+                else:
+                    kept += raw
+            out += struct.pack("<I", len(kept)) + kept
+    except _Malformed as e:
+        raise CriuImageError(f"{FILES_IMAGE} is malformed: {e}") from None
+    return bytes(out)
+
+
+def _is_root(reg: memoryview, roots: set[int]) -> bool:
+    fields = {n: v for n, _w, v in _fields(reg)}
+    name, mnt = fields.get(_REG_NAME), fields.get(_REG_MNT_ID)
+    return (isinstance(name, memoryview) and bytes(name) == b"/" and isinstance(mnt, int)
+            and _zigzag(mnt) in roots)
+
+
+def _spans(buf: memoryview) -> Iterator[tuple[int, int, bytes, int | memoryview | None]]:
+    """(number, wire type, the field's raw bytes, its value) of each field of a message."""
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value: int | memoryview | None = None
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire == _LEN:
+            length, pos = _varint(buf, pos)
+            if length > len(buf) - pos:
+                raise _Malformed(f"field {number} runs past its message")
+            value = buf[pos:pos + length]
+            pos += length
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+        else:
+            raise _Malformed(f"field {number} has wire type {wire}")
+        if pos > len(buf):
+            raise _Malformed(f"field {number} runs past its message")
+        yield number, wire, bytes(buf[start:pos]), value
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _encode_varint(number << 3 | wire)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

@@ -198,3 +198,4 @@ def apply_deleted(paths: Iterable[str], rootfs: Path) -> None:
         rel = Path(path.lstrip("/"))
         if rel.parts:
             _remove(_inside(root, rel))
+

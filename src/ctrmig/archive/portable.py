@@ -26,6 +26,7 @@ from ctrmig.archive.criu_images import (
     MOUNTPOINTS_NAME,
     read_mountpoints,
     root_mode,
+    without_root_mode,
 )
 from ctrmig.archive.layout import CHECKPOINT_DIR, DEVSHM, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
@@ -92,6 +93,8 @@ class Portable:
     devshm: str | None = None
     #: The mode CRIU expects of the root directory (the target's rootfs must match).
     root_mode: int | None = None
+    #: files.img without the root directory's mode, for targets that cannot set it.
+    files_image: bytes | None = None
     #: The spec.dump itself (judged for privileges as the writer's own restore would).
     spec: dict[str, Any] = field(default_factory=dict)
     volumes: list[dict[str, Any]] = field(default_factory=list)
@@ -207,6 +210,7 @@ def describe(manifest: Manifest, members: Mapping[str, bytes]) -> Portable:
         readonly_paths=_strings(linux.get("readonlyPaths") or [], "readonlyPaths"),
         external=sorted({m.external for m in tree if m.external}),
         root_mode=root_mode(members[files], tree) if files in members else None,
+        files_image=without_root_mode(members[files], tree) if files in members else None,
         devshm=DEVSHM if DEVSHM in manifest.files else None,
         spec=spec, volumes=volumes,
     )

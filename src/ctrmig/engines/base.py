@@ -275,12 +275,14 @@ class BaseMigrator(ABC):
     def _translate(self, manifest: Manifest, source: Path, opts: RestoreOptions
                    ) -> Portable | None:
         """None for this engine's own archive; else the foreign archive's neutral
-        description, judged: what runs is made from its spec.dump, so the spec's requests
-        need allow_privileged too, and the adapter refuses what it cannot provide."""
+        description, judged: the host paths it binds need allow_privileged, as its
+        writer's own restore would judge them (the rest was judged as the writer's
+        archive, and CRIU restores the credentials its images hold, judged too), and
+        the adapter refuses what it cannot provide."""
         if manifest.engine == self.engine:
             return None
         foreign = portable.load(source, manifest, extracted=self.needs_extracted)
-        privileges.check(privileges.requests(foreign.spec, None), opts.allow_privileged)
+        privileges.check(privileges.host_binds(foreign), opts.allow_privileged)
         self._check_foreign(foreign, opts)
         log.info("restoring a %s archive into %s by translation", manifest.engine, self.engine)
         return foreign

@@ -25,10 +25,12 @@ from podman.errors import APIError
 
 from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
+from ctrmig.archive.portable import Portable
 from ctrmig.archive.reader import decompressed
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.podman import bundle
+from ctrmig.engines.podman import foreign as podman_foreign
 from ctrmig.engines.podman.bundle import Storage
 from ctrmig.errors import (
     CheckpointError,
@@ -56,6 +58,7 @@ class PodmanMigrator(BaseMigrator):
     """Checkpoint and restore podman containers through podman's REST API."""
 
     engine: ClassVar[str] = "podman"
+    imports_from: ClassVar[frozenset[str]] = frozenset({"runc", "docker"})
     needs_extracted: ClassVar[bool] = False  # podman imports the archive file itself
     commits_in_restore: ClassVar[bool] = True  # before the upload's last piece
     checkpoint_options: ClassVar[frozenset[str]] = frozenset(
@@ -329,6 +332,13 @@ class PodmanMigrator(BaseMigrator):
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         with source.open("rb") as body:
             return self._import(body, opts)
+
+    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
+        podman_foreign.check(foreign, opts)
+
+    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
+                         opts: RestoreOptions) -> str:
+        return podman_foreign.restore(self, source, manifest, foreign, opts)
 
     def _import(self, body: BinaryIO, opts: RestoreOptions) -> str:
         """podman's import of the archive read from ``body``; returns the name."""
