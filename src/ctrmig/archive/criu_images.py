@@ -243,7 +243,7 @@ MAX_MOUNTPOINTS_BYTES = 4 << 20
 MOUNTPOINTS_NAME = re.compile(r"mountpoints-(\d{1,10})\.img")
 # images/mnt.proto: mnt_entry.
 _MNT_FSTYPE, _MNT_ID, _MNT_ROOT, _MNT_MOUNTPOINT = 1, 2, 6, 7
-_MNT_EXT_MOUNT, _MNT_EXT_KEY = 13, 18
+_MNT_SHARED_ID, _MNT_MASTER_ID, _MNT_EXT_MOUNT, _MNT_EXT_KEY = 10, 11, 13, 18
 
 
 @dataclass(frozen=True)
@@ -422,3 +422,28 @@ def _encode_varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def without_outside_masters(data: bytes, name: str = "mountpoints image") -> bytes:
+    """A mountpoints image whose mounts are no longer slaves of a peer group outside the
+    dump. docker's root mount is a slave of the host's (runc makes the root rslave, and
+    dockerd's data root is shared); restored by another engine, whose root is private,
+    CRIU cannot copy that sharing ("Failed to copy sharing from ... criu-root"): the
+    mount is restored private instead, as every other engine's root is."""
+    read_mountpoints(data, name)  # well-formed, or refused
+    entries, pos = [], 8
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        entries.append(memoryview(data)[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    try:
+        spans = [list(_spans(e)) for e in entries]
+    except _Malformed as e:
+        raise CriuImageError(f"{name} is malformed: {e}") from None
+    shared = {v for fields in spans for n, _w, _r, v in fields if n == _MNT_SHARED_ID and v}
+    out = bytearray(data[:8])
+    for fields in spans:
+        body = b"".join(raw for n, _w, raw, v in fields
+                        if not (n == _MNT_MASTER_ID and v and v not in shared))
+        out += struct.pack("<I", len(body)) + body
+    return bytes(out)

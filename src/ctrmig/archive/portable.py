@@ -24,8 +24,10 @@ from ctrmig.archive.criu_images import (
     FILES_IMAGE,
     MAX_FILES_BYTES,
     MOUNTPOINTS_NAME,
+    MountPoint,
     read_mountpoints,
     root_mode,
+    without_outside_masters,
     without_root_mode,
 )
 from ctrmig.archive.layout import CHECKPOINT_DIR, DEVSHM, SPEC_DUMP
@@ -93,8 +95,10 @@ class Portable:
     devshm: str | None = None
     #: The mode CRIU expects of the root directory (the target's rootfs must match).
     root_mode: int | None = None
-    #: files.img without the root directory's mode, for targets that cannot set it.
-    files_image: bytes | None = None
+    #: CRIU images to restore from in place of the archive's (member -> bytes): files.img
+    #: without the root directory's mode, for targets that cannot set it; mount trees
+    #: without sharing outside the dump (see :mod:`~ctrmig.archive.criu_images`).
+    images: dict[str, bytes] = field(default_factory=dict)
     #: The spec.dump itself (judged for privileges as the writer's own restore would).
     spec: dict[str, Any] = field(default_factory=dict)
     volumes: list[dict[str, Any]] = field(default_factory=list)
@@ -210,7 +214,7 @@ def describe(manifest: Manifest, members: Mapping[str, bytes]) -> Portable:
         readonly_paths=_strings(linux.get("readonlyPaths") or [], "readonlyPaths"),
         external=sorted({m.external for m in tree if m.external}),
         root_mode=root_mode(members[files], tree) if files in members else None,
-        files_image=without_root_mode(members[files], tree) if files in members else None,
+        images=_images(members, tree),
         devshm=DEVSHM if DEVSHM in manifest.files else None,
         spec=spec, volumes=volumes,
     )
@@ -237,6 +241,24 @@ def load(source: Path, manifest: Manifest, *, extracted: bool) -> Portable:
     else:
         members = read_members(source, manifest, wanted, max_bytes=MAX_FILES_BYTES)
     return describe(manifest, members)
+
+
+def _images(members: Mapping[str, bytes], tree: list[MountPoint]) -> dict[str, bytes]:
+    images = {name: without_outside_masters(data, name) for name, data in members.items()
+              if MOUNTPOINTS_NAME.fullmatch(posixpath.basename(name))}
+    files = f"{CHECKPOINT_DIR}/{FILES_IMAGE}"
+    if files in members:
+        images[files] = without_root_mode(members[files], tree)
+    return {n: data for n, data in images.items() if data != members[n]}
+
+
+def write_images(foreign: Portable, images: Path) -> None:
+    """Put ``foreign``'s replaced CRIU images into the image directory ``images`` (a copy
+    the restore owns, e.g. the extracted archive's checkpoint/)."""
+    for member, data in foreign.images.items():
+        path = images / posixpath.basename(member)
+        path.unlink(missing_ok=True)  # a new file: never write through a link
+        path.write_bytes(data)
 
 
 def _refuse_joined(namespaces: object, writer: str) -> None:

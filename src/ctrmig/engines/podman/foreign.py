@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctrmig.archive import ArchiveWriter, Manifest
-from ctrmig.archive.criu_images import FILES_IMAGE
 from ctrmig.archive.layout import (
-    CHECKPOINT_DIR,
     CONFIG_DUMP,
     IMAGE_DIR,
     MANIFEST_NAME,
@@ -46,11 +44,6 @@ if TYPE_CHECKING:
 #: own (manifest, its signature, a carried image, podman's runtime spec of the source).
 _LEFT_OUT = (CONFIG_DUMP, SPEC_DUMP, MANIFEST_NAME, SIGNATURE_NAME)
 _LEFT_OUT_DIRS = (f"{IMAGE_DIR}/", "ctrmig/")
-#: CRIU's image of the open files, sent without the root directory's mode: podman's
-#: import applies no mode to the new container's root, whose mode may differ from the
-#: source's ("File . has bad mode 040555 (expect 040755)", a runc archive; see
-#: :func:`~ctrmig.archive.criu_images.without_root_mode`).
-FILES = f"{CHECKPOINT_DIR}/{FILES_IMAGE}"
 #: podman's default /dev/shm size (64 MB, as `podman run` without --shm-size).
 SHM_SIZE = 65536000
 
@@ -136,7 +129,7 @@ def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portab
     def keep(name: str) -> bool:
         if name in _LEFT_OUT or name.startswith(_LEFT_OUT_DIRS):
             return False
-        if name == FILES and foreign.files_image is not None:
+        if name in foreign.images:
             return False
         return not name.startswith("volumes/") or (name in carried and not opts.ignore_volumes)
 
@@ -149,8 +142,8 @@ def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portab
                 writer = ArchiveWriter(out)
                 writer.add_bytes(CONFIG_DUMP, json.dumps(config).encode())
                 writer.add_bytes(SPEC_DUMP, json.dumps(config["spec"]).encode())
-                if foreign.files_image is not None:
-                    writer.add_bytes(FILES, foreign.files_image)
+                for member, data in foreign.images.items():
+                    writer.add_bytes(member, data)
                 if source.is_dir():
                     for name in sorted(n for n in manifest.files if keep(n)):
                         writer.add_file(name, source / name)

@@ -21,8 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from ctrmig.archive import Manifest
 from ctrmig.archive.layers import apply_deleted
-from ctrmig.archive.layout import DELETED_FILES, volume_member
-from ctrmig.archive.portable import ENGINE_FILES, Portable, covers, provided_by
+from ctrmig.archive.layout import CHECKPOINT_DIR, DELETED_FILES, volume_member
+from ctrmig.archive.portable import (
+    ENGINE_FILES,
+    Portable,
+    covers,
+    provided_by,
+    write_images,
+)
 from ctrmig.engines.runc.volumes import Mount, missing_binds
 from ctrmig.errors import ArchiveError, UntranslatableError
 from ctrmig.protocol import RestoreOptions
@@ -91,6 +97,7 @@ def restore(m: RuncMigrator, source: Path, manifest: Manifest, foreign: Portable
             spec["process"]["user"]["additionalGids"] = foreign.additional_gids
 
     def prepare(bundle: Path) -> None:
+        write_images(foreign, source / CHECKPOINT_DIR)  # the extracted copy is ours
         apply_deleted(_deleted(source), bundle / "rootfs")
         if foreign.root_mode is not None:  # CRIU checks it ("File . has bad mode")
             os.chmod(bundle / "rootfs", stat.S_IMODE(foreign.root_mode))
