@@ -447,3 +447,23 @@ def without_outside_masters(data: bytes, name: str = "mountpoints image") -> byt
                         if not (n == _MNT_MASTER_ID and v and v not in shared))
         out += struct.pack("<I", len(body)) + body
     return bytes(out)
+
+
+NETNS_MAGIC = 0x55933752
+NETNS_NAME = re.compile(r"netns-(\d{1,10})\.img")
+_NETNS_EXT_KEY = 8  # images/netdev.proto netns_entry.ext_key
+
+
+def external_netns(data: bytes) -> bool:
+    """Whether a netns-<id>.img records a network namespace CRIU left alone as external
+    (podman's and ctrmig's runc: a namespace with a path), which a restore must be given;
+    docker dumps with the network namespace empty (``--empty-ns network``), writing none."""
+    if len(data) < 12 or len(data) > MAX_CORE_IMAGE_BYTES:
+        return False
+    common, magic, size = struct.unpack_from("<III", data)
+    if common != IMG_COMMON_MAGIC or magic != NETNS_MAGIC or size > len(data) - 12:
+        return False
+    try:
+        return any(n == _NETNS_EXT_KEY for n, _w, _v in _fields(memoryview(data)[12:12 + size]))
+    except _Malformed:
+        return False
