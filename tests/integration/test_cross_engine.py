@@ -56,8 +56,10 @@ def _podman(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     stack.callback(client.close)
     m = ctrmig.migrator("podman", url=f"unix://{sock}")
     stack.callback(m.close)
-    return Side(m, lambda n: client.containers.run(image, COUNTER_CMD, name=n, detach=True),
-                lambda n, p: podman_read_file(client, n, p))
+    def start(name: str) -> None:
+        client.containers.run(image, COUNTER_CMD, name=name, detach=True)
+
+    return Side(m, start, lambda n, p: podman_read_file(client, n, p))
 
 
 def _docker(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side:
@@ -80,7 +82,10 @@ def _docker(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
 def _runc(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side:
     m: RuncMigrator = request.getfixturevalue("runc_state")  # its teardown checks leaks
     image: str = request.getfixturevalue("test_image")
-    return Side(m, lambda n: m.run(image, name=n, command=COUNTER_CMD) and None,
+    def start(name: str) -> None:
+        m.run(image, name=name, command=COUNTER_CMD)
+
+    return Side(m, start,
                 lambda n, p: (m.bundles_dir / n / "rootfs" / p.lstrip("/")).read_text())
 
 
