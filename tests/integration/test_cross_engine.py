@@ -4,6 +4,8 @@ podman, docker and runc, with the counter workload going on from where it was fr
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,15 @@ import ctrmig
 from ctrmig.engines.runc import RuncMigrator
 from tests.conftest import (
     COUNTER_CMD,
+    first_count,
     last_count,
+    need,
     podman_read_file,
     resumed_count,
     unique,
     wait_for,
 )
+from tests.hosts import TwoHosts
 
 
 class Side:
@@ -131,3 +136,75 @@ def test_archive_restores_into_another_engine(
     assert dst.read(restored, "/state.txt") == "written-after-start\n"  # the rootfs diff
     dst.m.remove(restored)
     assert not dst.m.exists(restored)
+
+
+@pytest.mark.parametrize(("source", "target"), [
+    pytest.param(s, t, id=f"{s}-to-{t}", marks=[getattr(pytest.mark, s),
+                                                getattr(pytest.mark, t)])
+    for s, t in [("podman", "runc"), ("docker", "podman"), ("runc", "docker")]])
+def test_migrate_between_engines(source: str, target: str, sides: Callable[[str], Side]
+                                 ) -> None:
+    """`ctrmig migrate --from X --to Y` on one host: preflight, the stream, and the source
+    removed; a round of pairs that covers each engine as a source and as a target."""
+    src, dst = sides(source), sides(target)
+    name = src.counter()
+    report = ctrmig.migrate(name, source=src.m, target=dst.m)
+    dst.track(report.target_name)
+    assert report.source_engine == source and report.target_engine == target
+    assert not src.m.exists(name), "the source is removed after a successful migration"
+    after = resumed_count(lambda: dst.m.logs(report.target_name), f"the {target} counter")
+    assert after > 5, "the count went on from the source's"
+    assert dst.read(report.target_name, "/state.txt") == "written-after-start\n"
+
+
+CTRMIG = str(Path(sys.executable).with_name("ctrmig"))
+
+
+@pytest.mark.podman
+@pytest.mark.runc
+def test_podman_migrates_to_runc_over_ssh_with_its_image(
+    session_dir: Path, test_image: str, tmp_path: Path
+) -> None:
+    """podman on host A -> runc+ssh:// on host B, whose image store is empty: the image
+    travels in the archive as podman's oci-archive and runc unpacks it from there."""
+    for tool in ("runc", "criu", "skopeo", "umoci", "sshd", "ip"):
+        need(tool)
+    with TwoHosts(session_dir / unique("hosts")) as hosts:
+        a, b = hosts.a, hosts.b
+        a.start_podman()
+        hosts.load_test_image(a, session_dir)
+        ssh_options = b.start_sshd(port=2222)
+        empty = tmp_path / "empty-store"
+        conf = tmp_path / "storage.conf"  # B's skopeo sees no image at all
+        conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{empty}/graph"\n'
+                        f'runroot = "{empty}/run"\n')
+        dst = RuncMigrator(state_dir=b.root / "runc")
+        client = PodmanClient(base_url=f"unix://{a.podman_socket}")
+        name = unique()
+        try:
+            client.containers.run(test_image, COUNTER_CMD, name=name, detach=True,
+                                  network_mode="none")
+            src = ctrmig.migrator("podman", url=f"unix://{a.podman_socket}")
+            wait_for(lambda: last_count(src.logs(name)) >= 5, what="counter on host A")
+            env = {"CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
+                   "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+                   "CTRMIG_REMOTE_COMMAND": f"env CONTAINERS_STORAGE_CONF={conf} "
+                                            f"CTRMIG_RUNC_STATE_DIR={dst.state_dir} {CTRMIG}"}
+            res = a.run([CTRMIG, "migrate", name, "--from", f"podman+unix://{a.podman_socket}",
+                         "--to", f"runc+ssh://root@{b.address}:2222", "--include-image",
+                         "--json"], env=env)
+            assert res.returncode == 0, res.stderr.decode()
+            report = json.loads(res.stdout)
+            assert report["target_name"] == name and report["target_engine"] == "runc"
+            assert not src.exists(name), "the source is removed"
+            wait_for(lambda: last_count(dst.logs(name)) > 5, what="counter on host B")
+            assert first_count(dst.logs(name)) > 5, "the count went on, it did not restart"
+            assert (dst.bundles_dir / name / "rootfs" / "state.txt").read_text() == \
+                "written-after-start\n"
+            refs = "".join(p.read_text() for p in dst.images.dir.glob("*/source-refs"))
+            assert "oci-archive:" in refs, f"the image came from the archive: {refs!r}"
+            src.close()
+        finally:
+            for c in dst.list():
+                dst.remove(c.name)
+            client.close()  # type: ignore[no-untyped-call]

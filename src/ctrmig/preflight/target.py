@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ctrmig import options
+from ctrmig import options, registry
 from ctrmig.archive import privileges
 from ctrmig.archive.reader import DEFAULT_LIMITS
 from ctrmig.errors import CtrmigError
@@ -67,11 +67,13 @@ def target_side(m: Migrator, facts: Facts, ckpt: CheckpointOptions, rest: Restor
 
 
 def _engine_check(m: Migrator, facts: Facts, ask: Callable[[], dict[str, Any]]) -> Check:
-    """Reachable, able to restore, and the archive's engine (archives never cross)."""
+    """Reachable, able to restore, and the archive's engine or one it translates from
+    (:mod:`ctrmig.archive.portable`)."""
     name = "engine"
-    if m.engine != facts.engine:
-        return Check(TARGET, name, "fail", f"a {facts.engine} archive restores only on "
-                     f"{facts.engine}, not on {m.engine}", f"migrate to a {facts.engine} target")
+    if m.engine != facts.engine and facts.engine not in registry.get_class(
+            m.engine).imports_from:
+        return Check(TARGET, name, "fail", f"a {facts.engine} archive cannot be restored "
+                     f"by {m.engine}", f"migrate to a {facts.engine} target")
     try:
         info = ask()
         version = str((info.get("version") or {}).get("Version") or info.get(
