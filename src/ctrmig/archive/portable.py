@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,8 @@ def describe(manifest: Manifest, members: Mapping[str, bytes]) -> Portable:
             binds.append(Bind(dest, "engine", readonly=readonly))
         elif dest in by_dest:
             binds.append(Bind(dest, "volume", str(by_dest[dest].get("name")), readonly))
+        elif volume := _volume_name(str(m.get("source", ""))):
+            binds.append(Bind(dest, "volume", volume, readonly))
         else:
             binds.append(Bind(dest, "host", str(m.get("source", "")), readonly))
     return Portable(
@@ -259,6 +262,16 @@ def write_images(foreign: Portable, images: Path) -> None:
         path = images / posixpath.basename(member)
         path.unlink(missing_ok=True)  # a new file: never write through a link
         path.write_bytes(data)
+
+
+#: A named volume of podman's or docker's local driver, as a bind source in the spec:
+#: podman records its volumes nowhere else that ctrmig reads (only in its config.dump).
+_VOLUME_SOURCE = re.compile(r"/.+/volumes/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})/_data")
+
+
+def _volume_name(source: str) -> str:
+    match = _VOLUME_SOURCE.fullmatch(posixpath.normpath(source))
+    return match.group(1) if match else ""
 
 
 def _refuse_joined(namespaces: object, writer: str) -> None:

@@ -70,10 +70,9 @@ def _engine_check(m: Migrator, facts: Facts, ask: Callable[[], dict[str, Any]]) 
     """Reachable, able to restore, and the archive's engine or one it translates from
     (:mod:`ctrmig.archive.portable`)."""
     name = "engine"
-    if m.engine != facts.engine and facts.engine not in registry.get_class(
-            m.engine).imports_from:
-        return Check(TARGET, name, "fail", f"a {facts.engine} archive cannot be restored "
-                     f"by {m.engine}", f"migrate to a {facts.engine} target")
+    if m.engine != facts.engine and facts.engine not in _imports_from(m):
+        return Check(TARGET, name, "fail", f"a {facts.engine} archive restores only on "
+                     f"{facts.engine}, not on {m.engine}", f"migrate to a {facts.engine} target")
     try:
         info = ask()
         version = str((info.get("version") or {}).get("Version") or info.get(
@@ -93,6 +92,17 @@ def _engine_check(m: Migrator, facts: Facts, ask: Callable[[], dict[str, Any]]) 
                      "/etc/docker/daemon.json and restart dockerd")
     how = f", runtime {rt_name}" if rt_name else ""
     return Check(TARGET, name, "pass", f"{m.engine} {version.splitlines()[0]}{how}")
+
+
+def _imports_from(m: Migrator) -> frozenset[str]:
+    """The engines whose archives ``m``'s engine translates (a remote one's: its class's)."""
+    found = getattr(m, "imports_from", None)
+    if found is None:
+        try:
+            found = registry.get_class(m.engine).imports_from
+        except (CtrmigError, AttributeError):
+            return frozenset()
+    return frozenset(found)
 
 
 def _criu_target(facts: Facts) -> Check:
