@@ -16,6 +16,7 @@ from podman import PodmanClient
 
 import ctrmig
 from ctrmig.engines.runc import RuncMigrator
+from ctrmig.host import proc
 from tests.conftest import (
     COUNTER_CMD,
     first_count,
@@ -32,8 +33,10 @@ from tests.hosts import TwoHosts
 class Side:
     """One engine of a pair: its migrator, how to start the counter and read a file."""
 
-    def __init__(self, m: Any, start: Callable[[str], None], read: Callable[[str, str], str]):
+    def __init__(self, m: Any, start: Callable[[str, str], None],
+                 read: Callable[[str, str], str], image: str):
         self.m = m
+        self.image = image
         self._start = start
         self.read = read
         self.names: list[str] = []
@@ -42,9 +45,9 @@ class Side:
         self.names.append(name)
         return name
 
-    def counter(self) -> str:
+    def counter(self, image: str | None = None) -> str:
         name = self.track(unique("ctrmig-x"))
-        self._start(name)
+        self._start(name, image or self.image)
         wait_for(lambda: last_count(self.m.logs(name)) >= 5, what=f"{name} counting")
         return name
 
@@ -61,10 +64,10 @@ def _podman(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     stack.callback(client.close)
     m = ctrmig.migrator("podman", url=f"unix://{sock}")
     stack.callback(m.close)
-    def start(name: str) -> None:
+    def start(name: str, image: str) -> None:
         client.containers.run(image, COUNTER_CMD, name=name, detach=True)
 
-    return Side(m, start, lambda n, p: podman_read_file(client, n, p))
+    return Side(m, start, lambda n, p: podman_read_file(client, n, p), image)
 
 
 def _docker(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side:
@@ -75,28 +78,35 @@ def _docker(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     m = ctrmig.migrator("docker", base_url=f"unix://{sock}")
     stack.callback(m.close)
 
-    def start(name: str) -> None:
+    def start(name: str, image: str) -> None:
         api.start(api.create_container(image, COUNTER_CMD, name=name)["Id"])
 
     def read(name: str, path: str) -> str:
         return bytes(api.exec_start(api.exec_create(name, ["cat", path]))).decode()
 
-    return Side(m, start, read)
+    side = Side(m, start, read, image)
+    side.api = api  # type: ignore[attr-defined]
+    return side
 
 
 def _runc(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side:
     m: RuncMigrator = request.getfixturevalue("runc_state")  # its teardown checks leaks
     image: str = request.getfixturevalue("test_image")
-    def start(name: str) -> None:
+    def start(name: str, image: str) -> None:
         m.run(image, name=name, command=COUNTER_CMD)
 
     return Side(m, start,
-                lambda n, p: (m.bundles_dir / n / "rootfs" / p.lstrip("/")).read_text())
+                lambda n, p: (m.bundles_dir / n / "rootfs" / p.lstrip("/")).read_text(), image)
 
 
 SIDES = {"podman": _podman, "docker": _docker, "runc": _runc}
 PAIRS = [("podman", "runc"), ("runc", "podman"), ("docker", "runc"), ("runc", "docker"),
          ("podman", "docker"), ("docker", "podman")]
+
+
+def _pair(source: str, target: str) -> Any:
+    return pytest.param(source, target, id=f"{source}-to-{target}",
+                        marks=[getattr(pytest.mark, source), getattr(pytest.mark, target)])
 
 
 @pytest.fixture
@@ -113,10 +123,7 @@ def sides(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Side]]:
             s.cleanup()
 
 
-@pytest.mark.parametrize(("source", "target"), [
-    pytest.param(s, t, id=f"{s}-to-{t}", marks=[getattr(pytest.mark, s),
-                                                getattr(pytest.mark, t)])
-    for s, t in PAIRS])
+@pytest.mark.parametrize(("source", "target"), [_pair(s, t) for s, t in PAIRS])
 def test_archive_restores_into_another_engine(
     source: str, target: str, sides: Callable[[str], Side], tmp_path: Path
 ) -> None:
@@ -138,10 +145,52 @@ def test_archive_restores_into_another_engine(
     assert not dst.m.exists(restored)
 
 
+@pytest.mark.parametrize(("source", "target"), [_pair("runc", "podman"),
+                                                _pair("runc", "docker"),
+                                                _pair("docker", "runc")])
+def test_the_carried_image_is_loaded_in_the_targets_format(
+    source: str, target: str, sides: Callable[[str], Side], tmp_path: Path
+) -> None:
+    """An image only the source holds travels in its engine's format (runc's oci-archive
+    tagged by digest, docker's docker-archive) and the target loads it under its name."""
+    src, dst = sides(source), sides(target)
+    tag = f"localhost/{unique('ctrmig-cross')}:latest"
+    if source == "runc":  # runc reads podman's storage: tagged there, gone once cached
+        proc.run(["podman", "tag", src.image, tag], timeout=60)
+        untag = ["podman", "untag", tag, tag]  # without a name it would drop every one
+    else:
+        src.api.tag(src.image, tag)  # type: ignore[attr-defined]
+        untag = []
+    try:
+        name = src.counter(tag)
+        if untag:
+            proc.run(untag, timeout=60)
+        assert dst.m.has_image(tag) is False
+        archive = tmp_path / "c.tar"
+        src.m.checkpoint(name, archive, compression="none", include_image=True)
+        before = last_count(src.m.logs(name))
+        src.m.remove(name)
+        restored = dst.track(dst.m.restore(archive, name=unique("ctrmig-x")))
+        if target == "runc":  # its cache is by digest, the archive's copy named as read
+            refs = "".join(p.read_text() for p in dst.m.images.dir.glob("*/source-refs"))
+            assert "docker-archive:" in refs, refs
+        else:
+            assert dst.m.has_image(tag), "the target holds the image under its name"
+        assert resumed_count(lambda: dst.m.logs(restored)) > before
+    finally:
+        for side in (src, dst):
+            side.cleanup()
+        # Without --force: the tag goes, and the image only when no other name holds it
+        # (it may be the shared test image itself).
+        proc.run(["podman", "rmi", "-i", tag], timeout=60, check=False)
+        for side in (src, dst):
+            if hasattr(side, "api"):
+                with contextlib.suppress(docker.errors.ImageNotFound):
+                    side.api.remove_image(tag)
+
+
 @pytest.mark.parametrize(("source", "target"), [
-    pytest.param(s, t, id=f"{s}-to-{t}", marks=[getattr(pytest.mark, s),
-                                                getattr(pytest.mark, t)])
-    for s, t in [("podman", "runc"), ("docker", "podman"), ("runc", "docker")]])
+    _pair("podman", "runc"), _pair("docker", "podman"), _pair("runc", "docker")])
 def test_migrate_between_engines(source: str, target: str, sides: Callable[[str], Side]
                                  ) -> None:
     """`ctrmig migrate --from X --to Y` on one host: preflight, the stream, and the source

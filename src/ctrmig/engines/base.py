@@ -44,7 +44,7 @@ from ctrmig.errors import (
     NameInUseError,
     OptionError,
 )
-from ctrmig.host import criu
+from ctrmig.host import criu, images
 from ctrmig.locks import container_lock, operations
 from ctrmig.options import build, for_engine
 from ctrmig.protocol import (
@@ -298,6 +298,31 @@ class BaseMigrator(ABC):
         in this engine's dialect, then this engine's own restore. As ``_restore``."""
         raise EngineMismatchError(f"the {self.engine} engine cannot restore "
                                   f"{manifest.engine} archives")
+
+    def _ensure_foreign_image(self, source: Path, manifest: Manifest, foreign: Portable
+                              ) -> None:
+        """The foreign archive's image, if the engine lacks it, from the archive: skopeo
+        re-saves whatever its writer carried (podman's or runc's oci-archive, docker's
+        docker-archive) as a docker-archive under the container's image name (runc's is
+        tagged by its digest), which podman and docker both load."""
+        if self._has_image(foreign.image) is not False:
+            return
+        carried = manifest.extra.get("image_archive")
+        if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
+            raise ImageNotFoundError(
+                f"image {foreign.image!r} is not on this {self.engine} host and the archive "
+                "does not carry it",
+                hint="load the image here first, or checkpoint with --include-image")
+        member = str(carried["member"])
+        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
+            path = source / member
+            if not self.needs_extracted:
+                path = Path(tmp) / "carried.tar"
+                copy_member(source, member, path)
+            self._load_image(images.as_docker_archive(str(carried.get("format")), path,
+                                                      foreign.image, Path(tmp) / "image.tar"),
+                             "docker-archive")
+        log.info("loaded image %s from the %s archive", foreign.image, manifest.engine)
 
     @property
     def carries_images(self) -> bool:

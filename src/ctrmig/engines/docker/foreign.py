@@ -9,7 +9,6 @@ started from the checkpoint like every docker restore. dockerd makes its own /et
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,14 +17,12 @@ from ctrmig.archive.criu_images import NETNS_NAME, external_netns
 from ctrmig.archive.layout import CHECKPOINT_DIR, volume_member
 from ctrmig.archive.portable import ENGINE_FILES, Portable, covers, provided_by, write_images
 from ctrmig.engines.docker import volumes
-from ctrmig.errors import ImageNotFoundError, UntranslatableError
-from ctrmig.host import proc
+from ctrmig.errors import UntranslatableError
 from ctrmig.protocol import RestoreOptions
 
 if TYPE_CHECKING:
     from ctrmig.engines.docker.migrator import DockerMigrator
 
-IMAGE_TIMEOUT = 600.0
 CONTAINERENV = "/run/.containerenv"
 
 
@@ -61,7 +58,7 @@ def restore(m: DockerMigrator, source: Path, manifest: Manifest, foreign: Portab
             opts: RestoreOptions) -> str:
     """Restore the verified, extracted foreign archive ``source`` as ``opts.name``."""
     assert opts.name is not None
-    _ensure_image(m, source, manifest, foreign)
+    m._ensure_foreign_image(source, manifest, foreign)
     carried = [] if opts.ignore_volumes else [
         volumes.Volume(name=b.source, destination=b.destination, rw=not b.readonly,
                        member=volume_member(b.source)
@@ -79,26 +76,3 @@ def restore(m: DockerMigrator, source: Path, manifest: Manifest, foreign: Portab
                             label=opts.name)
     with vols.created():
         return m._restore_into(source, create_body(foreign), opts.name, vols, opts)
-
-
-def _ensure_image(m: DockerMigrator, source: Path, manifest: Manifest,
-                  foreign: Portable) -> None:
-    """The image from dockerd, else from the archive: docker loads docker-archive only,
-    so podman's and runc's oci-archive is converted by skopeo first."""
-    if m.api.has_image(foreign.image):
-        return
-    carried = manifest.extra.get("image_archive")
-    if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
-        raise ImageNotFoundError(
-            f"image {foreign.image!r} is not on this docker host and the archive does not "
-            "carry it", hint="load the image here first, or checkpoint with --include-image")
-    member, fmt = source / str(carried["member"]), str(carried.get("format"))
-    if fmt == "docker-archive":
-        m.api.load_image(member)
-        return
-    with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=m.workdir) as tmp:
-        converted = Path(tmp) / "image.tar"
-        proc.run(["skopeo", "copy", "--quiet", f"{fmt}:{member}",
-                  f"docker-archive:{converted}:{foreign.image}"], timeout=IMAGE_TIMEOUT,
-                 what=f"skopeo copy the archive's image {foreign.image} for docker")
-        m.api.load_image(converted)

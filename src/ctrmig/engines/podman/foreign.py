@@ -16,7 +16,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,9 +31,8 @@ from ctrmig.archive.layout import (
 )
 from ctrmig.archive.portable import ENGINE_FILES, Portable, covers, provided_by
 from ctrmig.archive.reader import decompressed
-from ctrmig.archive.spool import copy_member
 from ctrmig.archive.streams import CHUNK
-from ctrmig.errors import ImageNotFoundError, UntranslatableError
+from ctrmig.errors import UntranslatableError
 from ctrmig.protocol import RestoreOptions
 
 if TYPE_CHECKING:
@@ -120,7 +118,7 @@ def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portab
     """Import the verified foreign archive ``source`` (extracted directory or archive
     file) into podman as ``opts.name``."""
     assert opts.name is not None
-    _ensure_image(m, source, manifest, foreign)
+    m._ensure_foreign_image(source, manifest, foreign)
     image_id = str(m._get(f"/images/{foreign.image}/json", "podman image inspect")["Id"])
     store = (m.info().get("store") or {}).get("graphRoot") or "/var/lib/containers/storage"
     config = config_dump(foreign, opts.name, image_id, f"{store}/volumes")
@@ -168,24 +166,3 @@ def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portab
             m.remove(name)
         raise failed[0]
     return name
-
-
-def _ensure_image(m: PodmanMigrator, source: Path, manifest: Manifest,
-                  foreign: Portable) -> None:
-    """podman's load takes oci-archive and docker-archive alike: whatever the writer
-    carried."""
-    if m._has_image(foreign.image):
-        return
-    carried = manifest.extra.get("image_archive")
-    if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
-        raise ImageNotFoundError(
-            f"image {foreign.image!r} is not on this podman host and the archive does not "
-            "carry it", hint="load the image here first, or checkpoint with --include-image")
-    member = str(carried["member"])
-    if source.is_dir():
-        m._load_image(source / member, str(carried.get("format")))
-        return
-    with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=m.workdir) as tmp:
-        path = Path(tmp) / "image.tar"
-        copy_member(source, member, path)
-        m._load_image(path, str(carried.get("format")))
