@@ -33,7 +33,7 @@ from tests.hosts import TwoHosts
 class Side:
     """One engine of a pair: its migrator, how to start the counter and read a file."""
 
-    def __init__(self, m: Any, start: Callable[[str, str], None],
+    def __init__(self, m: Any, start: Callable[[str, str, list[str], str | None], None],
                  read: Callable[[str, str], str], image: str):
         self.m = m
         self.image = image
@@ -45,9 +45,11 @@ class Side:
         self.names.append(name)
         return name
 
-    def counter(self, image: str | None = None) -> str:
+    def counter(self, image: str | None = None, command: list[str] = COUNTER_CMD,
+                volume: str | None = None) -> str:
+        """A counter from ``image``; with ``volume``, that named volume at /data."""
         name = self.track(unique("ctrmig-x"))
-        self._start(name, image or self.image)
+        self._start(name, image or self.image, command, volume)
         wait_for(lambda: last_count(self.m.logs(name)) >= 5, what=f"{name} counting")
         return name
 
@@ -64,8 +66,9 @@ def _podman(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     stack.callback(client.close)
     m = ctrmig.migrator("podman", url=f"unix://{sock}")
     stack.callback(m.close)
-    def start(name: str, image: str) -> None:
-        client.containers.run(image, COUNTER_CMD, name=name, detach=True)
+    def start(name: str, image: str, cmd: list[str], volume: str | None) -> None:
+        client.containers.run(image, cmd, name=name, detach=True,
+                              volumes={volume: {"bind": "/data"}} if volume else None)
 
     return Side(m, start, lambda n, p: podman_read_file(client, n, p), image)
 
@@ -78,8 +81,9 @@ def _docker(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     m = ctrmig.migrator("docker", base_url=f"unix://{sock}")
     stack.callback(m.close)
 
-    def start(name: str, image: str) -> None:
-        api.start(api.create_container(image, COUNTER_CMD, name=name)["Id"])
+    def start(name: str, image: str, cmd: list[str], volume: str | None) -> None:
+        config = api.create_host_config(binds=[f"{volume}:/data"] if volume else None)
+        api.start(api.create_container(image, cmd, name=name, host_config=config)["Id"])
 
     def read(name: str, path: str) -> str:
         return bytes(api.exec_start(api.exec_create(name, ["cat", path]))).decode()
@@ -92,8 +96,8 @@ def _docker(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
 def _runc(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side:
     m: RuncMigrator = request.getfixturevalue("runc_state")  # its teardown checks leaks
     image: str = request.getfixturevalue("test_image")
-    def start(name: str, image: str) -> None:
-        m.run(image, name=name, command=COUNTER_CMD)
+    def start(name: str, image: str, cmd: list[str], volume: str | None) -> None:
+        m.run(image, name=name, command=cmd, volumes=[f"{volume}:/data"] if volume else ())
 
     return Side(m, start,
                 lambda n, p: (m.bundles_dir / n / "rootfs" / p.lstrip("/")).read_text(), image)
@@ -257,3 +261,41 @@ def test_podman_migrates_to_runc_over_ssh_with_its_image(
             for c in dst.list():
                 dst.remove(c.name)
             client.close()  # type: ignore[no-untyped-call]
+
+
+VOLUME_CMD = ["/bin/sh", "-c", "echo in-the-volume > /data/f; " + COUNTER_CMD[2]]
+
+
+def _remove_volume(side: Side, engine: str, volume: str) -> None:
+    if engine == "podman":
+        proc.run(["podman", "volume", "rm", "-f", volume], timeout=60, check=False)
+    elif engine == "docker":
+        side.api.remove_volume(volume)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("source", "target"), [
+    _pair("runc", "podman"), _pair("runc", "docker"), _pair("docker", "runc"),
+    _pair("podman", "runc")])
+def test_a_named_volume_travels_across_engines(source: str, target: str,
+                                               sides: Callable[[str], Side],
+                                               tmp_path: Path) -> None:
+    """A named volume arrives as the target engine's volume, content and all (every
+    engine packs it as podman does: volumes/NAME.tar)."""
+    src, dst = sides(source), sides(target)
+    volume = unique("ctrmig-vol")
+    try:
+        name = src.counter(command=VOLUME_CMD, volume=volume)
+        archive = tmp_path / "c.tar"
+        src.m.checkpoint(name, archive, compression="none")
+        src.m.remove(name)
+        restored = dst.track(dst.m.restore(archive, name=unique("ctrmig-x")))
+        assert resumed_count(lambda: dst.m.logs(restored)) > 5
+        if target == "runc":
+            data = dst.m.volumes.data(volume) / "f"
+            assert data.read_text() == "in-the-volume\n"
+        else:
+            assert dst.read(restored, "/data/f") == "in-the-volume\n"
+    finally:
+        for side, engine in ((src, source), (dst, target)):
+            side.cleanup()
+            _remove_volume(side, engine, volume)

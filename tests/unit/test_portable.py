@@ -203,7 +203,7 @@ def test_podman_dialect_leaves_out_the_source_engines_parts() -> None:
     config = podman_foreign.config_dump(p, "new", "sha256:abc", "/store/volumes")
     assert config["name"] == "new" and config["id"] == ""
     assert config["rootfsImageName"] == "busybox" and config["command"] == p.args
-    assert config["namedVolumes"] == [{"Name": "data", "Dest": "/data", "Options": []}]
+    assert config["namedVolumes"] == [{"volumeName": "data", "dest": "/data", "options": []}]
 
 
 def test_docker_dialect() -> None:
