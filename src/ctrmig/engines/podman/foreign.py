@@ -97,6 +97,7 @@ def config_dump(foreign: Portable, name: str, image_id: str, volumes_dir: str
         "idMappingsOptions": {"HostUIDMapping": True, "HostGIDMapping": True},
         "shmSize": SHM_SIZE,
         "createWorkingDir": True,
+        "passwd": False,  # podman 5 would bind an /etc/passwd the dump never saw
         "namedVolumes": [{"volumeName": b.source, "dest": b.destination,
                           "options": ["ro"] if b.readonly else []} for b in volumes],
         "createNetNS": True,
