@@ -67,8 +67,8 @@ def _podman(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     m = ctrmig.migrator("podman", url=f"unix://{sock}")
     stack.callback(m.close)
     def start(name: str, image: str, cmd: list[str], volume: str | None) -> None:
-        client.containers.run(image, cmd, name=name, detach=True,
-                              volumes={volume: {"bind": "/data"}} if volume else None)
+        extra = {"volumes": {volume: {"bind": "/data"}}} if volume else {}
+        client.containers.run(image, cmd, name=name, detach=True, **extra)
 
     return Side(m, start, lambda n, p: podman_read_file(client, n, p), image)
 

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
@@ -307,22 +307,36 @@ class BaseMigrator(ABC):
         tagged by its digest), which podman and docker both load."""
         if self._has_image(foreign.image) is not False:
             return
+        carried = self._carried_image(manifest, foreign.image)
+        with self._carried_file(source, str(carried["member"])) as path:
+            converted = path.with_name("converted.tar")
+            self._load_image(images.as_docker_archive(str(carried.get("format")), path,
+                                                      foreign.image, converted),
+                             "docker-archive")
+        log.info("loaded image %s from the %s archive", foreign.image, manifest.engine)
+
+    def _carried_image(self, manifest: Manifest, ref: str) -> dict[str, Any]:
+        """The manifest's record of the image it carries; ImageNotFoundError if none."""
         carried = manifest.extra.get("image_archive")
         if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
             raise ImageNotFoundError(
-                f"image {foreign.image!r} is not on this {self.engine} host and the archive "
-                "does not carry it",
-                hint="load the image here first, or checkpoint with --include-image")
-        member = str(carried["member"])
+                f"image {ref!r} is not on this {self.engine} host and the archive does not "
+                "carry it",
+                hint="load the image here first, or checkpoint with --include-image",
+            )
+        return carried
+
+    @contextlib.contextmanager
+    def _carried_file(self, source: Path, member: str) -> Iterator[Path]:
+        """Member ``member`` of the verified archive as a file, in a private temp dir (a
+        copy out of an archive file; an extracted archive's own file is linked there)."""
         with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
-            path = source / member
-            if not self.needs_extracted:
-                path = Path(tmp) / "carried.tar"
+            path = Path(tmp) / "image.tar"
+            if self.needs_extracted:
+                path.symlink_to(source / member)
+            else:
                 copy_member(source, member, path)
-            self._load_image(images.as_docker_archive(str(carried.get("format")), path,
-                                                      foreign.image, Path(tmp) / "image.tar"),
-                             "docker-archive")
-        log.info("loaded image %s from the %s archive", foreign.image, manifest.engine)
+            yield path
 
     @property
     def carries_images(self) -> bool:
@@ -360,20 +374,12 @@ class BaseMigrator(ABC):
         ref = manifest.container.image
         if not ref or self._has_image(ref) is not False:
             return
-        carried = manifest.extra.get("image_archive")
-        if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
-            raise ImageNotFoundError(
-                f"image {ref!r} is not on this {self.engine} host and the archive does not "
-                "carry it",
-                hint="load the image here first, or checkpoint with --include-image",
-            )
+        carried = self._carried_image(manifest, ref)
         member = str(carried["member"])
         if self.needs_extracted:
             self._load_image(source / member, str(carried["format"]))
             return
-        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
-            path = Path(tmp) / "image.tar"
-            copy_member(source, member, path)
+        with self._carried_file(source, member) as path:
             self._load_image(path, str(carried["format"]))
         log.info("loaded image %s from the archive", ref)
 

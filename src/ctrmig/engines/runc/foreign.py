@@ -10,7 +10,6 @@ made fresh in the bundle, named volumes become the runc engine's volumes, host p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctrmig.archive import Manifest
-from ctrmig.archive.layers import apply_deleted
+from ctrmig.archive.layers import apply_deleted, read_deleted
 from ctrmig.archive.layout import CHECKPOINT_DIR, DELETED_FILES, volume_member
 from ctrmig.archive.portable import (
     ENGINE_FILES,
@@ -98,7 +97,7 @@ def restore(m: RuncMigrator, source: Path, manifest: Manifest, foreign: Portable
 
     def prepare(bundle: Path) -> None:
         write_images(foreign, source / CHECKPOINT_DIR)  # the extracted copy is ours
-        apply_deleted(_deleted(source), bundle / "rootfs")
+        apply_deleted(read_deleted(source / DELETED_FILES), bundle / "rootfs")
         if foreign.root_mode is not None:  # CRIU checks it ("File . has bad mode")
             os.chmod(bundle / "rootfs", stat.S_IMODE(foreign.root_mode))
         if foreign.devshm and (source / foreign.devshm).is_file():
@@ -146,19 +145,6 @@ def _host_resolv_conf() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
-
-
-def _deleted(source: Path) -> list[str]:
-    path = source / DELETED_FILES
-    if not path.is_file():
-        return []
-    try:
-        deleted = json.loads(path.read_text())
-    except ValueError:
-        raise ArchiveError(f"{DELETED_FILES} is not valid JSON") from None
-    if not isinstance(deleted, list) or not all(isinstance(p, str) for p in deleted):
-        raise ArchiveError(f"{DELETED_FILES} must be a list of paths")
-    return deleted
 
 
 def _extract_devshm(member: Path, dest: Path) -> None:
