@@ -67,7 +67,7 @@ def _podman(request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> Side
     m = ctrmig.migrator("podman", url=f"unix://{sock}")
     stack.callback(m.close)
     def start(name: str, image: str, cmd: list[str], volume: str | None) -> None:
-        extra = {"volumes": {volume: {"bind": "/data"}}} if volume else {}
+        extra: dict[str, Any] = {"volumes": {volume: {"bind": "/data"}}} if volume else {}
         client.containers.run(image, cmd, name=name, detach=True, **extra)
 
     return Side(m, start, lambda n, p: podman_read_file(client, n, p), image)
@@ -299,3 +299,35 @@ def test_a_named_volume_travels_across_engines(source: str, target: str,
         for side, engine in ((src, source), (dst, target)):
             side.cleanup()
             _remove_volume(side, engine, volume)
+
+
+@pytest.mark.podman
+@pytest.mark.runc
+def test_podman_imports_a_foreign_archive_through_its_api(
+    sides: Callable[[str], Side], podman_socket: Path, tmp_path: Path
+) -> None:
+    """A podman that is not this host's (reached over ssh or tcp) gets the foreign archive
+    as podman's import of a re-packed stream, read from the spooled archive file (zstd),
+    and its image converted from the archive's copy."""
+    src = sides("runc")
+    tag = f"localhost/{unique('ctrmig-cross')}:latest"
+    proc.run(["podman", "tag", src.image, tag], timeout=60)
+    dst = ctrmig.migrator("podman", url=f"unix://{podman_socket}", direct=False)
+    restored = unique("ctrmig-x")
+    try:
+        name = src.counter(tag)
+        proc.run(["podman", "untag", tag, tag], timeout=60)
+        archive = tmp_path / "c.tar.zst"
+        src.m.checkpoint(name, archive, compression="zstd", include_image=True)
+        before = last_count(src.m.logs(name))
+        src.m.remove(name)
+        assert dst.restore(archive, name=restored) == restored
+        assert resumed_count(lambda: dst.logs(restored)) > before
+        client = PodmanClient(base_url=f"unix://{podman_socket}")
+        assert podman_read_file(client, restored, "/state.txt") == "written-after-start\n"
+        client.close()  # type: ignore[no-untyped-call]
+    finally:
+        with contextlib.suppress(ctrmig.CtrmigError):
+            dst.remove(restored)
+        dst.close()
+        proc.run(["podman", "rmi", "-i", tag], timeout=60, check=False)
