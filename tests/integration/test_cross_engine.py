@@ -331,3 +331,43 @@ def test_podman_imports_a_foreign_archive_through_its_api(
             dst.remove(restored)
         dst.close()
         proc.run(["podman", "rmi", "-i", tag], timeout=60, check=False)
+
+
+@pytest.mark.runc
+@pytest.mark.docker
+def test_runc_migrates_to_docker_over_ssh_without_the_image(
+    session_dir: Path, test_image: str, tmp_path: Path
+) -> None:
+    """runc on host A -> docker+ssh:// on host B, whose dockerd holds no image: ctrmig on
+    B converts runc's oci-archive (tagged by digest) for docker's load."""
+    for tool in ("runc", "criu", "skopeo", "umoci", "sshd", "dockerd", "ip"):
+        need(tool)
+    with TwoHosts(session_dir / unique("hosts")) as hosts:
+        a, b = hosts.a, hosts.b
+        sock_b = b.start_dockerd()
+        ssh_options = b.start_sshd(port=2222)
+        src = RuncMigrator(state_dir=a.root / "runc")
+        dst = docker.APIClient(base_url=f"unix://{sock_b}", timeout=120)
+        name = src.run(test_image, name=unique(), command=COUNTER_CMD)
+        try:
+            wait_for(lambda: last_count(src.logs(name)) >= 5, what="counter on host A")
+            assert not dst.images(), "host B starts without any image"
+            env = {"CTRMIG_RUNC_STATE_DIR": str(src.state_dir),
+                   "CTRMIG_JOURNAL_DIR": str(tmp_path / "journal"),
+                   "CTRMIG_SSH_OPTIONS": " ".join(ssh_options),
+                   "CTRMIG_REMOTE_COMMAND": f"env DOCKER_HOST=unix://{sock_b} {CTRMIG}"}
+            res = a.run([CTRMIG, "migrate", name, "--from", "runc",
+                         "--to", f"docker+ssh://root@{b.address}:2222", "--json"], env=env)
+            assert res.returncode == 0, res.stderr.decode()
+            assert json.loads(res.stdout)["target_engine"] == "docker"
+            assert not src.exists(name), "the source is removed"
+            logs = lambda: bytes(dst.logs(name)).decode()  # noqa: E731
+            wait_for(lambda: last_count(logs()) > 5, what="counter on host B")  # type: ignore[no-untyped-call]
+            assert first_count(logs()) > 5, "the count went on, it did not start again"  # type: ignore[no-untyped-call]
+            assert [t for i in dst.images() for t in i["RepoTags"] or []] == [test_image]
+        finally:
+            for c in src.list():
+                src.remove(c.name)
+            for c in dst.containers(all=True):
+                dst.remove_container(c["Id"], force=True)
+            dst.close()
