@@ -361,9 +361,12 @@ def test_runc_migrates_to_docker_over_ssh_without_the_image(
             assert res.returncode == 0, res.stderr.decode()
             assert json.loads(res.stdout)["target_engine"] == "docker"
             assert not src.exists(name), "the source is removed"
-            logs = lambda: bytes(dst.logs(name)).decode()  # noqa: E731
-            wait_for(lambda: last_count(logs()) > 5, what="counter on host B")  # type: ignore[no-untyped-call]
-            assert first_count(logs()) > 5, "the count went on, it did not start again"  # type: ignore[no-untyped-call]
+
+            def logs() -> str:
+                return bytes(dst.logs(name)).decode()
+
+            wait_for(lambda: last_count(logs()) > 5, what="counter on host B")
+            assert first_count(logs()) > 5, "the count went on, it did not start again"
             assert [t for i in dst.images() for t in i["RepoTags"] or []] == [test_image]
         finally:
             for c in src.list():
