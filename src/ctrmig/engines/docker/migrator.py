@@ -23,7 +23,6 @@ import tenacity
 from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP
-from ctrmig.archive.portable import Portable
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.docker import config, rootfs, volumes
 from ctrmig.engines.docker import foreign as docker_foreign
@@ -269,12 +268,8 @@ class DockerMigrator(BaseMigrator):
         with vols.created():
             return self._restore_into(source, body, name, vols, opts)
 
-    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
-        docker_foreign.check(foreign, opts)
-
-    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
-                         opts: RestoreOptions) -> str:
-        return docker_foreign.restore(self, source, manifest, foreign, opts)
+    _check_foreign = staticmethod(docker_foreign.check)  # another engine's archive
+    _restore_foreign = docker_foreign.restore
 
     def _restore_into(self, source: Path, body: dict[str, Any], name: str,
                       vols: volumes.Restorer, opts: RestoreOptions) -> str:

@@ -25,7 +25,6 @@ from podman.errors import APIError
 
 from ctrmig import settings
 from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest
-from ctrmig.archive.portable import Portable
 from ctrmig.archive.reader import decompressed
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
@@ -333,12 +332,8 @@ class PodmanMigrator(BaseMigrator):
         with source.open("rb") as body:
             return self._import(body, opts)
 
-    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
-        podman_foreign.check(foreign, opts)
-
-    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
-                         opts: RestoreOptions) -> str:
-        return podman_foreign.restore(self, source, manifest, foreign, opts)
+    _check_foreign = staticmethod(podman_foreign.check)  # another engine's archive
+    _restore_foreign = podman_foreign.restore
 
     def _import(self, body: BinaryIO, opts: RestoreOptions) -> str:
         """podman's import of the archive read from ``body``; returns the name."""

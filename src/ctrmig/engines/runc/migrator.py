@@ -33,7 +33,6 @@ from ctrmig.archive.layout import (
     STATS_DUMP,
     volume_member,
 )
-from ctrmig.archive.portable import Portable
 from ctrmig.direct import lazy, pages
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.runc import direct
@@ -65,6 +64,9 @@ from ctrmig.host import proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: What a restore may do to a new bundle's spec (spec, bundle), and to the bundle itself.
+SpecHook = Callable[[dict[str, Any], Path], None] | None
+BundleHook = Callable[[Path], None] | None
 
 
 class RuncMigrator(pages.SendsPages, BaseMigrator):
@@ -371,11 +373,8 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
 
     def _restore_bundle(self, source: Path, manifest: Manifest, opts: RestoreOptions,
                         rootfs: Path, meta: dict[str, Any], volumes: Prepared, *,
-                        adjust: Callable[[dict[str, Any], Path], None] | None = None,
-                        prepare: Callable[[Path], None] | None = None) -> str:
-        """Make the bundle of ``meta`` on the image ``rootfs``, apply the archive's rootfs
-        diff, and ``runc restore`` from its images. ``adjust`` changes the spec (see
-        :meth:`.bundle.Bundles.make`); ``prepare(bundle)`` runs after the diff applied."""
+                        adjust: SpecHook = None, prepare: BundleHook = None) -> str:
+        """Bundle ``meta`` on ``rootfs`` (``adjust``: see Bundles.make), diff, prepare, restore."""
         name = str(meta["name"])
         try:
             bundle = self.bundles.make(name, rootfs, meta, adjust)
@@ -408,12 +407,8 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
         volumes.commit()
         return name
 
-    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
-        runc_foreign.check(foreign, opts)
-
-    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
-                         opts: RestoreOptions) -> str:
-        return runc_foreign.restore(self, source, manifest, foreign, opts)
+    _check_foreign = staticmethod(runc_foreign.check)  # another engine's archive
+    _restore_foreign = runc_foreign.restore
 
     # --- small helpers --------------------------------------------------------------------
 
