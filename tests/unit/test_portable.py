@@ -231,3 +231,27 @@ def test_runc_refuses_a_foreign_archive_before_any_runc_call(tmp_path: Path) -> 
     with pytest.raises(UntranslatableError, match="pod"):
         m.restore(archive, name="new", allow_privileged=True)
     assert not (tmp_path / "state" / "bundles" / "new").exists()
+
+
+class _Target:
+    engine = "runc"
+    imports_from = frozenset({"podman", "docker"})
+
+    def version(self) -> str:
+        return "runc 1.1"
+
+
+def test_preflight_lets_a_translating_target_through_unless_namespaces_are_shared() -> None:
+    from ctrmig.preflight.report import Facts
+    from ctrmig.preflight.target import _engine_check
+
+    def ask() -> dict[str, Any]:
+        return {}
+
+    ok = _engine_check(_Target(), Facts("podman", "web"), ask)  # type: ignore[arg-type]
+    assert ok.status == "pass", ok
+    refused = _engine_check(_Target(), Facts("process", "42"), ask)  # type: ignore[arg-type]
+    assert refused.status == "fail" and "restores only on process" in refused.detail
+    shared = _engine_check(_Target(), Facts("podman", "web", joined=["ipc"]),  # type: ignore[arg-type]
+                           ask)
+    assert shared.status == "fail" and "shares its ipc namespace" in shared.detail

@@ -274,9 +274,15 @@ def _volume_name(source: str) -> str:
     return match.group(1) if match else ""
 
 
+def joined_namespaces(namespaces: object) -> list[str]:
+    """The namespaces an OCI spec's ``linux.namespaces`` joins that another engine cannot
+    recreate (those of a pod or another container; the network one is external)."""
+    return [str(ns.get("type")) for ns in map(_dict, _list(namespaces))
+            if ns.get("path") and ns.get("type") not in EXTERNAL_NAMESPACES]
+
+
 def _refuse_joined(namespaces: object, writer: str) -> None:
-    joined = [str(ns.get("type")) for ns in map(_dict, _list(namespaces))
-              if ns.get("path") and ns.get("type") not in EXTERNAL_NAMESPACES]
+    joined = joined_namespaces(namespaces)
     if joined:
         raise UntranslatableError(
             f"the container shared its {', '.join(joined)} namespace(s) with a pod or "

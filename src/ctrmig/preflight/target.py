@@ -73,6 +73,10 @@ def _engine_check(m: Migrator, facts: Facts, ask: Callable[[], dict[str, Any]]) 
     if m.engine != facts.engine and facts.engine not in _imports_from(m):
         return Check(TARGET, name, "fail", f"a {facts.engine} archive restores only on "
                      f"{facts.engine}, not on {m.engine}", f"migrate to a {facts.engine} target")
+    if m.engine != facts.engine and facts.joined:
+        return Check(TARGET, name, "fail", f"the container shares its {', '.join(facts.joined)} "
+                     "namespace(s) with a pod or another container, which another engine "
+                     "cannot recreate", f"migrate to a {facts.engine} target")
     try:
         info = ask()
         version = str((info.get("version") or {}).get("Version") or info.get(
