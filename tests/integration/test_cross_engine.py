@@ -19,6 +19,7 @@ from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import proc
 from tests.conftest import (
     COUNTER_CMD,
+    cleanup_runc_state,
     first_count,
     last_count,
     need,
@@ -374,3 +375,25 @@ def test_runc_migrates_to_docker_over_ssh_without_the_image(
             for c in dst.containers(all=True):
                 dst.remove_container(c["Id"], force=True)
             dst.close()
+
+
+@pytest.mark.podman
+@pytest.mark.runc
+def test_a_failed_restore_across_engines_brings_the_source_back(
+    sides: Callable[[str], Side], tmp_path: Path
+) -> None:
+    """The runc target fails after the source was frozen (its bundle template is broken):
+    the podman source resumes from the checkpoint it kept, counting on, and the target
+    holds nothing."""
+    src = sides("podman")
+    template = tmp_path / "broken.json"
+    template.write_text("{")
+    dst = RuncMigrator(state_dir=tmp_path / "state", workdir=tmp_path, template=template)
+    name = src.counter()
+    with pytest.raises(ctrmig.CtrmigError, match="template"):
+        ctrmig.migrate(name, source=src.m, target=dst)  # type: ignore[arg-type]
+    wait_for(lambda: src.m.list() and next(
+        c for c in src.m.list() if c.name == name).state == "running", what="source back")
+    before = last_count(src.m.logs(name))
+    wait_for(lambda: last_count(src.m.logs(name)) > before, what="the source counting on")
+    assert dst.list() == [] and not cleanup_runc_state(dst), "the target holds nothing"
