@@ -255,3 +255,18 @@ def test_preflight_lets_a_translating_target_through_unless_namespaces_are_share
     shared = _engine_check(_Target(), Facts("podman", "web", joined=["ipc"]),  # type: ignore[arg-type]
                            ask)
     assert shared.status == "fail" and "shares its ipc namespace" in shared.detail
+
+
+@pytest.mark.parametrize(("mount", "volumes", "words"), [
+    ({"destination": "/x:/etc", "type": "bind", "source": "/srv"}, [], "no engine binds"),
+    ({"destination": "/x", "type": "bind", "source": "relative"}, [], "not a plain host"),
+    ({"destination": "/x", "type": "bind", "source": "/a:/etc:rw"}, [], "not a plain host"),
+    ({"destination": "/x", "type": "bind", "source": "/v"},
+     [{"kind": "volume", "name": "../../etc", "destination": "/x"}], "invalid volume"),
+])
+def test_hostile_mounts_are_refused(mount: dict[str, Any], volumes: list[dict[str, Any]],
+                                    words: str) -> None:
+    manifest = _manifest()
+    manifest.extra["volumes"] = volumes
+    with pytest.raises(ArchiveError, match=words):
+        portable.describe(manifest, {SPEC_DUMP: json.dumps(_spec(mounts=[mount])).encode()})

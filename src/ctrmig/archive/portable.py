@@ -197,14 +197,20 @@ def describe(manifest: Manifest, members: Mapping[str, bytes]) -> Portable:
             mounts.append({**m, "destination": dest})
             continue
         readonly = "ro" in options
+        if ":" in dest or "," in dest:  # docker's Binds and podman's -v split on them
+            raise ArchiveError(f"{SPEC_DUMP} has a mount at {dest[:100]!r}: no engine binds it")
         if dest in ENGINE_FILES:
             binds.append(Bind(dest, "engine", readonly=readonly))
         elif dest in by_dest:
-            binds.append(Bind(dest, "volume", str(by_dest[dest].get("name")), readonly))
+            binds.append(Bind(dest, "volume", _checked_volume(by_dest[dest].get("name")),
+                              readonly))
         elif volume := _volume_name(str(m.get("source", ""))):
             binds.append(Bind(dest, "volume", volume, readonly))
         else:
-            binds.append(Bind(dest, "host", str(m.get("source", "")), readonly))
+            source = posixpath.normpath(str(m.get("source", "")))
+            if not source.startswith("/") or ":" in source or "," in source:
+                raise ArchiveError(f"{SPEC_DUMP} binds {source[:100]!r}, not a plain host path")
+            binds.append(Bind(dest, "host", source, readonly))
     return Portable(
         writer=writer, name=manifest.container.name, image=manifest.container.image,
         args=args, env=_strings(process.get("env") or [], "process.env"),
@@ -266,7 +272,14 @@ def write_images(foreign: Portable, images: Path) -> None:
 
 #: A named volume of podman's or docker's local driver, as a bind source in the spec:
 #: podman records its volumes nowhere else that ctrmig reads (only in its config.dump).
-_VOLUME_SOURCE = re.compile(r"/.+/volumes/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})/_data")
+VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_VOLUME_SOURCE = re.compile(rf"/.+/volumes/({VOLUME_NAME.pattern})/_data")
+
+
+def _checked_volume(name: object) -> str:
+    if not isinstance(name, str) or not VOLUME_NAME.fullmatch(name):
+        raise ArchiveError(f"the manifest names an invalid volume: {str(name)[:100]!r}")
+    return name
 
 
 def _volume_name(source: str) -> str:
