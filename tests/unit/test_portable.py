@@ -270,3 +270,9 @@ def test_hostile_mounts_are_refused(mount: dict[str, Any], volumes: list[dict[st
     manifest.extra["volumes"] = volumes
     with pytest.raises(ArchiveError, match=words):
         portable.describe(manifest, {SPEC_DUMP: json.dumps(_spec(mounts=[mount])).encode()})
+
+
+def test_docker_dialect_publishes_the_ports_asked_for() -> None:
+    body = docker_foreign.create_body(_describe(), ("8080:80",))
+    assert body["ExposedPorts"] == {"80/tcp": {}}
+    assert body["HostConfig"]["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}

@@ -16,7 +16,7 @@ from ctrmig.archive import Manifest
 from ctrmig.archive.criu_images import NETNS_NAME, external_netns
 from ctrmig.archive.layout import CHECKPOINT_DIR, volume_member
 from ctrmig.archive.portable import ENGINE_FILES, Portable, covers, provided_by, write_images
-from ctrmig.engines.docker import volumes
+from ctrmig.engines.docker import config, volumes
 from ctrmig.errors import UntranslatableError
 from ctrmig.protocol import RestoreOptions
 
@@ -37,8 +37,9 @@ def check(foreign: Portable, opts: RestoreOptions) -> None:
             f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.writer}")
 
 
-def create_body(foreign: Portable) -> dict[str, Any]:
-    """The POST /containers/create body of the new container."""
+def create_body(foreign: Portable, publish: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The POST /containers/create body of the new container; ``publish`` as for
+    ``docker run -p`` (the source's own ports are not translated)."""
     binds = [f"{b.source}:{b.destination}:{'ro' if b.readonly else 'rw'}"
              for b in foreign.binds if b.kind in ("host", "volume")]
     if any(b.destination == CONTAINERENV for b in foreign.engine_files()):
@@ -49,9 +50,12 @@ def create_body(foreign: Portable) -> dict[str, Any]:
         host["IpcMode"] = "shareable"
     if foreign.additional_gids:
         host["GroupAdd"] = [str(g) for g in foreign.additional_gids]
-    return {"Image": foreign.image, "Entrypoint": foreign.args[:1], "Cmd": foreign.args[1:],
+    body = {"Image": foreign.image, "Entrypoint": foreign.args[:1], "Cmd": foreign.args[1:],
             "Env": foreign.env, "WorkingDir": foreign.cwd, "User": foreign.user,
             "Hostname": foreign.hostname, "HostConfig": host}
+    if publish:
+        body["ExposedPorts"], host["PortBindings"] = config.port_bindings(publish)
+    return body
 
 
 def restore(m: DockerMigrator, source: Path, manifest: Manifest, foreign: Portable,
@@ -75,4 +79,5 @@ def restore(m: DockerMigrator, source: Path, manifest: Manifest, foreign: Portab
     vols = volumes.Restorer(m.api, source, carried, replace=opts.replace_volumes,
                             label=opts.name)
     with vols.created():
-        return m._restore_into(source, create_body(foreign), opts.name, vols, opts)
+        return m._restore_into(source, create_body(foreign, opts.publish_ports), opts.name,
+                               vols, opts)
