@@ -3,6 +3,7 @@ pure logic on synthesized spec.dump and CRIU images, no engine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -276,3 +277,26 @@ def test_docker_dialect_publishes_the_ports_asked_for() -> None:
     body = docker_foreign.create_body(_describe(), ("8080:80",))
     assert body["ExposedPorts"] == {"80/tcp": {}}
     assert body["HostConfig"]["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
+
+
+def test_mangled_images_raise_only_criu_image_errors() -> None:
+    """Every byte of a mount tree and a files image flipped or cut: the readers answer
+    with CriuImageError or a result, never another exception."""
+    import random
+
+    rng = random.Random(14)
+    mounts = _mounts(_mount(120, "/a", shared=7, external="/a"), root_master=5)
+    files = _image(criu_images.FILES_MAGIC, [_reg("/", ROOT_ID, 0o40555)])
+    tree = criu_images.read_mountpoints(mounts)
+    for _ in range(400):
+        for data, readers in (
+            (mounts, (criu_images.read_mountpoints, criu_images.without_outside_masters)),
+            (files, (lambda d: criu_images.root_mode(d, tree),
+                     lambda d: criu_images.without_root_mode(d, tree))),
+        ):
+            bad = bytearray(data)
+            bad[rng.randrange(8, len(bad))] = rng.randrange(256)
+            for sample in (bytes(bad), bytes(bad[:rng.randrange(len(bad))])):
+                for read in readers:
+                    with contextlib.suppress(CriuImageError):
+                        read(sample)
