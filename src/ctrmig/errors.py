@@ -177,3 +177,8 @@ def named(name: str) -> type[CtrmigError]:
 class NoManifestError(ManifestError):
     """The archive has no manifest.yaml: not ctrmig's (see :mod:`ctrmig.archive.foreign`),
     or cut short."""
+
+
+class UntranslatableError(EngineMismatchError):
+    """The archive was written by another engine and holds what this one cannot provide
+    (namespaces shared with a pod or another container, a mount CRIU needs, a process)."""

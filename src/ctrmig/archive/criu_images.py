@@ -233,3 +233,237 @@ def _creds(buf: memoryview, name: str) -> Creds:
         raise CriuImageError(f"{name} has credentials without {', '.join(missing)}")
     masks = {key: sum(w << (32 * i) for i, w in enumerate(words)) for key, words in caps.items()}
     return Creds(**ids, **masks, groups=tuple(groups))
+
+
+# --- mountpoints-<id>.img: the mount tree CRIU will rebuild ------------------------------
+
+MNTS_MAGIC = 0x55563928
+#: A container's mount table is a few KiB; a hostile image is refused past this.
+MAX_MOUNTPOINTS_BYTES = 4 << 20
+MOUNTPOINTS_NAME = re.compile(r"mountpoints-(\d{1,10})\.img")
+# images/mnt.proto: mnt_entry.
+_MNT_FSTYPE, _MNT_ID, _MNT_ROOT, _MNT_MOUNTPOINT = 1, 2, 6, 7
+_MNT_SHARED_ID, _MNT_MASTER_ID, _MNT_EXT_MOUNT, _MNT_EXT_KEY = 10, 11, 13, 18
+
+
+@dataclass(frozen=True)
+class MountPoint:
+    """One mount of the dumped mount namespace; ``external`` is the key CRIU's restore
+    must be given a mount for (``--ext-mount-map KEY:PATH``), else empty."""
+
+    mountpoint: str
+    fstype: int
+    root: str
+    external: str
+    mnt_id: int = 0
+
+
+def read_mountpoints(data: bytes, name: str = "mountpoints image") -> list[MountPoint]:
+    """The mounts in a ``mountpoints-<id>.img`` (bytes of the file); CriuImageError if
+    it is not a well-formed one."""
+    if len(data) > MAX_MOUNTPOINTS_BYTES:
+        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
+    if len(data) < 8:
+        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
+    common, magic = struct.unpack_from("<II", data)
+    if common != IMG_COMMON_MAGIC or magic != MNTS_MAGIC:
+        raise CriuImageError(f"{name} is not a CRIU mountpoints image "
+                             f"(magic {common:#x} {magic:#x})")
+    found, pos = [], 8
+    try:
+        while pos < len(data):
+            if pos + 4 > len(data):
+                raise _Malformed("truncated entry length")
+            (size,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            if size > len(data) - pos:
+                raise _Malformed("entry runs past the image")
+            entry = memoryview(data)[pos:pos + size]
+            pos += size
+            found.append(_mount_point(entry))
+    except (_Malformed, UnicodeDecodeError) as e:
+        raise CriuImageError(f"{name} is malformed: {e}") from None
+    return found
+
+
+def _mount_point(entry: memoryview) -> MountPoint:
+    text: dict[int, str] = {}
+    ints: dict[int, int] = {}
+    for number, _wire, value in _fields(entry):
+        if isinstance(value, memoryview):
+            text[number] = bytes(value).decode()
+        else:
+            ints[number] = value
+    if _MNT_MOUNTPOINT not in text:
+        raise _Malformed("a mount without a mountpoint")
+    # Older CRIUs mark an external mount with ext_mount and keep the key in root.
+    key = text.get(_MNT_EXT_KEY) or (text.get(_MNT_ROOT, "") if ints.get(_MNT_EXT_MOUNT)
+                                     else "")
+    return MountPoint(mountpoint=text[_MNT_MOUNTPOINT], fstype=ints.get(_MNT_FSTYPE, 0),
+                      root=text.get(_MNT_ROOT, ""), external=key,
+                      mnt_id=ints.get(_MNT_ID, 0))
+
+
+FILES_MAGIC = 0x56303138
+FILES_IMAGE = "files.img"
+MAX_FILES_BYTES = 64 << 20
+# images/fdinfo.proto file_entry, images/regfile.proto reg_file_entry.
+_FILE_REG, _REG_NAME, _REG_MNT_ID, _REG_MODE = 3, 6, 7, 10
+
+
+def root_mode(files: bytes, mountpoints: list[MountPoint]) -> int | None:
+    """The mode CRIU expects of the container's root directory (it refuses to restore
+    into a root of another mode: "File . has bad mode"), from files.img; None if no
+    open file refers to it."""
+    roots = {m.mnt_id for m in mountpoints if m.mountpoint == "/"}
+    if len(files) > MAX_FILES_BYTES or len(files) < 8 or len(roots) != 1:
+        return None
+    common, magic = struct.unpack_from("<II", files)
+    if common != IMG_COMMON_MAGIC or magic != FILES_MAGIC:
+        raise CriuImageError(f"{FILES_IMAGE} is not a CRIU files image")
+    pos = 8
+    try:
+        while pos + 4 <= len(files):
+            (size,) = struct.unpack_from("<I", files, pos)
+            pos += 4
+            if size > len(files) - pos:
+                raise _Malformed("entry runs past the image")
+            reg = _submessage(memoryview(files)[pos:pos + size], _FILE_REG)
+            pos += size
+            if reg is None:
+                continue
+            fields = {n: v for n, _w, v in _fields(reg)}
+            name, mnt, mode = (fields.get(_REG_NAME), fields.get(_REG_MNT_ID),
+                               fields.get(_REG_MODE))
+            if (isinstance(name, memoryview) and bytes(name) == b"/" and isinstance(mnt, int)
+                    and _zigzag(mnt) in roots and isinstance(mode, int)):
+                return mode
+    except _Malformed as e:
+        raise CriuImageError(f"{FILES_IMAGE} is malformed: {e}") from None
+    return None
+
+
+def _zigzag(value: int) -> int:
+    """A sint32's value from its varint."""
+    return (value >> 1) ^ -(value & 1)
+
+
+def without_root_mode(files: bytes, mountpoints: list[MountPoint]) -> bytes:
+    """files.img with the recorded mode left out of the root directory's entries, so
+    that CRIU restores into a root of another mode (it checks a mode only where one is
+    recorded). For a target that cannot set its root's mode (podman's import applies no
+    mode to the root of its layer)."""
+    roots = {m.mnt_id for m in mountpoints if m.mountpoint == "/"}
+    out, pos = bytearray(files[:8]), 8
+    try:
+        while pos + 4 <= len(files):
+            (size,) = struct.unpack_from("<I", files, pos)
+            entry = memoryview(files)[pos + 4:pos + 4 + size]
+            if len(entry) != size:
+                raise _Malformed("entry runs past the image")
+            pos += 4 + size
+            kept = bytearray()
+            for number, wire, raw, value in _spans(entry):
+                if number == _FILE_REG and isinstance(value, memoryview) and _is_root(value,
+                                                                                      roots):
+                    reg = b"".join(r for n, _w, r, _v in _spans(value) if n != _REG_MODE)
+                    kept += _key(number, wire) + _encode_varint(len(reg)) + reg
+                else:
+                    kept += raw
+            out += struct.pack("<I", len(kept)) + kept
+    except _Malformed as e:
+        raise CriuImageError(f"{FILES_IMAGE} is malformed: {e}") from None
+    return bytes(out)
+
+
+def _is_root(reg: memoryview, roots: set[int]) -> bool:
+    fields = {n: v for n, _w, v in _fields(reg)}
+    name, mnt = fields.get(_REG_NAME), fields.get(_REG_MNT_ID)
+    return (isinstance(name, memoryview) and bytes(name) == b"/" and isinstance(mnt, int)
+            and _zigzag(mnt) in roots)
+
+
+def _spans(buf: memoryview) -> Iterator[tuple[int, int, bytes, int | memoryview | None]]:
+    """(number, wire type, the field's raw bytes, its value) of each field of a message."""
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value: int | memoryview | None = None
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire == _LEN:
+            length, pos = _varint(buf, pos)
+            if length > len(buf) - pos:
+                raise _Malformed(f"field {number} runs past its message")
+            value = buf[pos:pos + length]
+            pos += length
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+        else:
+            raise _Malformed(f"field {number} has wire type {wire}")
+        if pos > len(buf):
+            raise _Malformed(f"field {number} runs past its message")
+        yield number, wire, bytes(buf[start:pos]), value
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _encode_varint(number << 3 | wire)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def without_outside_masters(data: bytes, name: str = "mountpoints image") -> bytes:
+    """A mountpoints image whose mounts are no longer slaves of a peer group outside the
+    dump. docker's root mount is a slave of the host's (runc makes the root rslave, and
+    dockerd's data root is shared); restored by another engine, whose root is private,
+    CRIU cannot copy that sharing ("Failed to copy sharing from ... criu-root"): the
+    mount is restored private instead, as every other engine's root is."""
+    read_mountpoints(data, name)  # well-formed, or refused
+    entries, pos = [], 8
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        entries.append(memoryview(data)[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    try:
+        spans = [list(_spans(e)) for e in entries]
+    except _Malformed as e:
+        raise CriuImageError(f"{name} is malformed: {e}") from None
+    shared = {v for fields in spans for n, _w, _r, v in fields if n == _MNT_SHARED_ID and v}
+    out = bytearray(data[:8])
+    for fields in spans:
+        body = b"".join(raw for n, _w, raw, v in fields
+                        if not (n == _MNT_MASTER_ID and v and v not in shared))
+        out += struct.pack("<I", len(body)) + body
+    return bytes(out)
+
+
+NETNS_MAGIC = 0x55933752
+NETNS_NAME = re.compile(r"netns-(\d{1,10})\.img")
+_NETNS_EXT_KEY = 8  # images/netdev.proto netns_entry.ext_key
+
+
+def external_netns(data: bytes) -> bool:
+    """Whether a netns-<id>.img records a network namespace CRIU left alone as external
+    (podman's and ctrmig's runc: a namespace with a path), which a restore must be given;
+    docker dumps with the network namespace empty (``--empty-ns network``), writing none."""
+    if len(data) < 12 or len(data) > MAX_CORE_IMAGE_BYTES:
+        return False
+    common, magic, size = struct.unpack_from("<III", data)
+    if common != IMG_COMMON_MAGIC or magic != NETNS_MAGIC or size > len(data) - 12:
+        return False
+    try:
+        return any(n == _NETNS_EXT_KEY for n, _w, _v in _fields(memoryview(data)[12:12 + size]))
+    except _Malformed:
+        return False

@@ -8,14 +8,16 @@ entries. Every engine's ``rootfs-diff.tar`` is such a layer, read and written on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from ctrmig.archive.layout import ROOTFS_DIFF
-from ctrmig.errors import UnsafeArchiveError
+from ctrmig.archive.layout import DELETED_FILES, ROOTFS_DIFF
+from ctrmig.errors import ArchiveError, UnsafeArchiveError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -187,3 +189,26 @@ def overlay_whiteout(upper: Path, path: str) -> None:
         else:
             os.unlink(leaf)
     os.mknod(leaf, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def apply_deleted(paths: Iterable[str], rootfs: Path) -> None:
+    """Delete ``paths`` (deleted.files of podman's and docker's archives: absolute paths
+    in the container) from a mounted rootfs; nothing outside it is touched."""
+    root = rootfs.resolve()
+    for path in paths:
+        rel = Path(path.lstrip("/"))
+        if rel.parts:
+            _remove(_inside(root, rel))
+
+
+def read_deleted(path: Path) -> list[str]:
+    """The paths a ``deleted.files`` lists (none if there is no such file)."""
+    if not path.is_file():
+        return []
+    try:
+        deleted = json.loads(path.read_text())
+    except ValueError:
+        raise ArchiveError(f"{DELETED_FILES} is not valid JSON") from None
+    if not isinstance(deleted, list) or not all(isinstance(p, str) for p in deleted):
+        raise ArchiveError(f"{DELETED_FILES} must be a list of paths")
+    return deleted

@@ -70,6 +70,7 @@ from ctrmig.archive.criu_images import (
 )
 from ctrmig.archive.layout import CONFIG_DUMP, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
+from ctrmig.archive.portable import Portable
 from ctrmig.archive.reader import MAX_MANIFEST_BYTES, read_manifest
 from ctrmig.archive.spool import read_members
 from ctrmig.errors import ArchiveError, CriuImageError, PrivilegeError
@@ -196,6 +197,13 @@ def archive_requests(source: Path, manifest: Manifest, *, extracted: bool) -> li
     read = {n: read_core_creds(data, n) for n, data in images.items()}
     creds = {n: c for n, c in read.items() if c is not None}  # zombies hold nothing
     return declared + image_requests(creds, manifest.engine, declared)
+
+
+def host_binds(foreign: Portable) -> list[PrivilegeRequest]:
+    """The host paths a cross-engine restore of ``foreign`` binds into the container
+    (its writer's engine files are made fresh, its volumes are volumes)."""
+    return [PrivilegeRequest("host path", f"{b.source} at {b.destination}")
+            for b in foreign.binds if b.kind == "host"]
 
 
 def volume_requests(entries: object) -> list[PrivilegeRequest]:

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
@@ -30,9 +30,11 @@ from ctrmig.archive import (
     crypto,
     extracted,
     foreign,
+    portable,
     privileges,
 )
 from ctrmig.archive.layout import image_member
+from ctrmig.archive.portable import Portable
 from ctrmig.archive.spool import copy_member, spooled
 from ctrmig.archive.streams import Progress
 from ctrmig.errors import (
@@ -43,7 +45,7 @@ from ctrmig.errors import (
     NameInUseError,
     OptionError,
 )
-from ctrmig.host import criu
+from ctrmig.host import criu, images
 from ctrmig.locks import container_lock, operations
 from ctrmig.options import build, for_engine
 from ctrmig.protocol import (
@@ -92,6 +94,9 @@ class BaseMigrator(ABC):
     #: finish without ctrmig (podman: before the upload's last bytes). False: the base
     #: commits just before ``_restore``.
     commits_in_restore: ClassVar[bool] = False
+    #: Engines whose archives this one restores by translating them (see
+    #: :mod:`ctrmig.archive.portable` and ``_restore_foreign``).
+    imports_from: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *, workdir: str | os.PathLike[str] | None = None, timeout: float = 900.0):
         self.workdir = Path(workdir) if workdir is not None else None
@@ -171,15 +176,19 @@ class BaseMigrator(ABC):
                     spooled(self._source(archive), workdir=self.workdir, progress=progress,
                             **keys))
             self._check_archive(manifest, root, opts)
+            translated = self._translate(manifest, root, opts)
             # The one name policy: the name asked for, else the recorded one; taken -> refused.
             if opts.name is None:
                 stack.enter_context(self._lock(manifest.container.name, "restoring"))
                 opts = dataclasses.replace(opts, name=manifest.container.name)
             assert opts.name is not None
             self._check_name_free(opts.name, root)
-            self._ensure_image(manifest, root)
+            if translated is None:
+                self._ensure_image(manifest, root)  # a foreign one's: _restore_foreign's
             if not self.commits_in_restore:
                 opts.commit()
+            if translated is not None:
+                return self._restore_foreign(root, manifest, translated, opts)
             return self._restore(root, manifest, opts)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -255,7 +264,7 @@ class BaseMigrator(ABC):
         Adapters extend this and call it first: the archive is judged before the engine
         is asked anything."""
         foreign.check_restorable(manifest, self.engine, opts.name)
-        if not foreign.native(manifest, self.engine):
+        if not foreign.native(manifest, self.engine) and manifest.engine not in self.imports_from:
             raise EngineMismatchError(
                 f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
                 hint=f"restore it with --engine {manifest.engine}",
@@ -264,6 +273,72 @@ class BaseMigrator(ABC):
             privileges.archive_requests(source, manifest, extracted=self.needs_extracted),
             opts.allow_privileged,
         )
+
+    def _translate(self, manifest: Manifest, source: Path, opts: RestoreOptions
+                   ) -> Portable | None:
+        """None for this engine's own archive; else the foreign archive's neutral
+        description, judged: the host paths it binds need allow_privileged, as its
+        writer's own restore would judge them (the rest was judged as the writer's
+        archive, and CRIU restores the credentials its images hold, judged too), and
+        the adapter refuses what it cannot provide."""
+        if foreign.native(manifest, self.engine):
+            return None
+        translated = portable.load(source, manifest, extracted=self.needs_extracted)
+        privileges.check(privileges.host_binds(translated), opts.allow_privileged)
+        self._check_foreign(translated, opts)
+        log.info("restoring a %s archive into %s by translation", manifest.engine, self.engine)
+        return translated
+
+    def _check_foreign(self, foreign: Portable, opts: RestoreOptions) -> None:
+        """Refuse (UntranslatableError) a foreign archive this engine cannot restore,
+        before any engine call. Adapters that import foreign archives override it."""
+
+    def _restore_foreign(self, source: Path, manifest: Manifest, foreign: Portable,
+                         opts: RestoreOptions) -> str:
+        """Restore another engine's archive from its neutral description ``foreign``:
+        the image (present, or carried in whatever format its writer used), a container
+        in this engine's dialect, then this engine's own restore. As ``_restore``."""
+        raise EngineMismatchError(f"the {self.engine} engine cannot restore "
+                                  f"{manifest.engine} archives")
+
+    def _ensure_foreign_image(self, source: Path, manifest: Manifest, foreign: Portable
+                              ) -> None:
+        """The foreign archive's image, if the engine lacks it, from the archive: skopeo
+        re-saves whatever its writer carried (podman's or runc's oci-archive, docker's
+        docker-archive) as a docker-archive under the container's image name (runc's is
+        tagged by its digest), which podman and docker both load."""
+        if self._has_image(foreign.image) is not False:
+            return
+        carried = self._carried_image(manifest, foreign.image)
+        with self._carried_file(source, str(carried["member"])) as path:
+            converted = path.with_name("converted.tar")
+            self._load_image(images.as_docker_archive(str(carried.get("format")), path,
+                                                      foreign.image, converted),
+                             "docker-archive")
+        log.info("loaded image %s from the %s archive", foreign.image, manifest.engine)
+
+    def _carried_image(self, manifest: Manifest, ref: str) -> dict[str, Any]:
+        """The manifest's record of the image it carries; ImageNotFoundError if none."""
+        carried = manifest.extra.get("image_archive")
+        if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
+            raise ImageNotFoundError(
+                f"image {ref!r} is not on this {self.engine} host and the archive does not "
+                "carry it",
+                hint="load the image here first, or checkpoint with --include-image",
+            )
+        return carried
+
+    @contextlib.contextmanager
+    def _carried_file(self, source: Path, member: str) -> Iterator[Path]:
+        """Member ``member`` of the verified archive as a file, in a private temp dir (a
+        copy out of an archive file; an extracted archive's own file is linked there)."""
+        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
+            path = Path(tmp) / "image.tar"
+            if self.needs_extracted:
+                path.symlink_to(source / member)
+            else:
+                copy_member(source, member, path)
+            yield path
 
     @property
     def carries_images(self) -> bool:
@@ -301,20 +376,12 @@ class BaseMigrator(ABC):
         ref = manifest.container.image
         if not ref or self._has_image(ref) is not False:
             return
-        carried = manifest.extra.get("image_archive")
-        if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
-            raise ImageNotFoundError(
-                f"image {ref!r} is not on this {self.engine} host and the archive does not "
-                "carry it",
-                hint="load the image here first, or checkpoint with --include-image",
-            )
+        carried = self._carried_image(manifest, ref)
         member = str(carried["member"])
         if self.needs_extracted:
             self._load_image(source / member, str(carried["format"]))
             return
-        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
-            path = Path(tmp) / "image.tar"
-            copy_member(source, member, path)
+        with self._carried_file(source, member) as path:
             self._load_image(path, str(carried["format"]))
         log.info("loaded image %s from the archive", ref)
 

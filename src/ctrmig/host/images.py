@@ -102,3 +102,14 @@ def podman_save(ref: str, out: Path, fmt: str = "docker-archive") -> Path:
 
 def _json_list(items: Sequence[str]) -> str:
     return json.dumps(list(items))
+
+
+def as_docker_archive(fmt: str, path: Path, ref: str, out: Path) -> Path:
+    """The image saved at ``path`` in ``fmt`` (oci-archive or docker-archive, as an engine
+    carried it in an archive) re-saved by skopeo as a docker-archive tagged ``ref``: what
+    docker's and podman's load both take under the name the container was made from."""
+    if fmt not in ("oci-archive", "docker-archive"):
+        raise ToolMissingError(f"an image saved as {fmt!r} cannot be converted here")
+    proc.run(["skopeo", "copy", "--quiet", f"{fmt}:{path}", f"docker-archive:{out}:{ref}"],
+             timeout=TIMEOUT * 2, what=f"skopeo copy the archive's image {ref}")
+    return out

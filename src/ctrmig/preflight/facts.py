@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from ctrmig.archive import privileges
+from ctrmig.archive.portable import joined_namespaces
 from ctrmig.errors import CheckpointError, ContainerNotFoundError, EngineError
 from ctrmig.host import http, proc, resources
 from ctrmig.protocol import Migrator
@@ -56,6 +57,7 @@ def _podman(m: Any, container: str, facts: Facts, local: bool) -> None:
     facts.rootfs_bytes = int(data.get("SizeRw") or 0)
     facts.mounts = list(_mounts(data.get("Mounts")))
     facts.ports = list(_bindings(host.get("PortBindings")))
+    facts.joined = _joined_modes(host)
     if facts.carries_images and facts.image:
         image = m._get(f"/images/{facts.image}/json", f"podman image inspect {facts.image}")
         facts.image_bytes = int(image.get("Size") or 0)
@@ -66,6 +68,7 @@ def _podman(m: Any, container: str, facts: Facts, local: bool) -> None:
                   "namedVolumes": [{"volumeName": n} for k, n, _ in facts.mounts
                                    if k == "volume"]}
         spec = _json_file(Path(str(data.get("OCIConfigPath") or "")))
+        facts.joined = joined_namespaces(((spec or {}).get("linux") or {}).get("namespaces"))
         _from_proc(facts, _container_of(int(state["Pid"])),
                    privileges.requests(spec, config) if spec is not None else None)
     else:
@@ -115,6 +118,7 @@ def _docker(m: Any, container: str, facts: Facts, local: bool) -> None:
     facts.rootfs_bytes = int((rows[0] if rows else {}).get("SizeRw") or 0)
     facts.mounts = list(_mounts(data.get("Mounts")))
     facts.ports = list(_bindings((data.get("HostConfig") or {}).get("PortBindings")))
+    facts.joined = _joined_modes(data.get("HostConfig") or {})
     if facts.carries_images and facts.image:
         image = _docker_call(m, f"inspect image {facts.image}",
                              lambda c: c.inspect_image(facts.image))
@@ -158,6 +162,7 @@ def _runc(m: Any, container: str, facts: Facts, local: bool) -> None:
                     for mt in spec.get("mounts") or []
                     if (mt.get("type") == "bind" or {"bind", "rbind"} & set(
                         mt.get("options") or [])) and not str(mt.get("source")).startswith(own)]
+    facts.joined = joined_namespaces((spec.get("linux") or {}).get("namespaces"))
     upper = resources.overlay_upper(rootfs)
     facts.rootfs_bytes = resources.dir_bytes(upper) if upper else None
     state = m.runc.state(container) or {}
@@ -267,6 +272,13 @@ def _from_proc(facts: Facts, pids: list[int],
         return
     found = declared + privileges.image_requests(creds, facts.engine, declared)
     facts.privileges = [(r.kind, r.detail) for r in dict.fromkeys(found)]
+
+
+def _joined_modes(host: dict[str, Any]) -> list[str]:
+    """Namespaces an inspect's HostConfig joins from another container (a pod's infra)."""
+    return [kind for kind, key in (("ipc", "IpcMode"), ("pid", "PidMode"),
+                                   ("uts", "UTSMode"), ("cgroup", "CgroupnsMode"))
+            if str(host.get(key) or "").startswith("container:")]
 
 
 def _mounts(rows: object) -> Iterator[tuple[str, str, str]]:

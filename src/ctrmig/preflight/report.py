@@ -82,6 +82,8 @@ class Facts:
     ports: list[tuple[int, str, str]] = field(default_factory=list)
     privileges: list[tuple[str, str]] | None = None
     pids: list[int] = field(default_factory=list)  # the process engine's PIDs
+    #: Namespaces shared with a pod or another container (no other engine recreates them)
+    joined: list[str] = field(default_factory=list)
     criu_version: str = ""
     cpuinfo: str = ""  # base64 of CRIU's cpuinfo.img, from the source host
     host: str = ""  # resources.host_key() of the source host

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ctrmig import options
+from ctrmig import options, registry
 from ctrmig.archive import privileges
 from ctrmig.archive.reader import DEFAULT_LIMITS
 from ctrmig.errors import CtrmigError
@@ -67,11 +67,16 @@ def target_side(m: Migrator, facts: Facts, ckpt: CheckpointOptions, rest: Restor
 
 
 def _engine_check(m: Migrator, facts: Facts, ask: Callable[[], dict[str, Any]]) -> Check:
-    """Reachable, able to restore, and the archive's engine (archives never cross)."""
+    """Reachable, able to restore, and the archive's engine or one it translates from
+    (:mod:`ctrmig.archive.portable`)."""
     name = "engine"
-    if m.engine != facts.engine:
+    if m.engine != facts.engine and facts.engine not in _imports_from(m):
         return Check(TARGET, name, "fail", f"a {facts.engine} archive restores only on "
                      f"{facts.engine}, not on {m.engine}", f"migrate to a {facts.engine} target")
+    if m.engine != facts.engine and facts.joined:
+        return Check(TARGET, name, "fail", f"the container shares its {', '.join(facts.joined)} "
+                     "namespace(s) with a pod or another container, which another engine "
+                     "cannot recreate", f"migrate to a {facts.engine} target")
     try:
         info = ask()
         version = str((info.get("version") or {}).get("Version") or info.get(
@@ -91,6 +96,17 @@ def _engine_check(m: Migrator, facts: Facts, ask: Callable[[], dict[str, Any]]) 
                      "/etc/docker/daemon.json and restart dockerd")
     how = f", runtime {rt_name}" if rt_name else ""
     return Check(TARGET, name, "pass", f"{m.engine} {version.splitlines()[0]}{how}")
+
+
+def _imports_from(m: Migrator) -> frozenset[str]:
+    """The engines whose archives ``m``'s engine translates (a remote one's: its class's)."""
+    found = getattr(m, "imports_from", None)
+    if found is None:
+        try:
+            found = registry.get_class(m.engine).imports_from
+        except (CtrmigError, AttributeError):
+            return frozenset()
+    return frozenset(found)
 
 
 def _criu_target(facts: Facts) -> Check:

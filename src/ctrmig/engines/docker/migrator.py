@@ -27,6 +27,7 @@ from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, foreign
 from ctrmig.archive.layout import CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.docker import config, rootfs, volumes
+from ctrmig.engines.docker import foreign as docker_foreign
 from ctrmig.engines.docker.api import EngineAPI
 from ctrmig.engines.docker.checkpoints import Checkpoints, new_name
 from ctrmig.errors import (
@@ -46,6 +47,7 @@ class DockerMigrator(BaseMigrator):
     """Checkpoint and restore docker containers (dockerd with experimental features)."""
 
     engine: ClassVar[str] = "docker"
+    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "runc"})
     needs_extracted: ClassVar[bool] = True
     # keep: also keep docker's checkpoint of a container left running (one that stopped
     # always keeps it, for resume) / keep the images in the new container (restore);
@@ -266,7 +268,8 @@ class DockerMigrator(BaseMigrator):
 
     def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
         super()._check_archive(manifest, source, opts)  # volumes' drivers judged there too
-        volumes.recorded(manifest)  # a hostile volume entry is refused before any call
+        if manifest.engine == self.engine:  # a foreign one's: see .foreign
+            volumes.recorded(manifest)  # a hostile volume entry is refused before any call
         # Before the base loads a carried image: a daemon that cannot restore says so first.
         self.checkpoints.require()
 
@@ -301,6 +304,9 @@ class DockerMigrator(BaseMigrator):
                                 label=name)  # refuses a volume here with other content
         with vols.created():
             return self._restore_into(source, body, name, vols, opts)
+
+    _check_foreign = staticmethod(docker_foreign.check)  # another engine's archive
+    _restore_foreign = docker_foreign.restore
 
     def _start_stopped(self, source: Path, opts: RestoreOptions) -> str:
         """Start the existing stopped container ``opts.name`` from the CRIU images alone

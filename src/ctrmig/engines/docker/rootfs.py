@@ -17,10 +17,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ctrmig.archive import ArchiveWriter
-from ctrmig.archive.layers import overlay_whiteout
+from ctrmig.archive.layers import overlay_whiteout, read_deleted
 from ctrmig.archive.layout import DELETED_FILES, ROOTFS_DIFF
 from ctrmig.engines.docker.api import EngineAPI
-from ctrmig.errors import ArchiveError, RestoreError
+from ctrmig.errors import RestoreError
 
 # The Kind of an entry of GET /containers/{id}/changes.
 _MODIFIED, _ADDED, _DELETED = 0, 1, 2
@@ -58,7 +58,7 @@ def apply_diff(api: EngineAPI, cid: str, source: Path) -> None:
     if diff.is_file() and diff.stat().st_size > 0:
         with diff.open("rb") as f:
             api.put_archive(cid, "/", f)
-    deleted = _deleted_paths(source / DELETED_FILES)
+    deleted = read_deleted(source / DELETED_FILES)
     if not deleted:
         return
     upper = upper_dir(api.inspect(cid))
@@ -79,18 +79,6 @@ def upper_dir(data: dict[str, Any]) -> Path | None:
     if driver.get("Name") != "overlay2" or not upper or not Path(upper).is_dir():
         return None
     return Path(upper)
-
-
-def _deleted_paths(path: Path) -> list[str]:
-    if not path.is_file():
-        return []
-    try:
-        deleted = json.loads(path.read_text())
-    except ValueError:
-        raise ArchiveError(f"{DELETED_FILES} is not valid JSON") from None
-    if not isinstance(deleted, list) or not all(isinstance(p, str) for p in deleted):
-        raise ArchiveError(f"{DELETED_FILES} must be a list of paths")
-    return deleted
 
 
 def _copy_from_container(api: EngineAPI, cid: str, path: str, tar: tarfile.TarFile) -> None:

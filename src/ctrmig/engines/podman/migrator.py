@@ -29,6 +29,7 @@ from ctrmig.archive.reader import decompressed
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.podman import bundle
+from ctrmig.engines.podman import foreign as podman_foreign
 from ctrmig.engines.podman.bundle import Storage
 from ctrmig.errors import (
     CheckpointError,
@@ -56,6 +57,7 @@ class PodmanMigrator(BaseMigrator):
     """Checkpoint and restore podman containers through podman's REST API."""
 
     engine: ClassVar[str] = "podman"
+    imports_from: ClassVar[frozenset[str]] = frozenset({"runc", "docker"})
     needs_extracted: ClassVar[bool] = False  # podman imports the archive file itself
     commits_in_restore: ClassVar[bool] = True  # before the upload's last piece
     checkpoint_options: ClassVar[frozenset[str]] = frozenset(
@@ -330,6 +332,9 @@ class PodmanMigrator(BaseMigrator):
         with foreign.podman_import_file(source, manifest, self.workdir) as path, \
                 path.open("rb") as body:
             return self._import(body, opts)
+
+    _check_foreign = staticmethod(podman_foreign.check)  # another engine's archive
+    _restore_foreign = podman_foreign.restore
 
     def _import(self, body: BinaryIO, opts: RestoreOptions) -> str:
         """podman's import of the archive read from ``body``; returns the name."""

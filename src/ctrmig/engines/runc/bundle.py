@@ -13,7 +13,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,12 @@ class Bundles:
             return "checkpointed"
         return "stopped"
 
-    def make(self, name: str, rootfs: Path, meta: dict[str, Any]) -> Path:
+    def make(self, name: str, rootfs: Path, meta: dict[str, Any],
+             adjust: Callable[[dict[str, Any], Path], None] | None = None) -> Path:
         """bundles/NAME with an overlay rootfs on the pristine image ``rootfs``, its
-        network namespace and config.json; nothing is left of it if this fails."""
+        network namespace and config.json; nothing is left of it if this fails.
+        ``adjust(spec, bundle)`` changes config.json before it is written (a foreign
+        archive's mounts, see :mod:`.foreign`)."""
         bundle = self.dir / name
         try:
             bundle.mkdir()
@@ -109,6 +112,8 @@ class Bundles:
             proc.run(["ip", "-n", netns, "link", "set", "lo", "up"], timeout=TOOL_TIMEOUT,
                      what=f"bring up loopback for {name}")
             spec = self.spec(meta["process"], netns, meta.get("volumes") or [])
+            if adjust is not None:
+                adjust(spec, bundle)
             (bundle / "config.json").write_bytes(to_json(spec))
         except BaseException:
             self.cleanup(name)

@@ -36,6 +36,7 @@ from ctrmig.archive.layout import (
 from ctrmig.direct import lazy, pages
 from ctrmig.engines.base import BaseMigrator, Dump
 from ctrmig.engines.runc import direct
+from ctrmig.engines.runc import foreign as runc_foreign
 from ctrmig.engines.runc.bundle import TEMPLATE, Bundles, config_dump, process_settings
 from ctrmig.engines.runc.commands import TOOL_TIMEOUT, Runc, keep_logs, summary, with_criu_logs
 from ctrmig.engines.runc.images import ImageCache
@@ -63,12 +64,16 @@ from ctrmig.host import proc
 from ctrmig.protocol import CheckpointOptions, ContainerInfo, RestoreOptions
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: What a restore may do to a new bundle's spec (spec, bundle), and to the bundle itself.
+SpecHook = Callable[[dict[str, Any], Path], None] | None
+BundleHook = Callable[[Path], None] | None
 
 
 class RuncMigrator(pages.SendsPages, BaseMigrator):
     """Run, checkpoint and restore runc containers from local images."""
 
     engine: ClassVar[str] = "runc"
+    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "docker"})
     commits_in_restore: ClassVar[bool] = True  # right before `runc restore`
     checkpoint_options: ClassVar[frozenset[str]] = frozenset(
         {"tcp_established", "file_locks", "ignore_volumes"})
@@ -364,8 +369,15 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
                 "digest": img.digest, "process": config["process"], "created": _now(),
                 "restored_from": manifest.container.name,
                 "volumes": self.volumes.sources(mounts)}
+        return self._restore_bundle(source, manifest, opts, img.rootfs, meta, volumes)
+
+    def _restore_bundle(self, source: Path, manifest: Manifest, opts: RestoreOptions,
+                        rootfs: Path, meta: dict[str, Any], volumes: Prepared, *,
+                        adjust: SpecHook = None, prepare: BundleHook = None) -> str:
+        """Bundle ``meta`` on ``rootfs`` (``adjust``: see Bundles.make), diff, prepare, restore."""
+        name = str(meta["name"])
         try:
-            bundle = self.bundles.make(name, img.rootfs, meta)
+            bundle = self.bundles.make(name, rootfs, meta, adjust)
         except BaseException:
             volumes.rollback()
             raise
@@ -373,6 +385,8 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
             diff = source / ROOTFS_DIFF
             if diff.exists():
                 apply_rootfs_diff(diff, bundle / "rootfs")
+            if prepare is not None:
+                prepare(bundle)
             images = source / CHECKPOINT_DIR
             if opts.page_images:  # the direct route: pages a page server received
                 pages.merge(Path(opts.page_images), manifest.extra.get(pages.PAGE_STREAM),
@@ -392,6 +406,9 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
             raise
         volumes.commit()
         return name
+
+    _check_foreign = staticmethod(runc_foreign.check)  # another engine's archive
+    _restore_foreign = runc_foreign.restore
 
     # --- small helpers --------------------------------------------------------------------
 
