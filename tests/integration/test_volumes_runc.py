@@ -368,10 +368,19 @@ def test_podman_volume_layout_is_the_one_runc_writes(
             member = inner.extractfile("./p")
             assert member is not None and member.read() == f"{payload}\n".encode()
         m.remove(name)
-        # podman 4.3 itself refuses a volume that exists (whatever its content) ...
-        with pytest.raises(RestoreError, match=f"volume with name {vol} already exists"):
+        # podman itself refuses a volume that exists (whatever its content): ctrmig says
+        # so first, naming it, and podman is not asked (no container is made).
+        with pytest.raises(VolumeConflictError, match=f"volume.s. {vol} exist") as refused:
             m.restore(tmp_path / "p.tar")
-        client.volumes.remove(vol)  # ... and recreates it from the archive
+        assert f"podman volume rm {vol}" in str(refused.value.hint)
+        assert not m.exists(name)
+        # --ignore-volumes: the container gets the volume as it is here.
+        client.containers.run(test_image, ["/bin/sh", "-c", "echo kept > /v/p"],
+                              volumes={vol: {"bind": "/v", "mode": "rw"}}, remove=True)
+        kept = m.restore(tmp_path / "p.tar", name=f"{name}-kept", ignore_volumes=True)
+        assert podman_read_file(client, kept, "/v/p") == "kept\n"
+        m.remove(kept)
+        client.volumes.remove(vol)  # gone: podman recreates it from the archive
         restored = m.restore(tmp_path / "p.tar")
         assert podman_read_file(client, restored, "/v/p") == f"{payload}\n"
         m.close()

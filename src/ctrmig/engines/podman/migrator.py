@@ -28,7 +28,7 @@ from ctrmig.archive import ArchiveWriter, ContainerRecord, Manifest, foreign
 from ctrmig.archive.reader import decompressed
 from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.engines.base import BaseMigrator, Dump
-from ctrmig.engines.podman import bundle
+from ctrmig.engines.podman import bundle, volumes
 from ctrmig.engines.podman import foreign as podman_foreign
 from ctrmig.engines.podman.bundle import Storage
 from ctrmig.errors import (
@@ -327,6 +327,22 @@ class PodmanMigrator(BaseMigrator):
 
         with DirectTarget(self, store) as target:
             return target.restore(archive, options, progress=progress, **overrides)
+
+    def _check_archive(self, manifest: Manifest, source: Path, opts: RestoreOptions) -> None:
+        super()._check_archive(manifest, source, opts)
+        volumes.check(manifest, opts, self._volume)
+
+    def _volume(self, name: str) -> dict[str, Any] | None:
+        """podman's record of volume ``name``; None if there is none."""
+        def call() -> dict[str, Any] | None:
+            resp = self.client.api.get(f"/volumes/{name}/json", timeout=60)
+            if resp.status_code == 404:
+                return None
+            resp.raise_for_status()
+            found: dict[str, Any] = resp.json()
+            return found
+
+        return self._idempotent(f"podman volume inspect {name}", call)
 
     def _restore(self, source: Path, manifest: Manifest, opts: RestoreOptions) -> str:
         with foreign.podman_import_file(source, manifest, self.workdir) as path, \
