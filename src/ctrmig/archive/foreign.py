@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from ctrmig.archive.jsondoc import as_dict as _dict
+from ctrmig.archive.jsondoc import json_object
 from ctrmig.archive.layout import (
     CHECKPOINT_DIR,
     CONFIG_DUMP,
@@ -384,19 +386,7 @@ def _is_crio(manifest: Manifest) -> bool:
 
 
 def _json(kept: Mapping[str, bytes], name: str) -> dict[str, Any]:
-    if name not in kept:
-        return {}
-    try:
-        data = json.loads(kept[name])
-    except ValueError as e:
-        raise ManifestError(f"{name} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{name} is not a JSON object")
-    return data
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+    return json_object(name, kept[name], ManifestError) if name in kept else {}
 
 
 def _s(data: Mapping[str, Any], key: str) -> str:

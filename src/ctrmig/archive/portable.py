@@ -13,7 +13,6 @@ joined from a pod or another container, a mount CRIU recorded that no rule provi
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from collections.abc import Iterable, Mapping
@@ -31,6 +30,8 @@ from ctrmig.archive.criu_images import (
     without_outside_masters,
     without_root_mode,
 )
+from ctrmig.archive.jsondoc import as_dict as _dict
+from ctrmig.archive.jsondoc import json_object as _json
 from ctrmig.archive.layout import CHECKPOINT_DIR, DEVSHM, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
 from ctrmig.archive.spool import read_members
@@ -301,20 +302,6 @@ def _refuse_joined(namespaces: object, writer: str) -> None:
             f"the container shared its {', '.join(joined)} namespace(s) with a pod or "
             "another container, which another engine cannot recreate",
             hint=f"restore it with --engine {writer}, into the same pod")
-
-
-def _json(name: str, data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError as e:
-        raise ArchiveError(f"{name} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ArchiveError(f"{name} is not a JSON object")
-    return value
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _list(value: object) -> list[Any]:

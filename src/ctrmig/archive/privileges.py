@@ -50,7 +50,6 @@ for every engine:
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import re
@@ -68,6 +67,8 @@ from ctrmig.archive.criu_images import (
     core_pid,
     read_core_creds,
 )
+from ctrmig.archive.jsondoc import as_dict as _dict
+from ctrmig.archive.jsondoc import json_object as _json
 from ctrmig.archive.layout import CONFIG_DUMP, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
 from ctrmig.archive.portable import Portable
@@ -474,10 +475,6 @@ def _cap_order(cap: str) -> tuple[int, str]:
     return (rank.index(cap) if cap in rank else len(rank)), cap
 
 
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
@@ -490,11 +487,3 @@ def _read_file(path: Path, limit: int = MAX_MANIFEST_BYTES) -> bytes:
     return data
 
 
-def _json(name: str, data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise ArchiveError(f"the archive's {name} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ArchiveError(f"the archive's {name} is not a JSON object")
-    return value
