@@ -23,7 +23,15 @@ import ctrmig
 from ctrmig.archive import foreign
 from ctrmig.cli import cli
 from ctrmig.errors import ContainerNotFoundError, PrivilegeError, UnsafeArchiveError
-from tests.conftest import COUNTER_CMD, last_count, podman_read_file, unique, wait_for
+from tests.conftest import (
+    COUNTER_CMD,
+    last_count,
+    podman_read_file,
+    resumed_count,
+    unique,
+    wait_for,
+)
+from tests.integration.test_cross_engine import Side, sides  # noqa: F401  (sides: a fixture)
 
 
 @pytest.fixture
@@ -306,3 +314,30 @@ def test_a_docker_checkpoint_directory_is_shown_verified_and_restored_into_a_con
                 client.containers.get(c).remove(force=True)
         m.close()
         client.close()
+
+
+# --- into the other engines ---------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["podman-export", "cri-o"])
+@pytest.mark.parametrize("target", [pytest.param("runc", marks=pytest.mark.runc),
+                                    pytest.param("docker", marks=pytest.mark.docker)])
+def test_podman_export_and_crio_archive_restore_into_another_engine(
+    layout: str, target: str, podman: ctrmig.Migrator, podman_counter: Callable[[], str],
+    request: pytest.FixtureRequest, tmp_path: Path,
+) -> None:
+    """podman's own export, and the CRI-O archive made of one, restore into runc and
+    docker by the cross-engine translation (from spec.dump and the synthesized manifest)."""
+    name = podman_counter()
+    if layout == "cri-o":
+        archive = crio_archive(podman_export(name, tmp_path / "p.tar", "none"),
+                               tmp_path / "checkpoint-counters_default-counter.tar")
+    else:
+        archive = podman_export(name, tmp_path / "p.tar.zst", "zstd")
+    stopped_at = last_count(podman.logs(name))
+    side: Callable[[str], Side] = request.getfixturevalue("sides")
+    dst = side(target)
+    new = dst.track(dst.m.restore(archive, name=unique()))
+    after = resumed_count(lambda: dst.m.logs(new), f"the {target} counter")
+    assert stopped_at < after <= stopped_at + 5, (stopped_at, after)
+    wait_for(lambda: last_count(dst.m.logs(new)) > after, what="counting on")
+    assert dst.read(new, "/state.txt") == "written-after-start\n"  # the rootfs diff

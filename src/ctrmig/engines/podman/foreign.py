@@ -56,7 +56,7 @@ def check(foreign: Portable, opts: RestoreOptions) -> None:
     if missing:
         raise UntranslatableError(
             f"the {foreign.writer} archive's memory image needs mounts podman cannot "
-            f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.writer}")
+            f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.home}")
 
 
 def spec_dump(foreign: Portable, volumes_dir: str = "/volumes") -> dict[str, Any]:
