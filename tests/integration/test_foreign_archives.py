@@ -22,7 +22,13 @@ from podman import PodmanClient
 import ctrmig
 from ctrmig.archive import foreign
 from ctrmig.cli import cli
-from ctrmig.errors import ContainerNotFoundError, PrivilegeError, UnsafeArchiveError
+from ctrmig.engines.runc import RuncMigrator
+from ctrmig.errors import (
+    ContainerNotFoundError,
+    PrivilegeError,
+    UnsafeArchiveError,
+    UntranslatableError,
+)
 from tests.conftest import (
     COUNTER_CMD,
     last_count,
@@ -154,10 +160,12 @@ def test_hostile_and_privileged_podman_exports_are_refused_before_podman(
 # --- CRI-O ---------------------------------------------------------------------------------
 
 def crio_archive(podman_export_tar: Path, dest: Path, *, pod: str = "counters",
-                 container: str = "counter") -> Path:
+                 container: str = "counter", mounts: tuple[dict[str, object], ...] = ()
+                 ) -> Path:
     """A CRI-O/kubelet checkpoint archive (the layout of cri-o's internal/lib/checkpoint.go,
     read by checkpointctl) made of a real podman export: its CRIU images, spec.dump and
-    rootfs diff; config.dump in CRI-O's form (checkpointctl's ContainerConfig), the
+    rootfs diff (plus ``mounts`` in its spec); config.dump in CRI-O's form (checkpointctl's
+    ContainerConfig), the
     io.kubernetes annotations CRI-O sets, the container log under CRI-O's name, no
     podman-only members; uncompressed, from "./" as CRI-O writes it."""
     with tarfile.open(podman_export_tar) as src:
@@ -175,6 +183,7 @@ def crio_archive(podman_export_tar: Path, dest: Path, *, pod: str = "counters",
         f"/var/log/pods/default_{pod}/{container}/0.log",
         "io.kubernetes.cri-o.SandboxID": "f" * 64, "io.container.manager": "cri-o",
     }
+    spec["mounts"] += mounts
     # CRI-O's containers join their pod's namespaces (pinned by CRI-O) by path.
     for ns in spec["linux"]["namespaces"]:
         if ns["type"] in ("ipc", "uts", "network"):
@@ -341,3 +350,20 @@ def test_podman_export_and_crio_archive_restore_into_another_engine(
     assert stopped_at < after <= stopped_at + 5, (stopped_at, after)
     wait_for(lambda: last_count(dst.m.logs(new)) > after, what="counting on")
     assert dst.read(new, "/state.txt") == "written-after-start\n"  # the rootfs diff
+
+
+@pytest.mark.runc
+def test_a_crio_container_with_kubelet_mounts_is_refused_before_runc(
+    podman_counter: Callable[[], str], runc_state: RuncMigrator, tmp_path: Path,
+) -> None:
+    token = {"destination": "/var/run/secrets/kubernetes.io/serviceaccount", "type": "bind",
+             "source": "/var/lib/kubelet/pods/0c1d/volumes/kubernetes.io~projected/kube-api",
+             "options": ["rbind", "ro"]}
+    archive = crio_archive(podman_export(podman_counter(), tmp_path / "p.tar", "none"),
+                           tmp_path / "crio.tar", mounts=(token,))
+    with pytest.raises(UntranslatableError, match=re.escape(
+            "mounts only its kubelet provides: /var/run/secrets/kubernetes.io/serviceaccount")
+    ) as refused:
+        runc_state.restore(archive, name=unique(), allow_privileged=True)
+    assert refused.value.hint is not None and "CRI-O" in refused.value.hint
+    assert runc_state.list() == [] and runc_state.runc.containers() == []
