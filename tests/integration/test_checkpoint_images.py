@@ -147,6 +147,8 @@ def podman_restores_natively(empty_podman: Podman, ref: str, name: str, stopped_
     assert empty_podman("images", "-q").stdout.strip() == b""
     empty_podman("pull", "-q", ref)
     empty_podman("container", "restore", ref)
+    info = json.loads(empty_podman("container", "inspect", name).stdout)[0]
+    assert info["ImageName"] == images.base_ref(ref)  # pulled by the name config.dump gives
     wait_for(lambda: last_count(podman_logs(empty_podman, name)) > stopped_at + 3,
              what="the counter restored by podman")
     assert stopped_at < first_count(podman_logs(empty_podman, name)) <= stopped_at + 3

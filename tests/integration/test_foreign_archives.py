@@ -356,9 +356,10 @@ def test_podman_export_and_crio_archive_restore_into_another_engine(
 def test_a_crio_container_with_kubelet_mounts_is_refused_before_runc(
     podman_counter: Callable[[], str], runc_state: RuncMigrator, tmp_path: Path,
 ) -> None:
-    token = {"destination": "/var/run/secrets/kubernetes.io/serviceaccount", "type": "bind",
-             "source": "/var/lib/kubelet/pods/0c1d/volumes/kubernetes.io~projected/kube-api",
-             "options": ["rbind", "ro"]}
+    token: dict[str, object] = {
+        "destination": "/var/run/secrets/kubernetes.io/serviceaccount", "type": "bind",
+        "source": "/var/lib/kubelet/pods/0c1d/volumes/kubernetes.io~projected/kube-api",
+        "options": ["rbind", "ro"]}
     archive = crio_archive(podman_export(podman_counter(), tmp_path / "p.tar", "none"),
                            tmp_path / "crio.tar", mounts=(token,))
     with pytest.raises(UntranslatableError, match=re.escape(

@@ -3,6 +3,7 @@ and back (no registry, no engine)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import stat
 import tarfile
@@ -123,6 +124,10 @@ def test_archive_through_a_layout_and_back(tmp_path: Path) -> None:
     assert verify(back).files == written.files
 
 
+def _replaced(data: bytes, original: bytes) -> bytes:
+    return data
+
+
 def test_members_rewritten_for_podman_come_back_as_written(tmp_path: Path) -> None:
     """Another engine's checkpoint: config.dump, spec.dump and a CRIU image in podman's
     dialect in the layer, each original kept beside it and put back when ctrmig reads."""
@@ -139,7 +144,7 @@ def test_members_rewritten_for_podman_come_back_as_written(tmp_path: Path) -> No
     layout = tmp_path / "layout"
     oci.write_layout(arc, layout, oci.checkpoint_annotations(
         oci.Facts("web", "runc"), oci.Base("r:1/w:1-base"), ""),
-        rewrite={n: (lambda _, d=d: d) for n, d in podman.items()})
+        rewrite={n: functools.partial(_replaced, d) for n, d in podman.items()})
     image = oci.read_layout(layout)
     members = _layer_members(image)
     for name, data in podman.items():
