@@ -27,6 +27,7 @@ import ctrmig
 from ctrmig import cli, images
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import mounts, proc, services
+from ctrmig.images import oci, transport
 from tests.conftest import (
     COUNTER_CMD,
     cleanup_runc_state,
@@ -160,7 +161,7 @@ def podman_restores_natively(empty_podman: Podman, ref: str, name: str, stopped_
 
 def test_podman_restores_ctrmig_image_of_a_runc_container_on_empty_storage(
         runc_state: RuncMigrator, test_image: str, registry: Registry,
-        empty_podman: Podman) -> None:
+        empty_podman: Podman, tmp_path: Path) -> None:
     """The image's layer holds config.dump, spec.dump and the CRIU images podman reads in
     podman's dialect (as a cross-engine restore into podman makes them); ctrmig reads the
     runc archive back whole."""
@@ -172,6 +173,12 @@ def test_podman_restores_ctrmig_image_of_a_runc_container_on_empty_storage(
     stopped_at = last_count(m.logs(name))
     m.remove(name)
     podman_restores_natively(empty_podman, ref, name, stopped_at)
+    transport.copy(f"docker://{ref}", f"oci:{tmp_path / 'layout'}:x", what="pull")
+    with tarfile.open(oci.read_layout(tmp_path / "layout").layer) as tar:
+        kept = sorted(n for n in tar.getnames() if n.startswith(oci.ORIGINALS))
+    # runc's root directory mode is not podman's: files.img without it, as for import.
+    assert {oci.ORIGINALS + n for n in ("config.dump", "spec.dump", "checkpoint/files.img")
+            } <= set(kept), kept
     with images.pulled(ref) as (image, path):
         assert image.engine == "runc"
         manifest = ctrmig.verify(path)  # the runc archive as written, checksums and all
