@@ -173,6 +173,14 @@ def test_podman_restores_ctrmig_image_of_a_runc_container_on_empty_storage(
     stopped_at = last_count(m.logs(name))
     m.remove(name)
     podman_restores_natively(empty_podman, ref, name, stopped_at)
+    # Again under a new name (podman then makes a new ID instead of the image's).
+    empty_podman("container", "restore", "--name", f"{name}-2", ref)
+    wait_for(lambda: last_count(podman_logs(empty_podman, f"{name}-2")) > stopped_at + 3,
+             what="the second counter restored by podman")
+    assert stopped_at < first_count(podman_logs(empty_podman, f"{name}-2")) <= stopped_at + 3
+    ids = {json.loads(empty_podman("container", "inspect", n).stdout)[0]["Id"]
+           for n in (name, f"{name}-2")}
+    assert len(ids) == 2
     transport.copy(f"docker://{ref}", f"oci:{tmp_path / 'layout'}:x", what="pull")
     with tarfile.open(oci.read_layout(tmp_path / "layout").layer) as tar:
         kept = sorted(n for n in tar.getnames() if n.startswith(oci.ORIGINALS))
