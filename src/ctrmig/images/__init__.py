@@ -4,7 +4,9 @@ image store, in the format podman and CRI-O restore from (see :mod:`.oci`).
 Self-contained: pushed to a registry, the base image goes beside the checkpoint (same
 repository, tag ``TAG-base``) and the image names it (podman's ``rootfsImageName``
 annotation and config.dump), so ``podman pull REF && podman container restore REF``
-works on a host that has neither image: podman pulls the base by that name first. The
+works on a host that has neither image: podman pulls the base by that name first. That
+holds for a runc or docker container's checkpoint too: the members podman reads are
+written in podman's dialect, as a cross-engine restore into podman writes them. The
 archive inside also carries the base (``image/``, ctrmig's ``--include-image``), so
 ``ctrmig restore --image REF`` needs nothing but the checkpoint image. Pushing the base
 beside, rather than layering it under the checkpoint, keeps the checkpoint's files out of
