@@ -8,12 +8,14 @@ checkpoint image, no base image; podman has to pull both from the registry.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ import ctrmig
 from ctrmig import cli, images
 from ctrmig.engines.runc import RuncMigrator
 from ctrmig.host import mounts, proc, services
+from ctrmig.images import oci, transport
 from tests.conftest import (
     COUNTER_CMD,
     cleanup_runc_state,
@@ -135,6 +138,72 @@ def test_podman_restores_ctrmig_image_on_empty_storage_where_its_own_fails(
     failed = empty_podman("container", "restore", pushed, check=False)
     assert failed.returncode != 0
     assert b"ctrmig-busybox" in failed.stderr, failed.stderr
+
+
+def podman_restores_natively(empty_podman: Podman, ref: str, name: str, stopped_at: int
+                             ) -> None:
+    """``podman pull`` + ``podman container restore`` of ``ref`` on a storage holding no
+    image: the counter ``name`` goes on from ``stopped_at`` (the log podman keeps starts
+    with the restore: the source engine's log stayed there), its rootfs diff came along."""
+    assert empty_podman("images", "-q").stdout.strip() == b""
+    empty_podman("pull", "-q", ref)
+    empty_podman("container", "restore", ref)
+    info = json.loads(empty_podman("container", "inspect", name).stdout)[0]
+    assert info["ImageName"] == images.base_ref(ref)  # pulled by the name config.dump gives
+    wait_for(lambda: last_count(podman_logs(empty_podman, name)) > stopped_at + 3,
+             what="the counter restored by podman")
+    assert stopped_at < first_count(podman_logs(empty_podman, name)) <= stopped_at + 3
+    copied = empty_podman("cp", f"{name}:/state.txt", "-").stdout
+    with tarfile.open(fileobj=io.BytesIO(copied)) as tar:
+        member = tar.extractfile(tar.getmembers()[0])
+        assert member is not None and member.read() == b"written-after-start\n"
+
+
+def test_podman_restores_ctrmig_image_of_a_runc_container_on_empty_storage(
+        runc_state: RuncMigrator, test_image: str, registry: Registry,
+        empty_podman: Podman, tmp_path: Path) -> None:
+    """The image's layer holds config.dump, spec.dump and the CRIU images podman reads in
+    podman's dialect (as a cross-engine restore into podman makes them); ctrmig reads the
+    runc archive back whole."""
+    m = runc_state
+    name = m.run(test_image, name=unique("ctrmig-img"), command=COUNTER_CMD)
+    wait_for(lambda: last_count(m.logs(name)) >= 5, what=f"{name} counting")
+    ref = registry.ref(f"runc/{name}", "v1")
+    images.checkpoint(m, name, ref)
+    stopped_at = last_count(m.logs(name))
+    m.remove(name)
+    podman_restores_natively(empty_podman, ref, name, stopped_at)
+    # Again under a new name (podman then makes a new ID instead of the image's).
+    empty_podman("container", "restore", "--name", f"{name}-2", ref)
+    wait_for(lambda: last_count(podman_logs(empty_podman, f"{name}-2")) > stopped_at + 3,
+             what="the second counter restored by podman")
+    assert stopped_at < first_count(podman_logs(empty_podman, f"{name}-2")) <= stopped_at + 3
+    ids = {json.loads(empty_podman("container", "inspect", n).stdout)[0]["Id"]
+           for n in (name, f"{name}-2")}
+    assert len(ids) == 2
+    transport.copy(f"docker://{ref}", f"oci:{tmp_path / 'layout'}:x", what="pull")
+    with tarfile.open(oci.read_layout(tmp_path / "layout").layer) as tar:
+        kept = sorted(n for n in tar.getnames() if n.startswith(oci.ORIGINALS))
+    # runc's root directory mode is not podman's: files.img without it, as for import.
+    assert {oci.ORIGINALS + n for n in ("config.dump", "spec.dump", "checkpoint/files.img")
+            } <= set(kept), kept
+    with images.pulled(ref) as (image, path):
+        assert image.engine == "runc"
+        manifest = ctrmig.verify(path)  # the runc archive as written, checksums and all
+        assert manifest.engine == "runc" and manifest.container.name == name
+
+
+def test_podman_restores_ctrmig_image_of_a_docker_container_on_empty_storage(
+        dockerd_socket: Path, registry: Registry, empty_podman: Podman) -> None:
+    dk = Docker(dockerd_socket, "localhost/ctrmig-busybox:latest")
+    try:
+        name = dk.counter()
+        ref = registry.ref(f"docker/{name}", "v1")
+        images.checkpoint(dk.m, name, ref)
+        stopped_at = last_count(dk.m.logs(name))
+        podman_restores_natively(empty_podman, ref, name, stopped_at)
+    finally:
+        dk.cleanup()
 
 
 def test_ctrmig_restore_and_inspect_image_registry_and_local(

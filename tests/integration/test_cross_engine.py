@@ -264,7 +264,10 @@ def test_podman_migrates_to_runc_over_ssh_with_its_image(
             client.close()  # type: ignore[no-untyped-call]
 
 
-VOLUME_CMD = ["/bin/sh", "-c", "echo in-the-volume > /data/f; " + COUNTER_CMD[2]]
+VOLUME_CMD = ["/bin/sh", "-c", "echo in-the-volume > /data/f; seq 1 20000 > /data/seq; "
+              + COUNTER_CMD[2]]
+#: /data/seq as the source wrote it (108 KiB), compared byte for byte on the target.
+VOLUME_SEQ = "".join(f"{i}\n" for i in range(1, 20001))
 
 
 def _remove_volume(side: Side, engine: str, volume: str) -> None:
@@ -276,7 +279,7 @@ def _remove_volume(side: Side, engine: str, volume: str) -> None:
 
 @pytest.mark.parametrize(("source", "target"), [
     _pair("runc", "podman"), _pair("runc", "docker"), _pair("docker", "runc"),
-    _pair("podman", "runc")])
+    _pair("podman", "runc"), _pair("podman", "docker"), _pair("docker", "podman")])
 def test_a_named_volume_travels_across_engines(source: str, target: str,
                                                sides: Callable[[str], Side],
                                                tmp_path: Path) -> None:
@@ -294,8 +297,10 @@ def test_a_named_volume_travels_across_engines(source: str, target: str,
         if target == "runc":
             data = dst.m.volumes.data(volume) / "f"
             assert data.read_text() == "in-the-volume\n"
+            assert (data.parent / "seq").read_text() == VOLUME_SEQ
         else:
             assert dst.read(restored, "/data/f") == "in-the-volume\n"
+            assert dst.read(restored, "/data/seq") == VOLUME_SEQ
     finally:
         for side, engine in ((src, source), (dst, target)):
             side.cleanup()

@@ -22,8 +22,22 @@ from podman import PodmanClient
 import ctrmig
 from ctrmig.archive import foreign
 from ctrmig.cli import cli
-from ctrmig.errors import ContainerNotFoundError, PrivilegeError, UnsafeArchiveError
-from tests.conftest import COUNTER_CMD, last_count, podman_read_file, unique, wait_for
+from ctrmig.engines.runc import RuncMigrator
+from ctrmig.errors import (
+    ContainerNotFoundError,
+    PrivilegeError,
+    UnsafeArchiveError,
+    UntranslatableError,
+)
+from tests.conftest import (
+    COUNTER_CMD,
+    last_count,
+    podman_read_file,
+    resumed_count,
+    unique,
+    wait_for,
+)
+from tests.integration.test_cross_engine import Side, sides  # noqa: F401  (sides: a fixture)
 
 
 @pytest.fixture
@@ -146,10 +160,12 @@ def test_hostile_and_privileged_podman_exports_are_refused_before_podman(
 # --- CRI-O ---------------------------------------------------------------------------------
 
 def crio_archive(podman_export_tar: Path, dest: Path, *, pod: str = "counters",
-                 container: str = "counter") -> Path:
+                 container: str = "counter", mounts: tuple[dict[str, object], ...] = ()
+                 ) -> Path:
     """A CRI-O/kubelet checkpoint archive (the layout of cri-o's internal/lib/checkpoint.go,
     read by checkpointctl) made of a real podman export: its CRIU images, spec.dump and
-    rootfs diff; config.dump in CRI-O's form (checkpointctl's ContainerConfig), the
+    rootfs diff (plus ``mounts`` in its spec); config.dump in CRI-O's form (checkpointctl's
+    ContainerConfig), the
     io.kubernetes annotations CRI-O sets, the container log under CRI-O's name, no
     podman-only members; uncompressed, from "./" as CRI-O writes it."""
     with tarfile.open(podman_export_tar) as src:
@@ -167,6 +183,7 @@ def crio_archive(podman_export_tar: Path, dest: Path, *, pod: str = "counters",
         f"/var/log/pods/default_{pod}/{container}/0.log",
         "io.kubernetes.cri-o.SandboxID": "f" * 64, "io.container.manager": "cri-o",
     }
+    spec["mounts"] += mounts
     # CRI-O's containers join their pod's namespaces (pinned by CRI-O) by path.
     for ns in spec["linux"]["namespaces"]:
         if ns["type"] in ("ipc", "uts", "network"):
@@ -306,3 +323,48 @@ def test_a_docker_checkpoint_directory_is_shown_verified_and_restored_into_a_con
                 client.containers.get(c).remove(force=True)
         m.close()
         client.close()
+
+
+# --- into the other engines ---------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["podman-export", "cri-o"])
+@pytest.mark.parametrize("target", [pytest.param("runc", marks=pytest.mark.runc),
+                                    pytest.param("docker", marks=pytest.mark.docker)])
+def test_podman_export_and_crio_archive_restore_into_another_engine(
+    layout: str, target: str, podman: ctrmig.Migrator, podman_counter: Callable[[], str],
+    request: pytest.FixtureRequest, tmp_path: Path,
+) -> None:
+    """podman's own export, and the CRI-O archive made of one, restore into runc and
+    docker by the cross-engine translation (from spec.dump and the synthesized manifest)."""
+    name = podman_counter()
+    if layout == "cri-o":
+        archive = crio_archive(podman_export(name, tmp_path / "p.tar", "none"),
+                               tmp_path / "checkpoint-counters_default-counter.tar")
+    else:
+        archive = podman_export(name, tmp_path / "p.tar.zst", "zstd")
+    stopped_at = last_count(podman.logs(name))
+    side: Callable[[str], Side] = request.getfixturevalue("sides")
+    dst = side(target)
+    new = dst.track(dst.m.restore(archive, name=unique()))
+    after = resumed_count(lambda: dst.m.logs(new), f"the {target} counter")
+    assert stopped_at < after <= stopped_at + 5, (stopped_at, after)
+    wait_for(lambda: last_count(dst.m.logs(new)) > after, what="counting on")
+    assert dst.read(new, "/state.txt") == "written-after-start\n"  # the rootfs diff
+
+
+@pytest.mark.runc
+def test_a_crio_container_with_kubelet_mounts_is_refused_before_runc(
+    podman_counter: Callable[[], str], runc_state: RuncMigrator, tmp_path: Path,
+) -> None:
+    token: dict[str, object] = {
+        "destination": "/var/run/secrets/kubernetes.io/serviceaccount", "type": "bind",
+        "source": "/var/lib/kubelet/pods/0c1d/volumes/kubernetes.io~projected/kube-api",
+        "options": ["rbind", "ro"]}
+    archive = crio_archive(podman_export(podman_counter(), tmp_path / "p.tar", "none"),
+                           tmp_path / "crio.tar", mounts=(token,))
+    with pytest.raises(UntranslatableError, match=re.escape(
+            "mounts only its kubelet provides: /var/run/secrets/kubernetes.io/serviceaccount")
+    ) as refused:
+        runc_state.restore(archive, name=unique(), allow_privileged=True)
+    assert refused.value.hint is not None and "CRI-O" in refused.value.hint
+    assert runc_state.list() == [] and runc_state.runc.containers() == []

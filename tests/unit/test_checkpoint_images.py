@@ -3,6 +3,7 @@ and back (no registry, no engine)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import stat
 import tarfile
@@ -93,7 +94,7 @@ def test_archive_through_a_layout_and_back(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     notes = oci.checkpoint_annotations(oci.Facts("web", "podman"), base, "localhost/app:1")
     digest = oci.write_layout(arc, layout, notes, arch="x86_64",
-                              config_dump=lambda b: oci.podman_config(b, base))
+                              rewrite={"config.dump": lambda b: oci.podman_config(b, base)})
     image = oci.read_layout(layout)
     assert image.digest == digest and image.container == "web"
     assert image.base == base.name and image.engine == "podman"
@@ -121,6 +122,40 @@ def test_archive_through_a_layout_and_back(tmp_path: Path) -> None:
     oci.write_archive(image, back)
     assert stat.S_IMODE(back.stat().st_mode) == 0o600
     assert verify(back).files == written.files
+
+
+def _replaced(data: bytes, original: bytes) -> bytes:
+    return data
+
+
+def test_members_rewritten_for_podman_come_back_as_written(tmp_path: Path) -> None:
+    """Another engine's checkpoint: config.dump, spec.dump and a CRIU image in podman's
+    dialect in the layer, each original kept beside it and put back when ctrmig reads."""
+    arc = tmp_path / "a.tar"
+    with atomic_output(arc) as out:
+        w = ArchiveWriter(out, "none")
+        w.add_bytes("checkpoint/files.img", b"runc's files")
+        w.add_bytes("checkpoint/pages-1.img", b"\x01" * 5000)
+        w.add_bytes("config.dump", b'{"runc": true}')
+        w.add_bytes("spec.dump", b'{"ociVersion": "1.0", "root": {"path": "/b/rootfs"}}')
+        written = w.finish(Manifest(engine="runc", container=ContainerRecord(name="web")))
+    podman = {"config.dump": b'{"name": "web"}', "spec.dump": b'{"root": {"path": ""}}',
+              "checkpoint/files.img": b"podman's files"}
+    layout = tmp_path / "layout"
+    oci.write_layout(arc, layout, oci.checkpoint_annotations(
+        oci.Facts("web", "runc"), oci.Base("r:1/w:1-base"), ""),
+        rewrite={n: functools.partial(_replaced, d) for n, d in podman.items()})
+    image = oci.read_layout(layout)
+    members = _layer_members(image)
+    for name, data in podman.items():
+        assert members[name] == data
+        assert members[oci.ORIGINALS + name] != data
+    assert members["checkpoint/pages-1.img"] == b"\x01" * 5000
+    back = tmp_path / "back.tar"
+    oci.write_archive(image, back)
+    assert verify(back).files == written.files
+    with tarfile.open(back) as tar:
+        assert not [n for n in tar.getnames() if n.startswith("ctrmig/")]
 
 
 def test_read_layout_refuses_what_is_no_checkpoint_image(tmp_path: Path) -> None:
@@ -163,7 +198,8 @@ def test_a_signed_archive_stays_signed_through_an_image(tmp_path: Path) -> None:
         w.finish(Manifest(engine="podman", container=ContainerRecord(name="web")))
     base = oci.Base("r:1/w:1-base", "cd" * 32)
     oci.write_layout(arc, tmp_path / "layout", oci.checkpoint_annotations(
-        oci.Facts("web", "podman"), base, ""), config_dump=lambda b: oci.podman_config(b, base))
+        oci.Facts("web", "podman"), base, ""),
+        rewrite={"config.dump": lambda b: oci.podman_config(b, base)})
     back = tmp_path / "back.tar"
     oci.write_archive(oci.read_layout(tmp_path / "layout"), back)
     assert verify(back, trusted_keys=trusted).container.name == "web"

@@ -25,6 +25,7 @@ from ctrmig.archive.manifest import FileEntry
 from ctrmig.errors import (
     ArchiveCorruptError,
     ArchiveError,
+    EngineMismatchError,
     ManifestError,
     PrivilegeError,
     RestoreError,
@@ -230,6 +231,16 @@ def test_restore_refuses_a_docker_directory_before_the_engine(
     m.engine = engine  # type: ignore[misc]
     with pytest.raises(ArchiveError, match="only CRIU's images"):
         m.restore(docker_dir(tmp_path / "cp1"), name=name)
+    assert m.calls == []
+
+
+def test_an_engine_that_cannot_take_a_crio_checkpoint_names_podman(private: Path) -> None:
+    """The hint names the engine that restores it natively (no engine is called cri-o)."""
+    m = ExtractingFake()
+    m.engine = "process"  # type: ignore[misc]
+    with pytest.raises(EngineMismatchError) as refused:
+        m.restore(write(private / "c.tar", tar_of(crio_files())), name="new")
+    assert refused.value.hint == "restore it with --engine podman"
     assert m.calls == []
 
 

@@ -4,6 +4,7 @@ pure logic on synthesized spec.dump and CRIU images, no engine."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -300,3 +301,48 @@ def test_mangled_images_raise_only_criu_image_errors() -> None:
                 for read in readers:
                     with contextlib.suppress(CriuImageError):
                         read(sample)
+
+
+def _crio(spec: dict[str, Any]) -> Portable:
+    manifest = Manifest(engine="cri-o", container=ContainerRecord(name="counter", image="bb"),
+                        extra={"foreign": {"layout": "cri-o"}})
+    return portable.describe(manifest, {SPEC_DUMP: json.dumps(spec).encode()})
+
+
+def _pod_namespaces(*extra: dict[str, str]) -> dict[str, Any]:
+    return {"namespaces": [{"type": "pid"}, {"type": "mount"},
+                           {"type": "ipc", "path": "/var/run/ipcns/pod"},
+                           {"type": "uts", "path": "/var/run/utsns/pod"},
+                           {"type": "network", "path": "/var/run/netns/pod"}, *extra]}
+
+
+def test_a_crio_container_leaves_its_pod_behind() -> None:
+    spec = _spec(linux=_pod_namespaces())
+    spec["mounts"].append({"destination": "/etc/hosts", "type": "bind", "options": ["rbind"],
+                           "source": "/var/lib/kubelet/pods/u/etc-hosts"})
+    p = _crio(spec)
+    assert (p.writer, p.home, p.name) == ("cri-o", "podman", "counter")
+    assert not [ns for ns in p.spec["linux"]["namespaces"] if ns.get("path")]
+    with pytest.raises(UntranslatableError) as refused:
+        dataclasses.replace(p, external=["/x"]).require([], "runc")
+    assert refused.value.hint == "restore it with --engine podman"
+
+
+@pytest.mark.parametrize(("linux", "mount", "words"), [
+    (_pod_namespaces(), {"destination": "/dev/termination-log", "type": "bind",
+                         "source": "/var/lib/kubelet/pods/u/containers/c/0a"},
+     r"mounts only its kubelet provides: /dev/termination-log \(from /var/lib/kubelet"),
+    (_pod_namespaces(), {"destination": "/var/run/secrets/kubernetes.io/serviceaccount",
+                         "type": "bind", "options": ["rbind", "ro"],
+                         "source": "/var/lib/kubelet/pods/u/volumes/kubernetes.io~projected/t"},
+     "serviceaccount"),
+    ({"namespaces": [{"type": "pid", "path": "/proc/9/ns/pid"}]}, None,
+     "shared its pod's PID namespace"),
+])
+def test_what_a_crio_container_needs_from_its_pod_is_refused(
+        linux: dict[str, Any], mount: dict[str, Any] | None, words: str) -> None:
+    spec = _spec(linux=linux)
+    if mount:
+        spec["mounts"].append(mount)
+    with pytest.raises(UntranslatableError, match=words):
+        _crio(spec)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ctrmig.archive import foreign
 from ctrmig.archive.criu_images import (
     FILES_IMAGE,
     MAX_FILES_BYTES,
@@ -35,10 +36,17 @@ from ctrmig.archive.jsondoc import json_object as _json
 from ctrmig.archive.layout import CHECKPOINT_DIR, DEVSHM, SPEC_DUMP
 from ctrmig.archive.manifest import Manifest
 from ctrmig.archive.spool import read_members
-from ctrmig.errors import ArchiveError, UntranslatableError
+from ctrmig.errors import ArchiveError, RestoreError, UntranslatableError
 
 #: The container engines a Portable translates between.
 CONTAINER_ENGINES = ("podman", "docker", "runc")
+#: Writers of archives a Portable is read from but that no engine here writes: CRI-O's
+#: (and the kubelet's) checkpoint archives, restored natively by podman.
+READ_ONLY_WRITERS = (foreign.CRIO,)
+#: Where the kubelet keeps what it binds into a pod's containers (the service account's
+#: token, /dev/termination-log, emptyDir and other volumes): nothing outside that pod
+#: provides them.
+KUBELET_DIR = "/var/lib/kubelet/"
 #: Files and directories an engine makes for each container and binds in: the target
 #: makes its own. podman binds all five; docker all but .containerenv.
 ENGINE_FILES: dict[str, Literal["file", "dir"]] = {
@@ -106,6 +114,11 @@ class Portable:
     volumes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def home(self) -> str:
+        """The engine that restores the archive without translating it."""
+        return "podman" if self.writer in READ_ONLY_WRITERS else self.writer
+
+    @property
     def user(self) -> str:
         return f"{self.uid}:{self.gid}"
 
@@ -121,7 +134,7 @@ class Portable:
             raise UntranslatableError(
                 f"the {self.writer} archive's memory image needs mounts the {target} "
                 f"engine cannot provide: {', '.join(missing)}",
-                hint=f"restore it with --engine {self.writer}")
+                hint=f"restore it with --engine {self.home}")
 
     def oci_mounts(self, sources: Mapping[str, str]) -> list[dict[str, Any]]:
         """The spec's mounts for the target: the non-bind ones as recorded, each bind
@@ -160,23 +173,26 @@ def describe(manifest: Manifest, members: Mapping[str, bytes]) -> Portable:
     """The Portable of an archive, from its small members' bytes (spec.dump and the
     mountpoints images); UntranslatableError or ArchiveError if there is none."""
     writer = manifest.engine
-    if writer not in CONTAINER_ENGINES:
+    home = foreign.restore_engine(manifest)
+    if writer not in CONTAINER_ENGINES + READ_ONLY_WRITERS:
         raise UntranslatableError(
             f"a {writer} archive holds no container, so no container engine can restore it",
             hint=f"restore it with --engine {writer}")
     if SPEC_DUMP not in members:
         raise UntranslatableError(f"the {writer} archive has no {SPEC_DUMP}: nothing says "
                                   "how its container ran", hint=f"restore it with --engine "
-                                  f"{writer}")
+                                  f"{home}")
     if not manifest.container.image:
         raise UntranslatableError(f"the {writer} archive names no image")
     spec = _json(SPEC_DUMP, members[SPEC_DUMP])
+    if writer == foreign.CRIO:
+        spec = _outside_the_pod(spec)
     process, linux = _dict(spec.get("process")), _dict(spec.get("linux"))
     if process.get("terminal"):
         raise UntranslatableError(
             "the container ran with a terminal, which only its own engine can hand back",
-            hint=f"restore it with --engine {writer}")
-    _refuse_joined(linux.get("namespaces"), writer)
+            hint=f"restore it with --engine {home}")
+    _refuse_joined(linux.get("namespaces"), home)
     args = _strings(process.get("args"), "process.args")
     if not args:
         raise ArchiveError(f"{SPEC_DUMP} has no process.args")
@@ -228,6 +244,29 @@ def describe(manifest: Manifest, members: Mapping[str, bytes]) -> Portable:
         devshm=DEVSHM if DEVSHM in manifest.files else None,
         spec=spec, volumes=volumes,
     )
+
+
+def _outside_the_pod(spec: dict[str, Any]) -> dict[str, Any]:
+    """A CRI-O container's spec without its pod: the paths of the pod's namespaces gone
+    (as for podman, :func:`~ctrmig.archive.foreign.podman_spec`; a shared PID namespace
+    refused), and refused if the kubelet bound anything in but the files every engine
+    makes (/etc/hosts: the kubelet's; /etc/hostname, /etc/resolv.conf, /dev/shm:
+    CRI-O's)."""
+    try:
+        spec = foreign.podman_spec(spec)
+    except RestoreError as e:
+        raise UntranslatableError(e.message, hint=e.hint) from None
+    kubelet = [f"{m.get('destination')} (from {m.get('source')})"
+               for m in map(_dict, _list(spec.get("mounts")))
+               if str(m.get("source", "")).startswith(KUBELET_DIR)
+               and posixpath.normpath(str(m.get("destination", ""))) not in ENGINE_FILES]
+    if kubelet:
+        raise UntranslatableError(
+            "the CRI-O container has mounts only its kubelet provides: "
+            f"{', '.join(kubelet[:4])}{' ...' if len(kubelet) > 4 else ''}",
+            hint="restore it into its pod with CRI-O (kubectl), or checkpoint a container "
+                 "without service account token, termination log or kubelet volumes")
+    return spec
 
 
 def members_wanted(manifest: Manifest) -> list[str]:

@@ -267,7 +267,7 @@ class BaseMigrator(ABC):
         if not foreign.native(manifest, self.engine) and manifest.engine not in self.imports_from:
             raise EngineMismatchError(
                 f"archive was written by {manifest.engine!r}; this is the {self.engine!r} engine",
-                hint=f"restore it with --engine {manifest.engine}",
+                hint=f"restore it with --engine {foreign.restore_engine(manifest)}",
             )
         privileges.check(
             privileges.archive_requests(source, manifest, extracted=self.needs_extracted),

@@ -4,7 +4,9 @@ image store, in the format podman and CRI-O restore from (see :mod:`.oci`).
 Self-contained: pushed to a registry, the base image goes beside the checkpoint (same
 repository, tag ``TAG-base``) and the image names it (podman's ``rootfsImageName``
 annotation and config.dump), so ``podman pull REF && podman container restore REF``
-works on a host that has neither image: podman pulls the base by that name first. The
+works on a host that has neither image: podman pulls the base by that name first. That
+holds for a runc or docker container's checkpoint too: the members podman reads are
+written in podman's dialect, as a cross-engine restore into podman writes them. The
 archive inside also carries the base (``image/``, ctrmig's ``--include-image``), so
 ``ctrmig restore --image REF`` needs nothing but the checkpoint image. Pushing the base
 beside, rather than layering it under the checkpoint, keeps the checkpoint's files out of
@@ -21,20 +23,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
+import secrets
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ctrmig.archive import Archive, Manifest, read_manifest
+from ctrmig.archive import Archive, Manifest, portable, read_manifest
+from ctrmig.archive.layout import CONFIG_DUMP
 from ctrmig.archive.spool import copy_member
 from ctrmig.archive.streams import Progress
-from ctrmig.errors import CtrmigError, OptionError
+from ctrmig.errors import ArchiveError, CtrmigError, OptionError
 from ctrmig.images import oci, transport
 from ctrmig.images.oci import Base, Facts, Image
 from ctrmig.images.transport import base_ref, is_registry_ref
-from ctrmig.options import CheckpointOptions
+from ctrmig.options import CheckpointOptions, RestoreOptions
 from ctrmig.protocol import Migrator
 
 __all__ = [
@@ -134,15 +139,13 @@ def push(archive: Path, ref: str, engine: Migrator | None = None, *,
     with _private_dir(workdir) as tmp:
         base = Base(manifest.container.image, manifest.container.image_id.removeprefix(
             "sha256:"))
-        rewrite = None
         if registry:
             base = _push_base(archive, manifest, ref, tmp) or base
-            if manifest.engine == "podman" and base.name != manifest.container.image:
-                rewrite = partial(oci.podman_config, base=base)
+        rewrite = _podman_dialect(archive, manifest, base)
         notes = oci.checkpoint_annotations(_facts(manifest), base, manifest.container.image)
         layout = tmp / "layout"
         digest = oci.write_layout(archive, layout, notes, arch=manifest.arch,
-                                  config_dump=rewrite)
+                                  rewrite=rewrite)
         source = f"oci:{layout}:{oci.LAYOUT_TAG}"
         if registry:
             transport.copy(source, f"docker://{ref}", what=f"push {ref}")
@@ -153,6 +156,39 @@ def push(archive: Path, ref: str, engine: Migrator | None = None, *,
             _store(ref, engine)._load_image(loadable, "oci-archive")  # type: ignore[attr-defined]
     log.debug("checkpoint image %s written (base %s)", ref, base.name or "-")
     return Pushed(ref, digest, base.name, registry)
+
+
+def _podman_dialect(archive: Path, manifest: Manifest, base: Base) -> dict[str, oci.Rewrite]:
+    """The members podman's native restore of the image reads, rewritten for it: its own
+    config.dump naming the pushed base; another engine's config.dump, spec.dump and CRIU
+    images as the cross-engine restore into podman makes them (:mod:`ctrmig.engines.podman.
+    foreign`). Nothing where podman cannot restore the checkpoint (said, not refused: ctrmig
+    still restores the image into any engine)."""
+    if manifest.engine == "podman":
+        if base.name == manifest.container.image:
+            return {}
+        return {CONFIG_DUMP: partial(oci.podman_config, base=base)}
+    # Imported here: it loads the podman adapter (podman-py), which most uses never need.
+    from ctrmig.engines.podman import foreign as podman_foreign
+
+    try:
+        described = portable.load(archive, manifest, extracted=False)
+        podman_foreign.check(described, RestoreOptions())
+    except ArchiveError as e:
+        log.warning("podman cannot restore this %s checkpoint image natively (%s); "
+                    "`ctrmig restore --image` can", manifest.engine, e.message)
+        return {}
+    # `podman container restore REF` without --name keeps the ID it finds (and wants one).
+    recorded = manifest.container.id
+    ctr_id = recorded if re.fullmatch(r"[0-9a-f]{64}", recorded) else secrets.token_hex(32)
+    replaced = podman_foreign.members(
+        dataclasses.replace(described, image=base.name), described.name, base.image_id,
+        f"{podman_foreign.DEFAULT_STORE}/volumes", ctr_id)
+    return {member: partial(_replaced, data) for member, data in replaced.items()}
+
+
+def _replaced(data: bytes, original: bytes) -> bytes:
+    return data
 
 
 def _push_base(archive: Path, manifest: Manifest, ref: str, tmp: Path) -> Base | None:

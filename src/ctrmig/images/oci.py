@@ -6,12 +6,13 @@ and the ``io.podman.annotations.checkpoint.*`` (and CRI-O's
 ``io.kubernetes.cri-o.annotations.checkpoint.*``) annotations on the image manifest.
 
 ctrmig's image keeps the archive whole, manifest.yaml (and its signature) included: read
-back, it is the archive as written, so checksums and signatures hold. Where the base
-image travels beside the checkpoint (pushed to the registry, see
-:mod:`ctrmig.images`), podman's own config.dump is rewritten to name that pushed base,
-because podman pulls the base by that name before it restores; the original config.dump
-rides along as :data:`ORIGINAL_CONFIG` and takes its place again when ctrmig reads the
-image.
+back, it is the archive as written, so checksums and signatures hold. The members podman
+reads when it restores the image natively are rewritten where podman needs them
+otherwise: config.dump naming the base pushed beside the checkpoint (see
+:mod:`ctrmig.images`: podman pulls the base by that name before it restores) and, for
+another engine's checkpoint, config.dump, spec.dump and CRIU images in podman's dialect.
+Each original rides along under :data:`ORIGINALS` and takes its place again when ctrmig
+reads the image.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ from ctrmig.archive.streams import ForwardOnly
 from ctrmig.errors import ArchiveCorruptError
 from ctrmig.host.files import open_private, private_dir, write_private
 
-#: Where ctrmig's image keeps the archive's own config.dump when it rewrote the one
-#: podman reads (podman copies only the members it knows and ignores this one).
-ORIGINAL_CONFIG = "ctrmig/config.dump"
+#: Where ctrmig's image keeps the archive's own copy of each member it rewrote for podman
+#: (podman copies only the members it knows and ignores these).
+ORIGINALS = "ctrmig/original/"
+ORIGINAL_CONFIG = ORIGINALS + CONFIG_DUMP
+#: The most a rewritten member (config.dump, spec.dump, a CRIU image) may hold.
+MAX_ORIGINAL_BYTES = 64 << 20
+
+#: A member's new content, from its original bytes.
+Rewrite = Callable[[bytes], bytes]
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -140,20 +147,20 @@ class _Hashing:
 
 
 def write_layout(archive: Path, layout: Path, notes: Mapping[str, str], *,
-                 arch: str = "", config_dump: Callable[[bytes], bytes] | None = None,
+                 arch: str = "", rewrite: Mapping[str, Rewrite] | None = None,
                  keep_image: bool = True, created: str | None = None) -> str:
     """Write an OCI image layout at ``layout`` (a new private dir) holding ``archive``'s
     members as its one layer, ``notes`` as the manifest's annotations; return the
     manifest's digest.
 
-    ``config_dump`` rewrites the config.dump podman reads (the original goes to
-    :data:`ORIGINAL_CONFIG`); ``keep_image`` False leaves a carried image (``image/``) out.
+    ``rewrite`` (member -> function) rewrites members podman reads (each original goes
+    under :data:`ORIGINALS`); ``keep_image`` False leaves a carried image (``image/``) out.
     """
     blobs = private_dir(layout / "blobs" / "sha256")
     tmp = layout / "layer.tmp"
     with open_private(tmp) as raw:
         sink = _Hashing(raw)
-        _write_layer(archive, sink, config_dump, keep_image)
+        _write_layer(archive, sink, rewrite or {}, keep_image)
     layer = _blob(blobs, tmp, sink.sha.hexdigest())
     when = created or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     config = {
@@ -177,7 +184,7 @@ def write_layout(archive: Path, layout: Path, notes: Mapping[str, str], *,
     return digest
 
 
-def _write_layer(archive: Path, sink: _Hashing, config_dump: Callable[[bytes], bytes] | None,
+def _write_layer(archive: Path, sink: _Hashing, rewrite: Mapping[str, Rewrite],
                  keep_image: bool) -> None:
     """The layer: the archive's members in their order, uncompressed (a registry push
     compresses it)."""
@@ -189,12 +196,19 @@ def _write_layer(archive: Path, sink: _Hashing, config_dump: Callable[[bytes], b
                 if not keep_image and (name == IMAGE_DIR or name.startswith(IMAGE_DIR + "/")):
                     continue
                 data = tar.extractfile(info) if info.isfile() else None
-                if name == CONFIG_DUMP and config_dump is not None and data is not None:
-                    original = data.read()
-                    _add_bytes(out, info, CONFIG_DUMP, config_dump(original))
-                    _add_bytes(out, info, ORIGINAL_CONFIG, original)
+                if name in rewrite and data is not None:
+                    original = _bounded(data, name)
+                    _add_bytes(out, info, name, rewrite[name](original))
+                    _add_bytes(out, info, ORIGINALS + name, original)
                     continue
                 out.addfile(info, data)
+
+
+def _bounded(data: IO[bytes], name: str) -> bytes:
+    content = data.read(MAX_ORIGINAL_BYTES + 1)
+    if len(content) > MAX_ORIGINAL_BYTES:
+        raise ArchiveCorruptError(f"{name} is implausibly large for a member podman reads")
+    return content
 
 
 def _tar(fileobj: object, mode: str) -> tarfile.TarFile:
@@ -306,41 +320,49 @@ def _blob_path(layout: Path, digest: str) -> Path:
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, IO[bytes] | None]]:
-    """The layer's members in order, ctrmig's side copy of config.dump left out."""
+    """The layer's members in order, ctrmig's copies of the originals left out."""
     for info in tar:
-        if info.name.removeprefix("./") in ("ctrmig", ORIGINAL_CONFIG):
+        name = info.name.removeprefix("./")
+        if name in ("ctrmig", ORIGINALS.rstrip("/")) or name.startswith(ORIGINALS):
             continue
         yield info, tar.extractfile(info) if info.isfile() else None
 
 
 def write_archive(image: Image, out: Path) -> None:
     """The archive the image carries, written to ``out`` (created ``0600``): the layer's
-    members in order, the original config.dump back in place of podman's rewritten one."""
-    original = _original_config(image)
+    members in order, each original (:data:`ORIGINALS`) back in place of the member
+    rewritten for podman."""
+    originals = _originals(image)
     with image.layer.open("rb") as raw, open_private(out) as dest:
         plain = _layer_stream(raw)
         with _tar(ForwardOnly(plain), "r|") as tar, _tar(dest, "w|") as arc:
             for info, data in _members(tar):
-                if info.name.removeprefix("./") == CONFIG_DUMP and original is not None:
-                    _add_bytes(arc, info, CONFIG_DUMP, original)
+                name = info.name.removeprefix("./")
+                if name in originals and info.isfile():
+                    _add_bytes(arc, info, name, originals[name])
                     continue
                 arc.addfile(info, data)
 
 
-def _original_config(image: Image) -> bytes | None:
-    """:data:`ORIGINAL_CONFIG`'s content, if the image has it (one pass over the layer:
-    it comes before manifest.yaml, after config.dump, so it is needed before)."""
+def _originals(image: Image) -> dict[str, bytes]:
+    """The originals the image keeps (:data:`ORIGINALS`), by member (one pass over the
+    layer: each comes right after its rewritten member, before manifest.yaml, so they are
+    needed before)."""
+    found: dict[str, bytes] = {}
     with image.layer.open("rb") as raw:
         plain = _layer_stream(raw)
         with _tar(ForwardOnly(plain), "r|") as tar:
             for info in tar:
                 name = info.name.removeprefix("./")
-                if name == ORIGINAL_CONFIG and info.isfile():
+                if name.startswith(ORIGINALS) and info.isfile():
                     f = tar.extractfile(info)
-                    return f.read() if f is not None else None
+                    if f is not None:
+                        found[name.removeprefix(ORIGINALS)] = _bounded(f, name)
+                    if sum(map(len, found.values())) > MAX_ORIGINAL_BYTES:
+                        raise ArchiveCorruptError("the image keeps implausibly many originals")
                 if name == MANIFEST_NAME:
-                    return None
-    return None
+                    break
+    return found
 
 
 def _layer_stream(raw: BinaryIO) -> BinaryIO:

@@ -34,7 +34,7 @@ def check(foreign: Portable, opts: RestoreOptions) -> None:
     if missing:
         raise UntranslatableError(
             f"the {foreign.writer} archive's memory image needs mounts docker cannot "
-            f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.writer}")
+            f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.home}")
 
 
 def create_body(foreign: Portable, publish: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class DockerMigrator(BaseMigrator):
     """Checkpoint and restore docker containers (dockerd with experimental features)."""
 
     engine: ClassVar[str] = "docker"
-    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "runc"})
+    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "runc", "cri-o"})
     needs_extracted: ClassVar[bool] = True
     # keep: also keep docker's checkpoint of a container left running (one that stopped
     # always keeps it, for resume) / keep the images in the new container (restore);

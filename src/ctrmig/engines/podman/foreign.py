@@ -44,6 +44,8 @@ _LEFT_OUT = (CONFIG_DUMP, SPEC_DUMP, MANIFEST_NAME, SIGNATURE_NAME)
 _LEFT_OUT_DIRS = (f"{IMAGE_DIR}/", "ctrmig/")
 #: podman's default /dev/shm size (64 MB, as `podman run` without --shm-size).
 SHM_SIZE = 65536000
+#: podman's default storage (rootful), where it keeps named volumes.
+DEFAULT_STORE = "/var/lib/containers/storage"
 
 
 def check(foreign: Portable, opts: RestoreOptions) -> None:
@@ -54,7 +56,7 @@ def check(foreign: Portable, opts: RestoreOptions) -> None:
     if missing:
         raise UntranslatableError(
             f"the {foreign.writer} archive's memory image needs mounts podman cannot "
-            f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.writer}")
+            f"provide: {', '.join(missing)}", hint=f"restore it with --engine {foreign.home}")
 
 
 def spec_dump(foreign: Portable, volumes_dir: str = "/volumes") -> dict[str, Any]:
@@ -84,13 +86,15 @@ def spec_dump(foreign: Portable, volumes_dir: str = "/volumes") -> dict[str, Any
     return spec
 
 
-def config_dump(foreign: Portable, name: str, image_id: str, volumes_dir: str
-                ) -> dict[str, Any]:
+def config_dump(foreign: Portable, name: str, image_id: str, volumes_dir: str,
+                container_id: str = "") -> dict[str, Any]:
     """libpod's ContainerConfig for the new container (the fields podman 4.3 and 5.x read
-    on import; podman fills in the rest as for a new container)."""
+    on import; podman fills in the rest as for a new container). ``container_id`` empty:
+    podman makes one (it must, for a restore under a new name); a restore under the
+    recorded name refuses any other ID than the recorded one."""
     volumes = [b for b in foreign.binds if b.kind == "volume"]
     return {
-        "id": "",
+        "id": container_id,
         "name": name,
         "rootfsImageID": image_id,
         "rootfsImageName": foreign.image,
@@ -114,6 +118,16 @@ def config_dump(foreign: Portable, name: str, image_id: str, volumes_dir: str
     }
 
 
+def members(foreign: Portable, name: str, image_id: str, volumes_dir: str,
+            container_id: str = "") -> dict[str, bytes]:
+    """The members podman reads in place of the foreign archive's: config.dump and
+    spec.dump in its dialect, and the CRIU images edited for it (files.img without the
+    root directory's mode, mount trees without sharing outside the dump)."""
+    config = config_dump(foreign, name, image_id, volumes_dir, container_id)
+    return {CONFIG_DUMP: json.dumps(config).encode(),
+            SPEC_DUMP: json.dumps(config["spec"]).encode(), **foreign.images}
+
+
 def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portable,
             opts: RestoreOptions) -> str:
     """Import the verified foreign archive ``source`` (extracted directory or archive
@@ -121,8 +135,8 @@ def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portab
     assert opts.name is not None
     m._ensure_foreign_image(source, manifest, foreign)
     image_id = str(m._get(f"/images/{foreign.image}/json", "podman image inspect")["Id"])
-    store = (m.info().get("store") or {}).get("graphRoot") or "/var/lib/containers/storage"
-    config = config_dump(foreign, opts.name, image_id, f"{store}/volumes")
+    store = (m.info().get("store") or {}).get("graphRoot") or DEFAULT_STORE
+    replaced = members(foreign, opts.name, image_id, f"{store}/volumes")
     carried = {volume_member(b.source) for b in foreign.binds if b.kind == "volume"}
 
     def keep(name: str) -> bool:
@@ -139,9 +153,7 @@ def restore(m: PodmanMigrator, source: Path, manifest: Manifest, foreign: Portab
         try:
             with os.fdopen(write_fd, "wb", CHUNK) as out:
                 writer = ArchiveWriter(out)
-                writer.add_bytes(CONFIG_DUMP, json.dumps(config).encode())
-                writer.add_bytes(SPEC_DUMP, json.dumps(config["spec"]).encode())
-                for member, data in foreign.images.items():
+                for member, data in replaced.items():
                     writer.add_bytes(member, data)
                 if source.is_dir():
                     for name in sorted(n for n in manifest.files if keep(n)):

@@ -48,7 +48,7 @@ def check(foreign: Portable, opts: RestoreOptions) -> None:
         raise UntranslatableError(
             f"the {foreign.writer} archive's memory image needs mounts that its spec.dump "
             f"does not name: {', '.join(missing)}",
-            hint=f"restore it with --engine {foreign.writer}")
+            hint=f"restore it with --engine {foreign.home}")
     if opts.lazy_pages or opts.page_images:
         raise UntranslatableError("the direct route and lazy pages need a runc archive")
 

@@ -73,7 +73,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
     """Run, checkpoint and restore runc containers from local images."""
 
     engine: ClassVar[str] = "runc"
-    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "docker"})
+    imports_from: ClassVar[frozenset[str]] = frozenset({"podman", "docker", "cri-o"})
     commits_in_restore: ClassVar[bool] = True  # right before `runc restore`
     checkpoint_options: ClassVar[frozenset[str]] = frozenset(
         {"tcp_established", "file_locks", "ignore_volumes"})
