@@ -309,36 +309,14 @@ class BaseMigrator(ABC):
         tagged by its digest), which podman and docker both load."""
         if self._has_image(foreign.image) is not False:
             return
-        carried = self._carried_image(manifest, foreign.image)
-        with self._carried_file(source, str(carried["member"])) as path:
+        carried = carried_image(manifest, foreign.image, self.engine)
+        with carried_file(source, str(carried["member"]), extracted=self.needs_extracted,
+                          workdir=self.workdir) as path:
             converted = path.with_name("converted.tar")
             self._load_image(images.as_docker_archive(str(carried.get("format")), path,
                                                       foreign.image, converted),
                              "docker-archive")
         log.info("loaded image %s from the %s archive", foreign.image, manifest.engine)
-
-    def _carried_image(self, manifest: Manifest, ref: str) -> dict[str, Any]:
-        """The manifest's record of the image it carries; ImageNotFoundError if none."""
-        carried = manifest.extra.get("image_archive")
-        if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
-            raise ImageNotFoundError(
-                f"image {ref!r} is not on this {self.engine} host and the archive does not "
-                "carry it",
-                hint="load the image here first, or checkpoint with --include-image",
-            )
-        return carried
-
-    @contextlib.contextmanager
-    def _carried_file(self, source: Path, member: str) -> Iterator[Path]:
-        """Member ``member`` of the verified archive as a file, in a private temp dir (a
-        copy out of an archive file; an extracted archive's own file is linked there)."""
-        with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=self.workdir) as tmp:
-            path = Path(tmp) / "image.tar"
-            if self.needs_extracted:
-                path.symlink_to(source / member)
-            else:
-                copy_member(source, member, path)
-            yield path
 
     @property
     def carries_images(self) -> bool:
@@ -376,12 +354,9 @@ class BaseMigrator(ABC):
         ref = manifest.container.image
         if not ref or self._has_image(ref) is not False:
             return
-        carried = self._carried_image(manifest, ref)
-        member = str(carried["member"])
-        if self.needs_extracted:
-            self._load_image(source / member, str(carried["format"]))
-            return
-        with self._carried_file(source, member) as path:
+        carried = carried_image(manifest, ref, self.engine)
+        with carried_file(source, str(carried["member"]), extracted=self.needs_extracted,
+                          workdir=self.workdir) as path:
             self._load_image(path, str(carried["format"]))
         log.info("loaded image %s from the archive", ref)
 
@@ -454,3 +429,28 @@ def listing(m: Any) -> list[ContainerInfo]:
     shown = [dataclasses.replace(r, state=busy.pop(r.name, r.state)) for r in rows]
     shown += [ContainerInfo(m.engine, name, "", "", op) for name, op in sorted(busy.items())]
     return shown
+
+
+def carried_image(manifest: Manifest, ref: str, engine: str) -> dict[str, Any]:
+    """The manifest's record of the image it carries; ImageNotFoundError if none."""
+    carried = manifest.extra.get("image_archive")
+    if not isinstance(carried, dict) or carried.get("member") not in manifest.files:
+        raise ImageNotFoundError(
+            f"image {ref!r} is not on this {engine} host and the archive does not carry it",
+            hint="load the image here first, or checkpoint with --include-image",
+        )
+    return carried
+
+
+@contextlib.contextmanager
+def carried_file(source: Path, member: str, *, extracted: bool,
+                 workdir: Path | None) -> Iterator[Path]:
+    """Member ``member`` of the verified archive ``source`` as a file, in a private temp
+    dir (a copy out of an archive file; an extracted archive's own file is linked there)."""
+    with tempfile.TemporaryDirectory(prefix="ctrmig-image-", dir=workdir) as tmp:
+        path = Path(tmp) / "image.tar"
+        if extracted:
+            path.symlink_to(source / member)
+        else:
+            copy_member(source, member, path)
+        yield path
