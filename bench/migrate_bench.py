@@ -359,7 +359,7 @@ class RuncBench:
     ``tmpfs`` their state (bundles, so the CRIU images) and work directories (the
     extracted archive) are in a tmpfs, as the floor's images are."""
 
-    def __init__(self, work: Path, tmpfs: bool = True):
+    def __init__(self, work: Path, tmpfs: bool = True, max_mib: int = 1024):
         from ctrmig.engines.runc import RuncMigrator
 
         self.work = work
@@ -368,7 +368,11 @@ class RuncBench:
         if tmpfs:
             base = self.mount = work / "runc-tmpfs"
             base.mkdir(parents=True, exist_ok=True)
-            proc.run(["mount", "-t", "tmpfs", "-o", "size=8g,mode=0700", "tmpfs", str(base)],
+            # A limit, not an allocation: big enough for preflight's room check (the
+            # memory and its spool, ~2.6x the size) at the largest size measured.
+            size = max(8, 3 * max_mib // 1024 + 1)
+            proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}g,mode=0700", "tmpfs",
+                      str(base)],
                      timeout=30)
         self.a = RuncMigrator(state_dir=base / "runc-a", workdir=base)
         self.b = RuncMigrator(state_dir=base / "runc-b", workdir=base)
@@ -744,7 +748,7 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
             stack.callback(docker_bench.close)
             docker_bench.setup()
         if "runc" in engines:
-            runc = RuncBench(work, tmpfs_spool)
+            runc = RuncBench(work, tmpfs_spool, max(sizes))
             stack.callback(runc.close)
             runc.setup()
         for mib in [m for m in sizes for _ in range(repeat)]:
