@@ -688,7 +688,9 @@ def chart(all_rows: list[Row], out: Path) -> bool:
     except ImportError:
         return False
     rows = [r for r in summarize(all_rows) if r.downtime_s]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    tab20 = plt.get_cmap("tab20")
+    ax.set_prop_cycle(color=[tab20(i) for i in range(20)])
     lines: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         lines.setdefault((r.engine, r.route), []).append(r)
@@ -706,7 +708,7 @@ def chart(all_rows: list[Row], out: Path) -> bool:
     ax.set_ylabel("downtime, s (median)")
     ax.set_title("Migration downtime (bench/migrate_bench.py)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
