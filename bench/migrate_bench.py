@@ -359,7 +359,7 @@ class RuncBench:
     ``tmpfs`` their state (bundles, so the CRIU images) and work directories (the
     extracted archive) are in a tmpfs, as the floor's images are."""
 
-    def __init__(self, work: Path, tmpfs: bool = True):
+    def __init__(self, work: Path, tmpfs: bool = True, max_mib: int = 1024):
         from ctrmig.engines.runc import RuncMigrator
 
         self.work = work
@@ -368,7 +368,11 @@ class RuncBench:
         if tmpfs:
             base = self.mount = work / "runc-tmpfs"
             base.mkdir(parents=True, exist_ok=True)
-            proc.run(["mount", "-t", "tmpfs", "-o", "size=8g,mode=0700", "tmpfs", str(base)],
+            # A limit, not an allocation: big enough for preflight's room check (the
+            # memory and its spool, ~2.6x the size) at the largest size measured.
+            size = max(8, 3 * max_mib // 1024 + 1)
+            proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}g,mode=0700", "tmpfs",
+                      str(base)],
                      timeout=30)
         self.a = RuncMigrator(state_dir=base / "runc-a", workdir=base)
         self.b = RuncMigrator(state_dir=base / "runc-b", workdir=base)
@@ -672,15 +676,59 @@ Machine: {', '.join(f'{k}: {v}' for k, v in info.items())}
         {"machine": info, "argv": argv, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+def chart(all_rows: list[Row], out: Path) -> bool:
+    """Downtime against memory size, one line per (engine, route), log scales, into the
+    PNG ``out``; the workload's own longest stall dashed for the post-copy route. False
+    (nothing drawn) where matplotlib is not installed: it is no dependency of ctrmig."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summarize(all_rows) if r.downtime_s]
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    tab20 = plt.get_cmap("tab20")
+    ax.set_prop_cycle(color=[tab20(i) for i in range(20)])
+    lines: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        lines.setdefault((r.engine, r.route), []).append(r)
+    for (engine, route), group in sorted(lines.items()):
+        group.sort(key=lambda r: r.mib)
+        ax.plot([r.mib for r in group], [r.downtime_s or 0.0 for r in group], marker="o",
+                label=f"{engine} {route}")
+        stalls = [r for r in group if r.app_freeze_s]
+        if route == "ctrmig-postcopy" and stalls:
+            ax.plot([r.mib for r in stalls], [r.app_freeze_s or 0.0 for r in stalls],
+                    marker="x", linestyle="--", label=f"{engine} {route}: memhog's own stall")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("touched memory, MiB")
+    ax.set_ylabel("downtime, s (median)")
+    ax.set_title("Migration downtime (bench/migrate_bench.py)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
 def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str,
               lazy: bool, tmpfs_spool: bool, out: Callable[[Row], None],
-              docker_max: int = 1 << 30, repeat: int = 1) -> list[Row]:
+              docker_max: int = 1 << 30, repeat: int = 1,
+              routes: set[str] | None = None) -> list[Row]:
+    """``routes``: only these (``floor``, ``ENGINE/ROUTE`` such as ``runc/ctrmig-postcopy``,
+    or a bare route name for every engine); None runs them all."""
     rows: list[Row] = []
 
     def measure(row: Row, fn: Callable[..., Row], *args: Any, **kwargs: Any) -> None:
+        if routes is not None and not {row.route, f"{row.engine}/{row.route}"} & routes:
+            return
         try:
             row = fn(*args, **kwargs)
         except Exception as e:  # one failed route must not end the run
@@ -702,7 +750,7 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
             stack.callback(docker_bench.close)
             docker_bench.setup()
         if "runc" in engines:
-            runc = RuncBench(work, tmpfs_spool)
+            runc = RuncBench(work, tmpfs_spool, max(sizes))
             stack.callback(runc.close)
             runc.setup()
         for mib in [m for m in sizes for _ in range(repeat)]:
@@ -743,18 +791,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of every route per size (the table shows medians)")
     ap.add_argument("--no-lazy", action="store_true", help="skip runc's lazy-pages route")
+    ap.add_argument("--routes", default="",
+                    help="only these, comma-separated: floor, runc/ctrmig-postcopy, raw, ...")
     ap.add_argument("--out", type=Path, default=None, help="markdown report (and .json)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                     help="where the run's files go (local disk)")
-    ap.add_argument("--from-json", type=Path, default=None,
-                    help="only re-render --out from a JSON an earlier run wrote")
+    ap.add_argument("--from-json", type=Path, action="append", default=[],
+                    help="only re-render --out (and --chart) from the JSON an earlier run "
+                         "wrote; repeatable: the rows of several runs together")
+    ap.add_argument("--chart", type=Path, default=None,
+                    help="draw downtime against size into this PNG (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.from_json:
-        data = json.loads(args.from_json.read_text())
-        rows = [Row(**r) for r in data["rows"]]
+        runs = [json.loads(p.read_text()) for p in args.from_json]
+        rows = [Row(**r) for data in runs for r in data["rows"]]
         print(table(rows))
         if args.out:
-            write_report(args.out, rows, data["machine"], data["argv"])
+            write_report(args.out, rows, runs[0]["machine"],
+                         [a for data in runs for a in data["argv"]])
+        if args.chart and not chart(rows, args.chart):
+            print("matplotlib is not installed: no chart", file=sys.stderr)
         return 0
     if os.geteuid() != 0:
         print("the benchmark needs root (CRIU, namespaces, mounts)", file=sys.stderr)
@@ -771,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = run_bench(sizes, engines, work, args.compression, not args.no_lazy,
-                         not args.disk_spool, show, args.docker_max, args.repeat)
+                         not args.disk_spool, show, args.docker_max, args.repeat,
+                         {r for r in args.routes.split(",") if r} or None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
@@ -781,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_report(args.out, rows, info, argv)
         print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    if args.chart and not chart(rows, args.chart):
+        print("matplotlib is not installed: no chart", file=sys.stderr)
     return 0
 
 

@@ -45,7 +45,9 @@ def mark(k):
     marks.setdefault(k, round(time.monotonic() - T0, 3))
 
 def wrap(obj, attr, before=None, after=None):
-    orig = getattr(obj, attr)
+    orig = getattr(obj, attr, None)
+    if orig is None:  # a step this version of ctrmig no longer has
+        return
     def w(*a, **kw):
         if before: mark(before)
         try:
@@ -59,6 +61,9 @@ wrap(podman.PodmanMigrator, "_bundle_ready", "source.checkpoint_answered")
 wrap(writer.ArchiveWriter, "copy_tar", "source.headers", "source.repack_end")
 wrap(bundle, "write_bundle", "source.bundle_start", "source.bundle_end")
 wrap(base, "verify", "target.spool_end", "target.verify_end")
+wrap(reader, "extracted", "target.extract_start")
+wrap(podman.PodmanMigrator, "_dump", "source.checkpoint_call")
+wrap(direct.DirectTarget, "_restore", "target.restore_start", "target.restore_end")
 wrap(base, "extracted", "target.extract_start")
 wrap(direct.DirectTarget, "_check_archive", "target.extract_end")
 wrap(direct.DirectTarget, "_create", "target.create_start", "target.create_end")
