@@ -188,7 +188,9 @@ def test_failed_migration_rolls_back(harness: Harness) -> None:
         assert sabotaged, "the source never wrote"
         assert_ran_on(mig.source, name, since=mig.source.last(name))
         # On the target, nothing new but the container that took the name, untouched.
-        new = {c.name for c in mig.target.m.list()} - there
+        # (Only this test's names: other runs on this host share podman's default storage.)
+        ours = (mig.source.tag, mig.target.tag)
+        new = {c.name for c in mig.target.m.list() if c.name.startswith(ours)} - there
         assert new <= {mig.target_name}, f"left on the target: {new}"
         assert not mig.target.running(mig.target_name)
         if new:
