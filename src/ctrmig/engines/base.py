@@ -37,6 +37,7 @@ from ctrmig.archive.layout import image_member
 from ctrmig.archive.portable import Portable
 from ctrmig.archive.spool import copy_member, spooled
 from ctrmig.archive.streams import Progress
+from ctrmig.direct import pages
 from ctrmig.errors import (
     CheckpointError,
     CtrmigError,
@@ -158,6 +159,8 @@ class BaseMigrator(ABC):
         self._refuse_unsupported(for_engine(opts), self.restore_options, "restore")
         # Verify (or extract) first: a bad archive is refused before any engine call.
         with contextlib.ExitStack() as stack:
+            if opts.page_images:  # pre-copy pages left for this restore: merged, or dropped
+                stack.callback(pages.remove_directory, opts.page_images)
             if opts.name is not None:
                 # Locked from the start: while the archive still arrives, `ctrmig ls` (and so
                 # a `ctrmig recover` elsewhere) sees the container as being restored.
