@@ -31,6 +31,7 @@ from tests.integration.test_failures import (  # noqa: F401 - hosts is a fixture
     SSH_KEEPALIVE,
     SSH_PORT,
     Pair,
+    cut_link,
     hosts,
     runc_pair,
     set_link,
@@ -167,26 +168,6 @@ def on_one_host(tmp_path: Path, image: str, **migrate_args: object) -> Migration
 def test_direct_on_one_host(tmp_path: Path, memhog_image: str) -> None:
     report = on_one_host(tmp_path, memhog_image, route="direct")
     assert report.route == "direct" and report.dump_s > 0
-
-
-def cut_link(pair: Pair, argv: list[str], ready: Callable[[], object], what: str,
-             rate: str = "40mbit") -> tuple[int, str]:
-    """Run ``argv`` over the slowed link, take the link down once ``ready``; return the
-    exit code and stderr (the migration must not have ended before)."""
-    with slow_link(pair.hosts, rate):
-        child = pair.spawn(argv)
-        try:
-            assert wait_until(child, ready, what), f"the migration ended before {what}"
-            set_link(pair.hosts, up=False)
-            code, err = wait_exit(child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            set_link(pair.hosts, up=True)
-    assert code != 0, err
-    assert "Traceback" not in err, err
-    return code, err
 
 
 # --- failure points the direct route adds ------------------------------------------------

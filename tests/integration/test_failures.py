@@ -300,6 +300,26 @@ def wait_until(child: subprocess.Popen[bytes], predicate: Callable[[], object],
     return False
 
 
+def cut_link(pair: Pair, argv: list[str], ready: Callable[[], object], what: str,
+             rate: str = "40mbit") -> tuple[int, str]:
+    """Run ``argv`` over the slowed link, take the link down once ``ready``; return the
+    exit code and stderr (the migration must not have ended before)."""
+    with slow_link(pair.hosts, rate):
+        child = pair.spawn(argv)
+        try:
+            assert wait_until(child, ready, what), f"the migration ended before {what}"
+            set_link(pair.hosts, up=False)
+            code, err = wait_exit(child)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            set_link(pair.hosts, up=True)
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    return code, err
+
+
 # --- the failure points ------------------------------------------------------------------
 
 
@@ -321,29 +341,16 @@ def test_transfer_breaks(pair: Pair, tmp_path: Path) -> None:
     """The veth goes down mid-transfer: the target gives up, the source runs again."""
     name, before = pair.start(big_cmd(96))
     base = tx_bytes(pair.hosts)
-    with slow_link(pair.hosts):
-        if pair.engine == "podman":
-            # podman's client gives a stalled upload 60 s (send_timeout) before it counts
-            # the link as broken; 10 s here, the rest as in `ctrmig migrate`.
-            argv = [*services.netns_prefix(pair.hosts.a.netns), sys.executable, "-c",
-                    TIMEOUT_MIGRATE, pair.src_spec.removeprefix("podman+"),
-                    pair.dst_spec.removeprefix("podman+"), name, "10"]
-        else:
-            argv = pair.migrate_argv(name)
-        child = pair.spawn(argv)
-        try:
-            hit = wait_until(child, lambda: tx_bytes(pair.hosts) - base > 24 << 20,
-                             "24 MiB on the wire")
-            assert hit, "the migration ended before the link could be broken"
-            set_link(pair.hosts, up=False)
-            code, err = wait_exit(child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            set_link(pair.hosts, up=True)
-    assert code != 0, err
-    assert "Traceback" not in err, err
+    if pair.engine == "podman":
+        # podman's client gives a stalled upload 60 s (send_timeout) before it counts
+        # the link as broken; 10 s here, the rest as in `ctrmig migrate`.
+        argv = [*services.netns_prefix(pair.hosts.a.netns), sys.executable, "-c",
+                TIMEOUT_MIGRATE, pair.src_spec.removeprefix("podman+"),
+                pair.dst_spec.removeprefix("podman+"), name, "10"]
+    else:
+        argv = pair.migrate_argv(name)
+    cut_link(pair, argv, lambda: tx_bytes(pair.hosts) - base > 24 << 20,
+             "24 MiB on the wire", rate="80mbit")
     assert pair.assert_exactly_once(name, before) == "A"
 
 
