@@ -172,7 +172,8 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
                                include_image=_carry_image(container, src, dst, ckpt))
     target_name = name or container
     rest = dataclasses.replace(_options(RestoreOptions, restore_options), name=target_name)
-    require_preflight(container, src, dst, ckpt, rest)  # every check, before the source is touched
+    # every check, before the source is touched
+    require_preflight(container, src, dst, ckpt, rest, "archive" if via else route)
     if journal:
         # docker: the named volumes that go along, for recover to remove once finished.
         carried = getattr(src, "carried_volumes", None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ctrmig.host import criu
-from tests.conftest import wait_for
+from tests.conftest import unique, wait_for
 from tests.hosts import TwoHosts
 from tests.integration import test_failures as failures
 from tests.integration.test_direct import (  # noqa: F401 - fixtures
@@ -66,6 +66,30 @@ def test_post_copy_over_ssh(pair: Pair) -> None:
 def test_post_copy_on_one_host(tmp_path: Path, memhog_image: str) -> None:
     report = on_one_host(tmp_path, memhog_image, restore_options={"lazy_pages": True})
     assert report.route == "post-copy"
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["post-copy", "pre-copy"])
+def test_spool_too_small_for_the_memory(pair: Pair, lazy: bool) -> None:
+    """Host B's TMPDIR (the spool, where pre-copy's pages land) is a 330 MiB tmpfs: room
+    for ctrmig's 256 MiB spare and the small archive, not for memhog's 64 MiB as well.
+    Post-copy never writes the memory there: preflight lets it go and it arrives intact.
+    Pre-copy would: preflight refuses it before anything froze."""
+    name, _ = start_memhog(pair)
+    flags = ("--lazy-pages",) if lazy else ("--route", "direct")
+    with failures.tiny_tmpfs(Path("/run/ctrmig-tests") / unique("spool"), "330m") as spool:
+        remote = f"env TMPDIR={spool} " + pair.env["CTRMIG_REMOTE_COMMAND"]
+        res = pair.ctrmig(pair.migrate_argv(name, *flags), CTRMIG_REMOTE_COMMAND=remote)
+        left = list(spool.iterdir())
+    err = res.stderr.decode()
+    assert left == [], f"left in the target's spool: {left}"
+    if lazy:
+        assert res.returncode == 0, err
+        runs_only_on(pair, name, "B")
+        verified_on(pair.target, name)
+    else:
+        assert res.returncode == 1, err
+        assert "not enough free space" in err and "before anything was frozen" in err, err
+        runs_only_on(pair, name, "A")
 
 
 def test_link_breaks_mid_post_copy(pair: Pair) -> None:

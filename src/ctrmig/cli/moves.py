@@ -83,7 +83,8 @@ def migrate(container: str, source: str, target: str, insecure: bool, name: str 
         _print_preflight(ctrmig.preflight(
             container, source=source, target=target, name=name,
             checkpoint_options=built(CheckpointOptions, flags),
-            restore_options=built(RestoreOptions, flags)), as_json)
+            restore_options=built(RestoreOptions, flags),
+            route="archive" if via else route), as_json)
         return
     with progress_bar(f"migrate {container}") as progress:
         report = ctrmig.migrate(

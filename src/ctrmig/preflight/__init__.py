@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ctrmig import endpoints, options, settings
+from ctrmig.direct import route as direct_route
 from ctrmig.engines.remote import RemoteMigrator, _remote_error
 from ctrmig.errors import BusyError, CommandError, CtrmigError, OptionError
 from ctrmig.host import criu, proc, resources
@@ -32,6 +33,9 @@ from ctrmig.options import CheckpointOptions, RestoreOptions
 from ctrmig.preflight.facts import describe, engine_facts
 from ctrmig.preflight.report import (
     API_UNTOLD,
+    MEMORY_IN_ARCHIVE,
+    MEMORY_IN_PAGES,
+    MEMORY_NOT_ON_DISK,
     SETUP,
     SOURCE,
     TARGET,
@@ -58,13 +62,15 @@ def preflight(
     name: str | None = None,
     checkpoint_options: CheckpointOptions | Mapping[str, object] | None = None,
     restore_options: RestoreOptions | Mapping[str, object] | None = None,
+    route: str = "auto",
     **flat: object,
 ) -> PreflightReport:
     """Check, without freezing anything, whether ``container`` can move from ``source`` to
     ``target`` (migrators or ``ENGINE[+ADDRESS]`` strings, as for :func:`ctrmig.migrate`).
 
     Options are those of migrate: as ``checkpoint_options``/``restore_options``, or flat
-    (``include_image=False``, ``lazy_pages=True``, ``publish_ports=["8080:80"]``).
+    (``include_image=False``, ``lazy_pages=True``, ``publish_ports=["8080:80"]``), and
+    its ``route`` (where the memory lands on the target, for the space it needs).
     """
     ckpt, rest = split_options(checkpoint_options, restore_options, flat)
     rest = dataclasses.replace(rest, name=name or rest.name or container)
@@ -77,16 +83,16 @@ def preflight(
         return end
 
     try:
-        return run(container, connect(source), connect(target), ckpt, rest)
+        return run(container, connect(source), connect(target), ckpt, rest, route)
     finally:
         for m in opened:
             m.close()
 
 
 def require(container: str, source: Migrator, target: Migrator, ckpt: CheckpointOptions,
-            rest: RestoreOptions) -> PreflightReport:
+            rest: RestoreOptions, route: str = "auto") -> PreflightReport:
     """Run every check; raise one PreflightError listing each failure (migrate's gate)."""
-    report = run(container, source, target, ckpt, rest)
+    report = run(container, source, target, ckpt, rest, route)
     if not report.ok:
         raise report.error()
     return report
@@ -115,9 +121,13 @@ def _mapping(given: object) -> Mapping[str, object] | None:
 
 
 def run(container: str, source: Migrator, target: Migrator, ckpt: CheckpointOptions,
-        rest: RestoreOptions) -> PreflightReport:
-    """Every check of moving ``container`` (``rest.name`` set) from source to target."""
+        rest: RestoreOptions, route: str = "auto") -> PreflightReport:
+    """Every check of moving ``container`` (``rest.name`` set) from source to target by
+    ``route`` (one of migrate's)."""
     assert rest.name is not None
+    memory = MEMORY_IN_ARCHIVE
+    if direct_route.choose(route, source, target):
+        memory = MEMORY_NOT_ON_DISK if rest.lazy_pages else MEMORY_IN_PAGES
     if isinstance(source, RemoteMigrator):
         answer = _ask(source, SOURCE, {"checkpoint_options": _plain(ckpt)}, container)
         facts = Facts.from_dict(answer.get("facts") or {"engine": source.engine,
@@ -126,14 +136,15 @@ def run(container: str, source: Migrator, target: Migrator, ckpt: CheckpointOpti
     else:
         facts, checks = source_side(source, container, ckpt, local=_is_local(source))
     request = {"facts": asdict(facts), "checkpoint_options": _plain(ckpt),
-               "restore_options": _plain(rest)}
+               "restore_options": _plain(rest), "memory": memory}
     beside = _ctrmig_beside(target)
     if isinstance(target, RemoteMigrator):
         checks += _ask(target, TARGET, request)["checks"]
     elif beside is not None and _answers(there := _ask(beside, TARGET, request)):
         checks += there["checks"]  # the API through ssh, and ctrmig there tells the rest
     else:
-        checks += target_side(target, facts, ckpt, rest, local=_is_local(target))
+        checks += target_side(target, facts, ckpt, rest, local=_is_local(target),
+                              memory=memory)
     return PreflightReport(container, _where(source), _where(target), checks)
 
 
@@ -147,7 +158,9 @@ def answer(m: Migrator, role: str, container: str | None,
         return {"facts": asdict(facts), "checks": [asdict(c) for c in checks]}
     rest = options.build(RestoreOptions, None, request.get("restore_options"))
     facts = Facts.from_dict(request["facts"])
-    return {"checks": [asdict(c) for c in target_side(m, facts, ckpt, rest, local=True)]}
+    memory = str(request.get("memory") or MEMORY_IN_ARCHIVE)
+    checks = target_side(m, facts, ckpt, rest, local=True, memory=memory)
+    return {"checks": [asdict(c) for c in checks]}
 
 
 # --- the source side ------------------------------------------------------------------------

@@ -12,6 +12,10 @@ from ctrmig.errors import PreflightError
 
 Status = Literal["pass", "fail", "unavailable"]
 SOURCE, TARGET = "source", "target"
+#: Where a migration's memory lands on the target: in the archive (spooled or extracted,
+#: then the engine's copy), once in a pages directory beside the spool (the direct
+#: pre-copy route), or on no disk at all (post-copy: fetched into the restored memory).
+MEMORY_IN_ARCHIVE, MEMORY_IN_PAGES, MEMORY_NOT_ON_DISK = "archive", "pages", "none"
 SETUP = "run scripts/setup-host on that host"
 API_UNTOLD = "not told by the {engine} API (run `ctrmig doctor` on that host)"
 
@@ -98,9 +102,10 @@ class Facts:
             facts.privileges = [tuple(p) for p in facts.privileges]  # type: ignore[misc]
         return facts
 
-    def estimate(self, with_image: bool) -> int | None:
-        """The archive's expected size (uncompressed), or None if a part is unknown."""
+    def estimate(self, with_image: bool, with_memory: bool = True) -> int | None:
+        """The archive's expected size (uncompressed), or None if a part is unknown;
+        ``with_memory`` False: without the pages (they reach the target another way)."""
         if self.memory_bytes is None or self.rootfs_bytes is None:
             return None
-        return self.memory_bytes + self.rootfs_bytes + (
+        return (self.memory_bytes if with_memory else 0) + self.rootfs_bytes + (
             (self.image_bytes or 0) if with_image else 0)

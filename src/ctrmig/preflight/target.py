@@ -20,7 +20,16 @@ from ctrmig.errors import CtrmigError
 from ctrmig.host import criu, resources
 from ctrmig.options import CheckpointOptions, RestoreOptions
 from ctrmig.preflight.facts import has_volume, published_ports, space_places
-from ctrmig.preflight.report import API_UNTOLD, SETUP, TARGET, Check, Facts
+from ctrmig.preflight.report import (
+    API_UNTOLD,
+    MEMORY_IN_ARCHIVE,
+    MEMORY_IN_PAGES,
+    MEMORY_NOT_ON_DISK,
+    SETUP,
+    TARGET,
+    Check,
+    Facts,
+)
 from ctrmig.protocol import Migrator
 
 #: The archive is estimated as the container's memory plus its rootfs diff (plus the image
@@ -30,8 +39,9 @@ SLACK = 32 << 20
 
 
 def target_side(m: Migrator, facts: Facts, ckpt: CheckpointOptions, rest: RestoreOptions,
-                *, local: bool) -> list[Check]:
-    """The target's checks of ``facts``; ``local``: this process runs on the target host."""
+                *, local: bool, memory: str = MEMORY_IN_ARCHIVE) -> list[Check]:
+    """The target's checks of ``facts``; ``local``: this process runs on the target host;
+    ``memory``: where the pages land there (``MEMORY_*``)."""
     assert rest.name is not None
     # Each engine answer once: podman's /info alone takes a few hundred ms.
     info = functools.cache(lambda: getattr(m, "info")() if hasattr(m, "info") else {})  # noqa: B009
@@ -52,7 +62,7 @@ def target_side(m: Migrator, facts: Facts, ckpt: CheckpointOptions, rest: Restor
         ("mounts", lambda: _mounts_check(m, facts, ckpt, local)),
         ("ports", lambda: _ports_check(m, facts, rest, local)),
         ("name", lambda: _name_check(m, facts, rest.name or "", local)),
-        ("space", lambda: _space_check(m, facts, ckpt, local, info, has_image())),
+        ("space", lambda: _space_check(m, facts, ckpt, local, info, has_image(), memory)),
         ("privileges", lambda: _privileges_check(facts, rest)),
     ]
     for name, step in steps:
@@ -270,15 +280,25 @@ def _name_check(m: Migrator, facts: Facts, name: str, local: bool) -> Check:
 
 
 def _space_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions, local: bool,
-                 info: Callable[[], dict[str, Any]], has_image: bool | None) -> Check:
+                 info: Callable[[], dict[str, Any]], has_image: bool | None,
+                 memory: str) -> Check:
     """Room for the archive where the target spools it (ctrmig's temp dir, the engine's)
-    and where the engine stores the container: each filesystem counted once."""
+    and where the engine stores the container: each filesystem counted once. The pages
+    are counted where ``memory`` says they land: everywhere the archive goes, once in the
+    spool (direct pre-copy), or nowhere (post-copy)."""
     with_image = bool(ckpt.include_image) or (
         ckpt.include_image is None and facts.carries_images and has_image is False)
     size = facts.estimate(with_image)
-    if size is None:
+    rest = facts.estimate(with_image, with_memory=False)
+    if size is None or rest is None:
         return Check(TARGET, "space", "unavailable", "the container's size is unknown")
-    need = int(size * MARGIN) + SLACK
+    whole, without_pages = int(size * MARGIN) + SLACK, int(rest * MARGIN) + SLACK
+
+    def need(what: str) -> int:
+        if memory == MEMORY_IN_ARCHIVE or (memory == MEMORY_IN_PAGES and what == "spool"):
+            return whole
+        return without_pages
+
     spool = Path(getattr(m, "workdir", None) or tempfile.gettempdir())
     # An extracting engine's reader keeps this much free besides (ctrmig.archive.reader).
     spare = DEFAULT_LIMITS.min_free_bytes if getattr(m, "needs_extracted", True) else 0
@@ -299,7 +319,7 @@ def _space_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions, local: bool
             continue
         labels, _, needed = filesystems.setdefault(key, ([], free, [0]))
         labels.append(label)
-        needed[0] += need + (spare if what == "spool" else 0)
+        needed[0] += need(what) + (spare if what == "spool" else 0)
     shown = {f"{' + '.join(labels)}: {free >> 20} MiB free, {n[0] >> 20} MiB needed":
              free < n[0] for labels, free, n in filesystems.values()}
     if any(shown.values()):
@@ -309,6 +329,8 @@ def _space_check(m: Migrator, facts: Facts, ckpt: CheckpointOptions, local: bool
     if unknown:
         return Check(TARGET, "space", "unavailable", "; ".join(
             [*shown, f"{', '.join(unknown)}: not told over the API"]))
+    if memory == MEMORY_NOT_ON_DISK:
+        shown["post-copy: the memory is not written there"] = False
     return Check(TARGET, "space", "pass", "; ".join(shown))
 
 
