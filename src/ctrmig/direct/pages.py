@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctrmig.direct.prefetch import Prefetcher
 from ctrmig.direct.relay import End, Relay, SocketEnd, Tally, accept, listener
 from ctrmig.errors import ChecksumError, RestoreError
 from ctrmig.host import proc, scratch
@@ -146,10 +147,10 @@ def lazy_relay(wire: End, announce: Callable[[int], None], *, timeout: float,
     except (TimeoutError, OSError) as e:
         wire.close()
         return Tally(error=f"criu lazy-pages never connected: {e}")
-    relay = Relay(wire, SocketEnd(conn), name="ctrmig-lazy-in", idle=idle).start()
-    relay.wait()
-    tally = relay.forward
-    tally.error = relay.error
+    relay = Prefetcher(wire, SocketEnd(conn), idle=idle)
+    tally = relay.run()
+    log.debug("post-copy: %d of the target's requests answered from pages fetched ahead",
+              relay.answered_here)
     return tally
 
 

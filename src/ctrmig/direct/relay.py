@@ -39,7 +39,7 @@ class End:
         buffer[:len(data)] = data
         return len(data)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
     def close_write(self) -> None:
@@ -70,7 +70,7 @@ class SocketEnd(End):
     def readinto(self, buffer: memoryview) -> int:
         return self.sock.recv_into(buffer)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.sock.sendall(data)
 
     def close_write(self) -> None:
@@ -99,7 +99,7 @@ class FdEnd(End):
     def readinto(self, buffer: memoryview) -> int:
         return os.readv(self.read_fd, [buffer])
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.write_fd, view):]
