@@ -103,13 +103,31 @@ class Prefetcher:
         if (at, of) != (vaddr, dst_id) or not 0 < got <= ask:
             raise Broken(f"the source's page server answered {got} pages at {at:#x} of "
                          f"{of} to a request of {ask} at {vaddr:#x} of {dst_id}")
-        data = memoryview(self._need(self.wire, got * PAGE))
         given = min(got, nr_pages)
         self._answer = answer
         self.daemon.write(HEADER.pack(answer, given, vaddr, dst_id))
-        self.daemon.write(data[:given * PAGE])
+        data = self._pages_through(got * PAGE, given * PAGE)
         for i in range(given, got):
             self._ahead[(dst_id, vaddr + i * PAGE)] = data[i * PAGE:(i + 1) * PAGE]
+
+    def _pages_through(self, size: int, passed: int) -> memoryview:
+        """Read an answer's ``size`` bytes of pages from the wire, passing the first
+        ``passed`` on to lazy-pages as they arrive: a background chunk (up to 4 MiB)
+        is not held back until its last byte. Returns all of them."""
+        data = memoryview(bytearray(size))
+        got = sent = 0
+        while got < size:
+            if self.idle is not None and not self.wire.readable(self.idle):
+                raise Broken(f"nothing arrived for {self.idle:g} s: the link is down")
+            n = self.wire.readinto(data[got:])
+            if not n:
+                raise Broken("the page stream ended in the middle of an answer")
+            self._count(data[got:got + n])
+            got += n
+            if sent < min(got, passed):
+                self.daemon.write(data[sent:min(got, passed)])
+                sent = min(got, passed)
+        return data
 
     def _need(self, end: End, size: int) -> bytearray:
         data = self._exactly(end, size, hashed=end is self.wire, eof_ok=False)
