@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrmig.direct import pages, route
+from ctrmig.direct import pages, relay, route
 from ctrmig.direct.relay import Relay, SocketEnd
 from ctrmig.errors import ChecksumError, FeatureUnavailableError, OptionError
 from ctrmig.host import criu
@@ -117,3 +117,13 @@ def test_route_choice() -> None:
         route.choose("direct", podman, podman)  # type: ignore[arg-type]
     with pytest.raises(OptionError, match="unknown route"):
         route.choose("fast", runc, runc)  # type: ignore[arg-type]
+
+
+def test_a_relay_waiting_for_lazy_pages_ends_when_the_link_ends_first() -> None:
+    """The target's post-copy relay waits up to 120 s for criu lazy-pages; a migration
+    killed before the restore closes the link, and the relay must not wait that out."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with pytest.raises(ConnectionAbortedError):  # not TimeoutError, 120 s later
+        relay.accept(relay.listener(), 120.0, quiet=SocketEnd(ours))
+    ours.close()

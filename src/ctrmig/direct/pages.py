@@ -143,7 +143,9 @@ def lazy_relay(wire: End, announce: Callable[[int], None], *, timeout: float,
     sock = listener()
     announce(int(sock.getsockname()[1]))
     try:
-        conn = accept(sock, timeout)
+        # The source sends nothing before lazy-pages asks: a wire that speaks first has
+        # ended (a migration killed before the restore): do not wait out the timeout.
+        conn = accept(sock, timeout, quiet=wire)
     except (TimeoutError, OSError) as e:
         wire.close()
         return Tally(error=f"criu lazy-pages never connected: {e}")

@@ -52,6 +52,10 @@ class End:
         """Whether a read would not block, waiting up to ``timeout`` seconds."""
         return True
 
+    def fileno(self) -> int:
+        """The descriptor it is read from (to wait for it with others)."""
+        raise NotImplementedError
+
 
 class SocketEnd(End):
     def __init__(self, sock: socket.socket):
@@ -84,6 +88,9 @@ class SocketEnd(End):
 
     def readable(self, timeout: float) -> bool:
         return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
 
 class FdEnd(End):
@@ -119,6 +126,9 @@ class FdEnd(End):
 
     def readable(self, timeout: float) -> bool:
         return bool(select.select([self.read_fd], [], [], timeout)[0])
+
+    def fileno(self) -> int:
+        return self.read_fd
 
 
 @dataclass
@@ -252,10 +262,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def accept(sock: socket.socket, timeout: float) -> socket.socket:
-    """The one connection ``sock`` waits for; TimeoutError after ``timeout`` seconds."""
-    sock.settimeout(timeout)
+def accept(sock: socket.socket, timeout: float, *, quiet: End | None = None) -> socket.socket:
+    """The one connection ``sock`` waits for; TimeoutError after ``timeout`` seconds.
+    ``quiet``: an end that has nothing to say until then; if it does (its EOF: the other
+    side gave up), ConnectionAbortedError at once."""
+    watched = [sock.fileno()] + ([quiet.fileno()] if quiet is not None else [])
     try:
+        ready = select.select(watched, [], [], timeout)[0]
+        if not ready:
+            raise TimeoutError(f"nothing connected within {timeout:g} s")
+        if sock.fileno() not in ready:
+            raise ConnectionAbortedError("the link ended first")
         conn, _ = sock.accept()
     finally:
         sock.close()
