@@ -53,8 +53,9 @@ def assert_no_archive(path: Path) -> None:
 def assert_ran_on(side: Side, name: str, since: int = 0, after: str = "") -> None:
     """``name`` runs, and its one counter went on past ``since`` without a restart
     (``after``: what happened to it before, for the failure's message)."""
-    # Listed as running within 10 s: dockerd was once seen not to list it right after a
-    # refused checkpoint (twice in ~50 suite runs, never reproduced in 75 tries alone).
+    # Listed as running within 10 s: twice in ~50 suite runs dockerd did not list it
+    # right after a refused checkpoint (not reproduced in 52 tries, alone or beside 4
+    # CPU burners).
     # A container that stopped and started again fails the counter check below.
     deadline = time.monotonic() + 10
     while not side.running(name):
