@@ -68,7 +68,7 @@ class Prefetcher:
 
     def _serve(self) -> None:
         while True:
-            request = self._exactly(self.daemon, HEADER.size, hashed=False, eof_ok=True)
+            request = self._request()
             if request is None:  # lazy-pages is done: so is the source, once it sees EOF
                 self.wire.close_write()
                 self._pump(self.wire, self.daemon, hashed=True)
@@ -78,7 +78,7 @@ class Prefetcher:
                 self._get(cmd, nr_pages, vaddr, dst_id)
             elif cmd & CMD_MASK in CLOSING:
                 self.wire.write(request)
-                self.daemon.write(self._need(self.wire, 4))
+                self.daemon.write(self._from_wire(4))
             else:
                 self.wire.write(request)
                 self._plain()
@@ -99,27 +99,38 @@ class Prefetcher:
                 ask = i
                 break
         self.wire.write(HEADER.pack(cmd, ask, vaddr, dst_id))
-        answer, got, at, of = HEADER.unpack(self._need(self.wire, HEADER.size))
+        answer, got, at, of = HEADER.unpack(self._from_wire(HEADER.size))
         if (at, of) != (vaddr, dst_id) or not 0 < got <= ask:
             raise Broken(f"the source's page server answered {got} pages at {at:#x} of "
                          f"{of} to a request of {ask} at {vaddr:#x} of {dst_id}")
         given = min(got, nr_pages)
         self._answer = answer
         self.daemon.write(HEADER.pack(answer, given, vaddr, dst_id))
-        data = self._pages_through(got * PAGE, given * PAGE)
+        data = self._from_wire(got * PAGE, passed=given * PAGE)
         for i in range(given, got):
             self._ahead[(dst_id, vaddr + i * PAGE)] = data[i * PAGE:(i + 1) * PAGE]
 
-    def _pages_through(self, size: int, passed: int) -> memoryview:
-        """Read an answer's ``size`` bytes of pages from the wire, passing the first
-        ``passed`` on to lazy-pages as they arrive: a background chunk (up to 4 MiB)
-        is not held back until its last byte. Returns all of them."""
+    def _request(self) -> bytearray | None:
+        """lazy-pages' next request; None at its EOF."""
+        data = bytearray(HEADER.size)
+        got = 0
+        while got < len(data):
+            n = self._read(self.daemon, memoryview(data)[got:])
+            if not n:
+                if got == 0:
+                    return None
+                raise Broken("lazy-pages ended in the middle of a request")
+            got += n
+        return data
+
+    def _from_wire(self, size: int, passed: int = 0) -> memoryview:
+        """``size`` bytes from the wire (hashed), passing the first ``passed`` on to
+        lazy-pages as they arrive: a background chunk (up to 4 MiB) is not held back
+        until its last byte."""
         data = memoryview(bytearray(size))
         got = sent = 0
         while got < size:
-            if self.idle is not None and not self.wire.readable(self.idle):
-                raise Broken(f"nothing arrived for {self.idle:g} s: the link is down")
-            n = self.wire.readinto(data[got:])
+            n = self._read(self.wire, data[got:])
             if not n:
                 raise Broken("the page stream ended in the middle of an answer")
             self._count(data[got:got + n])
@@ -129,28 +140,11 @@ class Prefetcher:
                 sent = min(got, passed)
         return data
 
-    def _need(self, end: End, size: int) -> bytearray:
-        data = self._exactly(end, size, hashed=end is self.wire, eof_ok=False)
-        assert data is not None
-        return data
-
-    def _exactly(self, end: End, size: int, *, hashed: bool,
-                 eof_ok: bool) -> bytearray | None:
-        """``size`` bytes from ``end``; None at its EOF before the first (if ``eof_ok``)."""
-        data = bytearray(size)
-        view, got = memoryview(data), 0
-        while got < size:
-            if self.idle is not None and not end.readable(self.idle):
-                raise Broken(f"nothing arrived for {self.idle:g} s: the link is down")
-            n = end.readinto(view[got:])
-            if not n:
-                if got == 0 and eof_ok:
-                    return None
-                raise Broken("the page stream ended in the middle of an answer")
-            if hashed:
-                self._count(view[got:got + n])
-            got += n
-        return data
+    def _read(self, end: End, into: memoryview) -> int:
+        """One read from ``end`` (0 at its EOF), waiting at most ``idle`` for it."""
+        if self.idle is not None and not end.readable(self.idle):
+            raise Broken(f"nothing arrived for {self.idle:g} s: the link is down")
+        return end.readinto(into)
 
     def _count(self, piece: memoryview) -> None:
         if len(self.tally.stamps) < STAMPS:
@@ -170,9 +164,8 @@ class Prefetcher:
     def _pump(self, src: End, dst: End, *, hashed: bool) -> None:
         buffer = memoryview(bytearray(CHUNK))
         while True:
-            if hashed and self.idle is not None and not src.readable(self.idle):
-                raise Broken(f"nothing arrived for {self.idle:g} s: the link is down")
-            n = src.readinto(buffer)
+            # Only the wire's silence means a dead link (as in Relay); lazy-pages may pause.
+            n = self._read(src, buffer) if hashed else src.readinto(buffer)
             if not n:
                 break
             dst.write(buffer[:n])
