@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from ctrmig.errors import (
     OptionError,
     RestoreError,
 )
+from tests.conftest import wait_for
 from tests.contract.conftest import (
     Harness,
     Side,
@@ -57,12 +57,11 @@ def assert_ran_on(side: Side, name: str, since: int = 0, after: str = "") -> Non
     # right after a refused checkpoint (not reproduced in 52 tries, alone or beside 4
     # CPU burners).
     # A container that stopped and started again fails the counter check below.
-    deadline = time.monotonic() + 10
-    while not side.running(name):
-        if time.monotonic() > deadline:
-            states = [(c.name, c.state) for c in side.m.list() if name in (c.name, c.id)]
-            pytest.fail(f"{name} is not running (listed as {states}) after: {after}")
-        time.sleep(0.2)
+    try:
+        wait_for(lambda: side.running(name), timeout=10, what=f"{name} listed as running")
+    except AssertionError:
+        states = [(c.name, c.state) for c in side.m.list() if name in (c.name, c.id)]
+        pytest.fail(f"{name} is not running (listed as {states}) after: {after}")
     side.wait_counting(name, above=since)
     seen = side.counts(name)
     assert seen == list(range(1, len(seen) + 1)), f"a gap or a restart: {seen}"
