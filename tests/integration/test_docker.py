@@ -144,6 +144,9 @@ def concurrent_restores(dk: Docker, archive: Path, count: int) -> tuple[list[str
     return names, time.monotonic() - start
 
 
+RACE_ROUNDS = 3
+
+
 @pytest.mark.parametrize("unique_uploads", [False, True])
 def test_concurrent_restores_of_one_archive(
     dk: Docker, tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -158,14 +161,20 @@ def test_concurrent_restores_of_one_archive(
     src = dk.counter()
     archive = tmp_path / "race.tar"
     before = checkpoint_count(dk, src, archive, compression="none")
-    names, took = concurrent_restores(dk, archive, 4)
-    retries = [r for r in caplog.records if "moby#42900" in r.getMessage()]
-    print(f"unique_uploads={unique_uploads}: 4 concurrent restores in {took:.1f} s, "
-          f"{len(retries)} race retries")
-    for name in names:
-        dk.assert_continues(name, before)
+    # The race needs the restores to reach containerd together: on a loaded machine one
+    # round of 4 missed it once in ~20 runs, so a round without it is repeated (bounded).
+    for round_ in range(1, RACE_ROUNDS + 1):
+        names, took = concurrent_restores(dk, archive, 4)
+        retries = [r for r in caplog.records if "moby#42900" in r.getMessage()]
+        print(f"unique_uploads={unique_uploads}, round {round_}: 4 concurrent restores "
+              f"in {took:.1f} s, {len(retries)} race retries so far")
+        for name in names:
+            dk.assert_continues(name, before)
+        if unique_uploads or retries:
+            break
     if not unique_uploads:
-        assert retries, "the race was not provoked: this test proves nothing on this host"
+        assert retries, (f"the race was not provoked in {RACE_ROUNDS} rounds: this test "
+                         "proves nothing on this host")
 
 
 def test_back_to_back_checkpoints(dk: Docker, tmp_path: Path,
