@@ -18,6 +18,7 @@ from ctrmig.archive.criu_images import (
     capability_names,
     core_pid,
     read_core_creds,
+    read_lazy_ranges,
 )
 from ctrmig.errors import ArchiveError, CriuImageError
 from tests.unit.test_hostile_archives import make_hostile
@@ -157,3 +158,50 @@ def test_mutated_real_images_raise_only_criu_image_errors(data: st.DataObject) -
         image[8:12] = struct.pack("<I", len(image) - 12)
     with contextlib.suppress(CriuImageError):
         read_core_creds(bytes(image))
+
+
+# --- pagemaps (post-copy's announced ranges) ---------------------------------------------
+
+PE_PRESENT = 1 << 2
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out += bytes([byte | (0x80 if value else 0)])
+        if not value:
+            return out
+
+
+def _message(*fields: tuple[int, int]) -> bytes:
+    body = b"".join(_varint(number << 3) + _varint(value) for number, value in fields)
+    return struct.pack("<I", len(body)) + body
+
+
+def pagemap_image(entries: list[tuple[int, int, int]], *, wide: bool = False) -> bytes:
+    """A pagemap image: the head (pages_id 1), then (vaddr, pages, flags) entries; with
+    ``wide`` the page count in nr_pages (field 5) as newer CRIUs write it."""
+    count = 5 if wide else 2
+    return (struct.pack("<II", 0x54564319, 0x56084025) + _message((1, 1)) + b"".join(
+        _message((1, vaddr), (count, pages), (4, flags)) for vaddr, pages, flags in entries))
+
+
+def test_pagemap_lazy_ranges() -> None:
+    image = pagemap_image([(0x400000, 3, PE_PRESENT), (0x7F0000000000, 262144, 2),
+                           (0x7F1000000000, 1, 2 | PE_PRESENT)])
+    assert read_lazy_ranges(image) == [(0x7F0000000000, 262144), (0x7F1000000000, 1)]
+    assert read_lazy_ranges(pagemap_image([(0x1000, 1 << 33, 2)], wide=True)) == [
+        (0x1000, 1 << 33)]
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b"\x19CVT", "truncated"),
+    (struct.pack("<II", 0x54564319, 0x55053847), "not a CRIU pagemap"),
+    (struct.pack("<III", 0x54564319, 0x56084025, 9) + b"\x08", "runs past"),
+    (struct.pack("<II", 0x54564319, 0x56084025) + _message((1, 1)) + b"\x02\0\0\0\x08\xff",
+     "truncated varint"),
+])
+def test_malformed_pagemaps(data: bytes, match: str) -> None:
+    with pytest.raises(CriuImageError, match=match):
+        read_lazy_ranges(data)

@@ -269,21 +269,58 @@ def read_mountpoints(data: bytes, name: str = "mountpoints image") -> list[Mount
     if common != IMG_COMMON_MAGIC or magic != MNTS_MAGIC:
         raise CriuImageError(f"{name} is not a CRIU mountpoints image "
                              f"(magic {common:#x} {magic:#x})")
-    found, pos = [], 8
     try:
-        while pos < len(data):
-            if pos + 4 > len(data):
-                raise _Malformed("truncated entry length")
-            (size,) = struct.unpack_from("<I", data, pos)
-            pos += 4
-            if size > len(data) - pos:
-                raise _Malformed("entry runs past the image")
-            entry = memoryview(data)[pos:pos + size]
-            pos += size
-            found.append(_mount_point(entry))
+        return [_mount_point(entry) for entry in _entries(data, 8)]
     except (_Malformed, UnicodeDecodeError) as e:
         raise CriuImageError(f"{name} is malformed: {e}") from None
-    return found
+
+
+def _entries(data: bytes, pos: int) -> Iterator[memoryview]:
+    """The entries of an image from offset ``pos``: each a 4-byte length, then that many
+    bytes of one message."""
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise _Malformed("truncated entry length")
+        (size,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if size > len(data) - pos:
+            raise _Malformed("entry runs past the image")
+        yield memoryview(data)[pos:pos + size]
+        pos += size
+
+
+PAGEMAP_MAGIC = 0x56084025
+PAGEMAP_NAME = re.compile(r"pagemap-(\d{1,10})\.img")
+PE_LAZY = 1 << 1  # criu/include/pagemap.h
+#: images/pagemap.proto: pagemap_entry's vaddr, compat_nr_pages, flags, nr_pages.
+_PE_VADDR, _PE_COMPAT_NR_PAGES, _PE_FLAGS, _PE_NR_PAGES = 1, 2, 4, 5
+MAX_PAGEMAP_BYTES = 64 << 20
+
+
+def read_lazy_ranges(data: bytes, name: str = "pagemap image") -> list[tuple[int, int]]:
+    """(vaddr, pages) of each range a ``pagemap-<id>.img`` marks lazy: the pages a
+    ``--lazy-pages`` dump serves (one entry per run of its page pipes, criu/page-xfer.c);
+    CriuImageError if it is not a well-formed pagemap."""
+    if len(data) > MAX_PAGEMAP_BYTES:
+        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
+    if len(data) < 8:
+        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
+    common, magic = struct.unpack_from("<II", data)
+    if common != IMG_COMMON_MAGIC or magic != PAGEMAP_MAGIC:
+        raise CriuImageError(f"{name} is not a CRIU pagemap image "
+                             f"(magic {common:#x} {magic:#x})")
+    ranges = []
+    try:
+        for i, entry in enumerate(_entries(data, 8)):
+            if i == 0:
+                continue  # pagemap_head
+            fields = {n: v for n, _w, v in _fields(entry) if isinstance(v, int)}
+            pages = fields.get(_PE_NR_PAGES, fields.get(_PE_COMPAT_NR_PAGES, 0))
+            if fields.get(_PE_FLAGS, 0) & PE_LAZY and pages and _PE_VADDR in fields:
+                ranges.append((fields[_PE_VADDR], pages))
+    except _Malformed as e:
+        raise CriuImageError(f"{name} is malformed: {e}") from None
+    return ranges
 
 
 def _mount_point(entry: memoryview) -> MountPoint:
