@@ -9,11 +9,24 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from ctrmig.direct.prefetch import AHEAD, HEADER, PAGE, PS_IOV_GET, Prefetcher
+from ctrmig.archive.criu_images import PE_LAZY
+from ctrmig.direct.prefetch import (
+    AHEAD,
+    HEADER,
+    PAGE,
+    PS_IOV_GET,
+    Broken,
+    Prefetcher,
+    lazy_ranges,
+    preamble,
+    read_preamble,
+)
 from ctrmig.direct.relay import SocketEnd, Tally
+from tests.unit.test_criu_images import PE_PRESENT, pagemap_image
 
 ADD_F = 6 | (4 << 16)  # PS_IOV_ADD_F with PE_PRESENT, as criu's page server answers
 CLOSE = 0x1023
@@ -43,6 +56,8 @@ class Source:
     ranges: list[tuple[int, int]]
     asked: list[tuple[int, int]] = field(default_factory=list)
     sent: bytes = b""
+    outside: bool = False
+    hold: bool = False  # keep the connection open after the relay's end (ssh's stdout)
 
     def serve(self) -> None:
         while True:
@@ -55,11 +70,16 @@ class Source:
                 continue
             assert cmd == PS_IOV_GET and dst == ID
             self.asked.append((vaddr, nr))
-            start, size = next((s, n) for s, n in self.ranges if s <= vaddr < s + n * PAGE)
+            held = [(s, n) for s, n in self.ranges if s <= vaddr < s + n * PAGE]
+            if not held:  # "no iovs found, zero pages": criu's page server gives up
+                self.outside = True
+                break
+            start, size = held[0]
             got = min(nr, (start + size * PAGE - vaddr) // PAGE)
             self._send(HEADER.pack(ADD_F, got, vaddr, dst) +
                        b"".join(page(vaddr + i * PAGE) for i in range(got)))
-        self.sock.close()
+        if not self.hold:
+            self.sock.close()
 
     def _send(self, data: bytes) -> None:
         self.sent += data
@@ -81,12 +101,15 @@ class Rig:
         return got, at, recv_exactly(self.daemon, got * PAGE)
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
+RANGES = [(0x10000, 100), (0x100000, 40)]
+
+
+def make_rig(announced: list[tuple[int, int, int]], hold: bool = False) -> Iterator[Rig]:
     wire_ours, wire_theirs = socket.socketpair()
     daemon_ours, daemon_theirs = socket.socketpair()
-    source = Source(wire_theirs, ranges=[(0x10000, 100), (0x100000, 40)])
-    relay = Prefetcher(SocketEnd(wire_ours), SocketEnd(daemon_ours), idle=5.0)
+    source = Source(wire_theirs, ranges=RANGES, hold=hold)
+    relay = Prefetcher(SocketEnd(wire_ours), SocketEnd(daemon_ours), idle=5.0,
+                       ranges=announced)
     result: list[Tally] = []
     threads = [threading.Thread(target=source.serve, daemon=True),
                threading.Thread(target=lambda: result.append(relay.run()), daemon=True)]
@@ -96,6 +119,27 @@ def rig() -> Iterator[Rig]:
     daemon_theirs.close()
     for t in threads:
         t.join(10)
+    wire_theirs.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    """The relay with nothing announced: it fetches ahead only on request."""
+    yield from make_rig([])
+
+
+@pytest.fixture
+def announced() -> Iterator[Rig]:
+    """The relay told the source's ranges (the preamble): it fetches them ahead."""
+    yield from make_rig([(ID, start, pages) for start, pages in RANGES], hold=True)
+
+
+def wait_for_result(rig: Rig) -> Tally:
+    for _ in range(100):
+        if rig.result:
+            return rig.result[0]
+        threading.Event().wait(0.05)
+    raise AssertionError("the relay did not end")
 
 
 def test_a_walk_of_single_page_faults_crosses_the_link_once_per_ahead_pages(rig: Rig) -> None:
@@ -132,11 +176,7 @@ def test_close_is_answered_by_the_source_and_the_stream_is_hashed_whole(rig: Rig
     assert recv_exactly(rig.daemon, 4) == b"\0\0\0\0"
     rig.daemon.shutdown(socket.SHUT_WR)  # lazy-pages is done
     assert recv_exactly(rig.daemon, 1) == b""  # the relay ended its side too
-    for _ in range(100):
-        if rig.result:
-            break
-        threading.Event().wait(0.05)
-    tally = rig.result[0]
+    tally = wait_for_result(rig)
     assert tally.error == ""
     assert (tally.bytes, tally.sha256) == (len(rig.source.sent),
                                            hashlib.sha256(rig.source.sent).hexdigest())
@@ -159,3 +199,69 @@ def test_an_answer_cut_short_by_the_link_is_an_error_and_ends_both_sides() -> No
     # lazy-pages sees the answer end short, then EOF: it fails (and the restore with it).
     assert len(recv_exactly(daemon_theirs, HEADER.size + PAGE)) < HEADER.size + PAGE
     daemon_theirs.close()
+
+
+def test_announced_pages_come_ahead_of_the_faults_and_only_once(announced: Rig) -> None:
+    """One fault, and the relay fetches the announced ranges from there on: every later
+    request (a walk, then lazy-pages' background chunks) is answered here, each page
+    crossed the link once, and nothing outside the ranges was asked."""
+    first = RANGES[0][0]
+    got, _, data = announced.ask(first + 50 * PAGE, 1)
+    assert (got, data) == (1, page(first + 50 * PAGE))
+    for start, size in RANGES:
+        vaddr = start
+        while vaddr < start + size * PAGE:
+            if vaddr == first + 50 * PAGE:
+                vaddr += PAGE
+                continue
+            want = min(16, (start + size * PAGE - vaddr) // PAGE)
+            if vaddr < first + 50 * PAGE:
+                want = min(want, (first + 50 * PAGE - vaddr) // PAGE)
+            got, _, data = announced.ask(vaddr, want)
+            assert data == b"".join(page(vaddr + i * PAGE) for i in range(got))
+            vaddr += got * PAGE
+    asked = announced.source.asked
+    assert not announced.source.outside
+    assert sum(n for _, n in asked) == sum(n for _, n in RANGES)  # each page once
+    assert announced.relay.fetched_ahead > 0
+    assert announced.relay.answered_here > len(asked)
+
+
+def test_the_end_of_lazy_pages_ends_the_relay_without_the_wire_s_eof(announced: Rig) -> None:
+    """ssh's client signals the end of its stdout only when it exits: the relay must not
+    wait for the source's EOF (that was 10 s of idle timeout per post-copy over ssh)."""
+    announced.ask(RANGES[1][0], 1)
+    announced.daemon.sendall(HEADER.pack(CLOSE, 0, 0, 0))
+    assert recv_exactly(announced.daemon, 4) == b"\0\0\0\0"
+    announced.daemon.shutdown(socket.SHUT_WR)
+    tally = wait_for_result(announced)  # the source still holds its end open
+    assert tally.error == ""
+    assert (tally.bytes, tally.sha256) == (len(announced.source.sent),
+                                           hashlib.sha256(announced.source.sent).hexdigest())
+
+
+def test_the_preamble_carries_the_ranges_and_refuses_anything_else() -> None:
+    ours, theirs = socket.socketpair()
+    ranges = [(1, 0x7F0000000000, 3), (9, 0x400000, 1 << 20)]
+    theirs.sendall(preamble(ranges))
+    assert read_preamble(SocketEnd(ours), 5.0) == ranges
+    theirs.sendall(b"something else, longer than a preamble")
+    with pytest.raises(Broken, match="did not announce"):
+        read_preamble(SocketEnd(ours), 5.0)
+    ours.close()
+    theirs.close()
+    ours, theirs = socket.socketpair()
+    theirs.close()  # the migration failed before the source's dump served
+    with pytest.raises(Broken, match="ended before"):
+        read_preamble(SocketEnd(ours), 5.0)
+    ours.close()
+
+
+def test_lazy_ranges_reads_the_dump_s_pagemaps(tmp_path: Path) -> None:
+    (tmp_path / "pagemap-7.img").write_bytes(pagemap_image([
+        (0x400000, 2, PE_PRESENT), (0x7F0000000000, 300, PE_LAZY)]))
+    (tmp_path / "pages-1.img").write_bytes(b"\0" * PAGE)
+    assert lazy_ranges(tmp_path) == [(7, 0x7F0000000000, 300)]
+    (tmp_path / "pagemap-8.img").write_bytes(b"not an image")
+    assert lazy_ranges(tmp_path) == []  # unreadable: nothing is fetched ahead
+    assert lazy_ranges(None) == []

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrmig.direct.prefetch import Prefetcher
+from ctrmig.direct.prefetch import Broken, Prefetcher, read_preamble
 from ctrmig.direct.relay import End, Relay, SocketEnd, Tally, accept, listener
 from ctrmig.errors import ChecksumError, RestoreError
 from ctrmig.host import proc, scratch
@@ -61,8 +61,10 @@ class PageSink:
     lazy: bool = False
     sent: Callable[[], dict[str, Any]] = dict
     marks: dict[str, float] = field(default_factory=dict)
-    #: Post-copy: the dump serving the pages (the engine sets it once it is ready).
+    #: Post-copy: the dump serving the pages (the engine sets it once it is ready), and
+    #: the images it wrote (their pagemaps say which pages it serves).
     serving: subprocess.Popen[bytes] | None = None
+    images: Path | None = None
     #: Post-copy, set at the dump's commit: waits for the dump to end (CheckpointError
     #: if it failed) and drops what it left.
     served: Callable[[], None] | None = None
@@ -143,16 +145,19 @@ def lazy_relay(wire: End, announce: Callable[[int], None], *, timeout: float,
     sock = listener()
     announce(int(sock.getsockname()[1]))
     try:
-        # The source sends nothing before lazy-pages asks: a wire that speaks first has
+        ranges = read_preamble(wire, timeout)  # sent once the source's dump serves
+        # The source sends nothing more before lazy-pages asks: a wire that speaks now has
         # ended (a migration killed before the restore): do not wait out the timeout.
         conn = accept(sock, timeout, quiet=wire)
-    except (TimeoutError, OSError) as e:
+    except (TimeoutError, OSError, Broken) as e:
+        sock.close()
         wire.close()
         return Tally(error=f"criu lazy-pages never connected: {e}")
-    relay = Prefetcher(wire, SocketEnd(conn), idle=idle)
+    relay = Prefetcher(wire, SocketEnd(conn), idle=idle, ranges=ranges)
     tally = relay.run()
-    log.debug("post-copy: %d of the target's requests answered from pages fetched ahead",
-              relay.answered_here)
+    log.debug("post-copy: %d pages fetched ahead of %d announced; %d of the target's "
+              "requests answered from them", relay.fetched_ahead,
+              sum(n for _, _, n in ranges), relay.answered_here)
     return tally
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctrmig.direct import guard as guard_module
-from ctrmig.direct import pages, relay
+from ctrmig.direct import pages, prefetch, relay
 from ctrmig.direct.relay import End, FdEnd, Relay, SocketEnd
 from ctrmig.engines.remote import RemoteMigrator
 from ctrmig.errors import ChecksumError, CtrmigError, EngineError, OptionError
@@ -313,6 +313,7 @@ class Feeder:
                     time.sleep(0.01)
                 conn = relay.connect(self.sink.port, 30.0)
                 self._guard = _guard(conn, self.sink.serving)
+                self.wire.write(prefetch.preamble(prefetch.lazy_ranges(self.sink.images)))
             on_break = self._hold_source if self.sink.lazy else None
             self.relay = Relay(SocketEnd(conn), self.wire, name="ctrmig-pages-out",
                                on_break=on_break).start()

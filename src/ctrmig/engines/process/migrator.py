@@ -203,7 +203,7 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
         try:
             if sink.lazy:
                 serving = lazy.start_dump(argv, what=what, log_file=work / "dump.log")
-                sink.serving = serving
+                sink.serving, sink.images = serving, dump / CHECKPOINT_DIR
             else:
                 proc.run(argv, timeout=self.timeout, log_file=work / "dump.log", what=what)
         except BaseException as e:

@@ -37,7 +37,7 @@ def direct_dump(m: RuncMigrator, record: ContainerRecord, opts: CheckpointOption
         if sink.lazy:
             dumping = lazy.start_dump(argv, what=f"runc checkpoint {name}",
                                       log_file=work / "dump.log")
-            sink.serving = dumping
+            sink.serving, sink.images = dumping, images
         else:
             proc.run(m.runc.argv("pause", name), timeout=m.timeout,
                      what=f"runc pause {name}")
