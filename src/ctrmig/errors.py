@@ -159,6 +159,8 @@ class SignatureError(ArchiveError):
 
 #: The stderr line a ctrmig run by another ctrmig (over ssh) adds to say which error it was.
 ERROR_LINE = "ctrmig-error-json: "
+#: The stderr line such a ctrmig prints once it is ready for the archive on its stdin.
+READY_LINE = "ctrmig-ready"
 
 
 def named(name: str) -> type[CtrmigError]:

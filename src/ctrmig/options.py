@@ -164,6 +164,12 @@ class RestoreOptions:
     on_commit: Callable[[Sequence[int]], None] | None = field(
         default=None, metadata=_spec(Spec("", handled="ctrmig", internal=True)),
         compare=False, repr=False)
+    #: Called once the target is ready to take the archive, by a target that says so
+    #: (``signals_ready``: ctrmig over ssh, whose start costs ~0.5 s of Python);
+    #: :func:`ctrmig.migrate` freezes the source only then.
+    on_ready: Callable[[], None] | None = field(
+        default=None, metadata=_spec(Spec("", handled="ctrmig", internal=True)),
+        compare=False, repr=False)
 
     def set_options(self) -> set[str]:
         """Names of the options switched on (publish_ports counts when given)."""

@@ -28,6 +28,7 @@ from ctrmig.archive.streams import CHUNK, Progress, pieces
 from ctrmig.archive.writer import atomic_output
 from ctrmig.errors import (
     ERROR_LINE,
+    READY_LINE,
     CommandError,
     CtrmigError,
     EngineError,
@@ -45,6 +46,9 @@ SSH_TIMEOUT = 60.0
 
 class RemoteMigrator:
     """The Migrator protocol for engine ``engine`` on the host at ``address`` (ssh://)."""
+
+    #: A restore calls ``on_ready`` once ctrmig there reads the archive (RestoreOptions).
+    signals_ready = True
 
     def __init__(
         self,
@@ -179,10 +183,10 @@ class RemoteMigrator:
         if isinstance(archive, (str, os.PathLike)):
             with open(archive, "rb") as f:
                 out = self._stream(args, stdin=f, stdout=None, progress=progress,
-                                   before_last=on_commit)
+                                   before_last=on_commit, on_ready=opts.on_ready)
         else:
             out = self._stream(args, stdin=archive, stdout=None, progress=progress,
-                               before_last=on_commit)
+                               before_last=on_commit, on_ready=opts.on_ready)
         try:
             return str(json.loads(out)["name"])
         except (ValueError, KeyError):
@@ -216,10 +220,12 @@ class RemoteMigrator:
 
     def _stream(self, args: builtins.list[str], *, stdin: BinaryIO | None, stdout: BinaryIO | None,
                 progress: Progress | None,
-                before_last: Callable[[Sequence[int]], None] | None = None) -> str:
+                before_last: Callable[[Sequence[int]], None] | None = None,
+                on_ready: Callable[[], None] | None = None) -> str:
         """Run a remote ctrmig with an archive flowing through stdin or stdout;
         ``before_last`` gets the ssh PID before the last piece of stdin is written (with
-        no stdin, at once: the remote side goes on alone from its start)."""
+        no stdin, at once: the remote side goes on alone from its start); ``on_ready`` is
+        called when the remote ctrmig says it is ready for stdin."""
         argv = self._argv(*args)
         child = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            stdin=subprocess.PIPE if stdin is not None else None)
@@ -228,7 +234,15 @@ class RemoteMigrator:
         errors: list[bytes] = []
         assert child.stderr is not None
         err_pipe = child.stderr
-        reader = threading.Thread(target=lambda: errors.append(err_pipe.read()), daemon=True)
+
+        def read_errors() -> None:
+            for line in err_pipe:
+                if line.rstrip(b"\n") != READY_LINE.encode():
+                    errors.append(line)
+                elif on_ready is not None:
+                    on_ready()
+
+        reader = threading.Thread(target=read_errors, daemon=True)
         reader.start()
         answer = b""
         try:
