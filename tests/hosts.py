@@ -110,6 +110,9 @@ class Host:
             f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "StrictModes no\nUsePAM no\n"
+            # The session's own TMPDIR (tests/conftest.py), where ctrmig on this host is
+            # checked for leftovers too.
+            + (f"SetEnv TMPDIR={os.environ['TMPDIR']}\n" if os.environ.get("TMPDIR") else "")
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         sshd = services.Service(

@@ -531,5 +531,6 @@ def _check_lazy(feeder: Feeder, received: dict[str, Any]) -> None:
         raise ChecksumError(
             f"post-copy: the target took {received.get('bytes')} bytes of pages, sha256 "
             f"{str(received.get('sha256'))[:12]}; the source sent {sent.bytes}, sha256 "
-            f"{sent.sha256[:12]}", hint="the link corrupted the pages: do not trust the "
-            "target's memory")
+            f"{sent.sha256[:12]}", hint="the link corrupted the pages: the target, whose "
+            "memory cannot be trusted, is removed, and the source ended with its last page: "
+            "the container is lost")
