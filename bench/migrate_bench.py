@@ -1,6 +1,7 @@
 """Migration benchmark: ctrmig migrate vs the engine's raw CLI route vs the bare-CRIU floor.
 
     .venv/bin/python -m bench.migrate_bench [--sizes 64,256,1024] [--engines podman,runc]
+                                            [--engines runc-ssh --routes floor,runc-ssh/...]
                                             [--out docs/benchmarks.md]
 
 For each memory size (MiB of touched memory held by bench/memhog.c, which verifies its own
@@ -19,6 +20,10 @@ memory) and engine, in one run, side by side:
 - ``raw``: the engine's own CLI route with default options (podman: ``container
   checkpoint --export F`` on A + ``container restore --import F`` on B; F is on local
   disk, visible to both: the file copy a real move needs is NOT counted).
+- ``runc-ssh`` (``--engines runc-ssh``): runc on host A -> ``runc+ssh://`` host B of the
+  two-host topology, ``ctrmig migrate`` run in A's namespace, ctrmig on B over ssh: the
+  route between two real hosts (``ctrmig``: the archive, ``ctrmig-direct``: pre-copy,
+  ``ctrmig-postcopy``: post-copy).
 - ``floor``: bare ``criu dump`` of memhog running as a plain process into a tmpfs
   directory + ``criu restore -d`` from it (same machine, no container, no archive).
 
@@ -354,6 +359,30 @@ def floor(mib: int, work: Path, memhog: Path) -> Row:
 # --- runc ------------------------------------------------------------------------------------
 
 
+def remove_everywhere(migrators: list[Any], name: str | None = None) -> None:
+    """Remove container ``name`` (None: every container) wherever it is; best effort."""
+    for m in migrators:
+        names = [c.name for c in m.list()] if name is None else [name]
+        for each in names:
+            with contextlib.suppress(Exception):
+                m.remove(each)
+
+
+def record(row: Row, report: dict[str, Any]) -> None:
+    """A MigrationReport's figures (its fields, or ``ctrmig migrate --json``) into ``row``."""
+    row.downtime_s, row.total_s = report["downtime_s"], report["total_s"]
+    row.bytes_moved = report["bytes_moved"]
+    row.detail = {k: report[k] for k in ("checkpoint_s", "restore_s", "freeze_s", "dump_s",
+                                         "transfer_s", "compression")}
+
+
+def unmount(path: Path) -> None:
+    from ctrmig.host import mounts
+
+    mounts.unmount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class RuncBench:
     """Two RuncMigrators ("hosts" A and B) with their own state directories. With
     ``tmpfs`` their state (bundles, so the CRIU images) and work directories (the
@@ -404,30 +433,81 @@ class RuncBench:
             rep = ctrmig.migrate(name, source=cast(ctrmig.Migrator, self.a),
                                  target=cast(ctrmig.Migrator, self.b), route=how,
                                  restore_options={"lazy_pages": True} if lazy else None)
-            row.downtime_s, row.total_s = rep.downtime_s, rep.total_s
-            row.bytes_moved = rep.bytes_moved
-            row.detail = {"checkpoint_s": rep.checkpoint_s, "restore_s": rep.restore_s,
-                          "freeze_s": rep.freeze_s, "dump_s": rep.dump_s,
-                          "transfer_s": rep.transfer_s}
+            record(row, vars(rep))
             if rep.manifest is not None:
                 row.detail["dump_s"] = rep.manifest.extra.get("dump_seconds")
             row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
         finally:
-            for m in (self.a, self.b):
-                with contextlib.suppress(Exception):
-                    m.remove(name)
+            remove_everywhere([self.a, self.b], name)
         return row
 
     def close(self) -> None:
-        from ctrmig.host import mounts
-
-        for m in (self.a, self.b):
-            for c in m.list():
-                with contextlib.suppress(Exception):
-                    m.remove(c.name)
+        remove_everywhere([self.a, self.b])
         if self.mount is not None:
-            mounts.unmount_under(self.mount)
-            shutil.rmtree(self.mount, ignore_errors=True)
+            unmount(self.mount)
+
+
+class RuncSshBench:
+    """runc on host A -> ``runc+ssh://`` host B (tests/hosts.py: two network namespaces
+    joined by a veth, sshd on B): ``ctrmig migrate`` runs in A's namespace and crosses
+    the veth through ssh, ctrmig on B restores, as between two real hosts. Both hosts'
+    runc state and temp files are in a tmpfs, as the floor's images are."""
+
+    #: route name in the table -> ``ctrmig migrate`` flags
+    ROUTES: ClassVar[dict[str, list[str]]] = {
+        "ctrmig": ["--route", "archive"], "ctrmig-direct": ["--route", "direct"],
+        "ctrmig-postcopy": ["--route", "direct", "--lazy-pages"]}
+
+    def __init__(self, hosts: TwoHosts, max_mib: int):
+        from ctrmig.engines.runc import RuncMigrator
+
+        self.hosts = hosts
+        self.fs = hosts.a.root.parent / "runc-ssh-tmpfs"  # shared: one machine
+        self.fs.mkdir(parents=True, exist_ok=True)
+        size = max(8, 3 * max_mib // 1024 + 1)
+        proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}g,mode=0700", "tmpfs",
+                  str(self.fs)], timeout=30)
+        for side in ("a", "b"):
+            (self.fs / f"tmp-{side}").mkdir(mode=0o700)
+        self.a = RuncMigrator(state_dir=self.fs / "runc-a", workdir=self.fs / "tmp-a")
+        self.b = RuncMigrator(state_dir=self.fs / "runc-b", workdir=self.fs / "tmp-b")
+        self.ssh_options = ["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3"]
+
+    def setup(self) -> None:
+        workload.ensure_image(self.hosts.a.root.parent)
+        self.ssh_options = [*self.hosts.b.start_sshd(), *self.ssh_options]
+
+    def ctrmig(self, mib: int, route: str) -> Row:
+        row = Row(mib, "runc-ssh", route)
+        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
+        self.a.run(workload.IMAGE, name=name, command=workload.command(mib))
+        ctrmig_cli = str(Path(sys.executable).with_name("ctrmig"))
+        env = {
+            "CTRMIG_RUNC_STATE_DIR": str(self.a.state_dir), "TMPDIR": str(self.fs / "tmp-a"),
+            "CTRMIG_JOURNAL_DIR": str(self.fs / "journal"),
+            "CTRMIG_SSH_OPTIONS": " ".join(self.ssh_options),
+            "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={self.b.state_dir} "
+                                     f"TMPDIR={self.fs / 'tmp-b'} {ctrmig_cli}",
+        }
+        try:
+            wait_until(lambda: workload.health(self.a.logs(name)).last_pass >= 1, 120,
+                       f"{name} filled")
+            before = workload.health(self.a.logs(name))
+            res = self.hosts.a.run(
+                [ctrmig_cli, "migrate", name, "--from", "runc", "--to",
+                 f"runc+ssh://root@{self.hosts.b.address}:2222", "--json",
+                 *self.ROUTES[route]], env=env)
+            if res.returncode != 0:
+                raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
+            record(row, json.loads(res.stdout))
+            row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
+        finally:
+            remove_everywhere([self.a, self.b], name)
+        return row
+
+    def close(self) -> None:
+        remove_everywhere([self.a, self.b])
+        unmount(self.fs)
 
 
 # --- docker ------------------------------------------------------------------------------------
@@ -753,6 +833,12 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
             runc = RuncBench(work, tmpfs_spool, max(sizes))
             stack.callback(runc.close)
             runc.setup()
+        runc_ssh: RuncSshBench | None = None
+        if "runc-ssh" in engines:
+            ssh_hosts = stack.enter_context(TwoHosts(work / "ssh-hosts"))
+            runc_ssh = RuncSshBench(ssh_hosts, max(sizes))
+            stack.callback(runc_ssh.close)
+            runc_ssh.setup()
         for mib in [m for m in sizes for _ in range(repeat)]:
             measure(Row(mib, "criu", "floor"), floor, mib, work, memhog)
             if podman is not None:
@@ -769,6 +855,11 @@ def run_bench(sizes: list[int], engines: list[str], work: Path, compression: str
                     measure(Row(mib, "runc", "ctrmig-lazy"), runc.ctrmig, mib, lazy=True)
                     measure(Row(mib, "runc", "ctrmig-postcopy"), runc.ctrmig, mib,
                             route="ctrmig-postcopy")
+            if runc_ssh is not None:
+                for route in RuncSshBench.ROUTES:
+                    if route == "ctrmig-postcopy" and not lazy:
+                        continue
+                    measure(Row(mib, "runc-ssh", route), runc_ssh.ctrmig, mib, route)
             if docker_bench is not None and mib <= docker_max:
                 measure(Row(mib, "docker", "ctrmig"), docker_bench.ctrmig, mib)
                 measure(Row(mib, "docker", "raw"), docker_bench.raw, mib)
@@ -780,7 +871,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.migrate_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,256,1024", help="MiB of touched memory")
-    ap.add_argument("--engines", default="podman,runc,docker", help="podman,runc,docker")
+    ap.add_argument("--engines", default="podman,runc,docker",
+                    help="podman,runc,docker,runc-ssh (runc-ssh: runc to runc+ssh:// "
+                         "across the two-host topology)")
     ap.add_argument("--docker-max", type=int, default=1 << 30,
                     help="largest size (MiB) to run docker at (docker is slow here)")
     ap.add_argument("--compression", default="none", choices=("none", "zstd", "gzip"),

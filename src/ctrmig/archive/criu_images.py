@@ -261,18 +261,23 @@ class MountPoint:
 def read_mountpoints(data: bytes, name: str = "mountpoints image") -> list[MountPoint]:
     """The mounts in a ``mountpoints-<id>.img`` (bytes of the file); CriuImageError if
     it is not a well-formed one."""
-    if len(data) > MAX_MOUNTPOINTS_BYTES:
-        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
-    if len(data) < 8:
-        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
-    common, magic = struct.unpack_from("<II", data)
-    if common != IMG_COMMON_MAGIC or magic != MNTS_MAGIC:
-        raise CriuImageError(f"{name} is not a CRIU mountpoints image "
-                             f"(magic {common:#x} {magic:#x})")
+    _check_header(data, name, MNTS_MAGIC, "mountpoints", MAX_MOUNTPOINTS_BYTES)
     try:
         return [_mount_point(entry) for entry in _entries(data, 8)]
     except (_Malformed, UnicodeDecodeError) as e:
         raise CriuImageError(f"{name} is malformed: {e}") from None
+
+
+def _check_header(data: bytes, name: str, magic: int, kind: str, limit: int) -> None:
+    """An image of many entries: bounded in size, starting with its two magic words."""
+    if len(data) > limit:
+        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
+    if len(data) < 8:
+        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
+    common, found = struct.unpack_from("<II", data)
+    if common != IMG_COMMON_MAGIC or found != magic:
+        raise CriuImageError(f"{name} is not a CRIU {kind} image "
+                             f"(magic {common:#x} {found:#x})")
 
 
 def _entries(data: bytes, pos: int) -> Iterator[memoryview]:
@@ -301,14 +306,7 @@ def read_lazy_ranges(data: bytes, name: str = "pagemap image") -> list[tuple[int
     """(vaddr, pages) of each range a ``pagemap-<id>.img`` marks lazy: the pages a
     ``--lazy-pages`` dump serves (one entry per run of its page pipes, criu/page-xfer.c);
     CriuImageError if it is not a well-formed pagemap."""
-    if len(data) > MAX_PAGEMAP_BYTES:
-        raise CriuImageError(f"{name} is implausibly large ({len(data)} bytes)")
-    if len(data) < 8:
-        raise CriuImageError(f"{name} is truncated ({len(data)} bytes)")
-    common, magic = struct.unpack_from("<II", data)
-    if common != IMG_COMMON_MAGIC or magic != PAGEMAP_MAGIC:
-        raise CriuImageError(f"{name} is not a CRIU pagemap image "
-                             f"(magic {common:#x} {magic:#x})")
+    _check_header(data, name, PAGEMAP_MAGIC, "pagemap", MAX_PAGEMAP_BYTES)
     ranges = []
     try:
         for i, entry in enumerate(_entries(data, 8)):
