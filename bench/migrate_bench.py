@@ -156,11 +156,8 @@ class PodmanBench:
     def _tmpfs(self, host: Host) -> Path | None:
         if not self.tmpfs:
             return None
-        path = host.root / "tmpfs"  # unmounted by Host.stop() (unmount_under its root)
-        path.mkdir(parents=True, exist_ok=True)
-        proc.run(["mount", "-t", "tmpfs", "-o", "size=6g,mode=0700", "tmpfs", str(path)],
-                 timeout=30)
-        return path
+        # unmounted by Host.stop() (unmount_under its root)
+        return mount_tmpfs(host.root / "tmpfs", "6g")
 
     def setup(self) -> None:
         self.a.start_podman(tmpdir=self._tmpfs(self.a))
@@ -300,11 +297,17 @@ class _Drain:
             return self.text
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
+def mount_tmpfs(path: Path, size: str) -> Path:
+    """A private tmpfs of ``size`` (mount's syntax: 6g, 768m) at ``path``, made if need be."""
     path.mkdir(parents=True, exist_ok=True)
     proc.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
              timeout=30)
+    return path
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    mount_tmpfs(path, size)
     try:
         yield path
     finally:
@@ -368,22 +371,56 @@ def remove_everywhere(migrators: list[Any], name: str | None = None) -> None:
                 m.remove(each)
 
 
-def record(row: Row, report: dict[str, Any]) -> None:
-    """A MigrationReport's figures (its fields, or ``ctrmig migrate --json``) into ``row``."""
-    row.downtime_s, row.total_s = report["downtime_s"], report["total_s"]
-    row.bytes_moved = report["bytes_moved"]
-    row.detail = {k: report[k] for k in ("checkpoint_s", "restore_s", "freeze_s", "dump_s",
-                                         "transfer_s", "compression")}
+def runc_tmpfs(path: Path, max_mib: int) -> Path:
+    """The runc benches' tmpfs. A limit, not an allocation: big enough for preflight's room
+    check (the memory and its spool, ~2.6x the size) at the largest size measured."""
+    return mount_tmpfs(path, f"{max(8, 3 * max_mib // 1024 + 1)}g")
 
 
-def unmount(path: Path) -> None:
-    from ctrmig.host import mounts
+class RuncPair:
+    """Two RuncMigrators, ``a`` (the source) and ``b``: memhog started on A, moved by the
+    subclass's route, checked on B; ``mount`` (a tmpfs under them) unmounted at close."""
 
-    mounts.unmount_under(path)
-    shutil.rmtree(path, ignore_errors=True)
+    def __init__(self, a: Any, b: Any, mount: Path | None):
+        self.a, self.b, self.mount = a, b, mount
+
+    def _start(self, mib: int) -> tuple[str, workload.Health]:
+        """memhog of ``mib`` on A, filled: its name and health."""
+        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
+        self.a.run(workload.IMAGE, name=name, command=workload.command(mib))
+        try:
+            wait_until(lambda: workload.health(self.a.logs(name)).last_pass >= 1, 120,
+                       f"{name} filled")
+        except BaseException:
+            remove_everywhere([self.a], name)
+            raise
+        return name, workload.health(self.a.logs(name))
+
+    def _measure(self, row: Row, move: Callable[[str], dict[str, Any]]) -> Row:
+        """Start memhog of ``row.mib`` on A, ``move`` it (it returns the MigrationReport's
+        figures), then check it on B; it is removed from both afterwards."""
+        name, before = self._start(row.mib)
+        try:
+            report = move(name)
+            row.downtime_s, row.total_s = report["downtime_s"], report["total_s"]
+            row.bytes_moved = report["bytes_moved"]
+            row.detail = {k: report[k] for k in ("checkpoint_s", "restore_s", "freeze_s",
+                                                 "dump_s", "transfer_s", "compression")}
+            row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
+        finally:
+            remove_everywhere([self.a, self.b], name)
+        return row
+
+    def close(self) -> None:
+        from ctrmig.host import mounts
+
+        remove_everywhere([self.a, self.b])
+        if self.mount is not None:
+            mounts.unmount_under(self.mount)
+            shutil.rmtree(self.mount, ignore_errors=True)
 
 
-class RuncBench:
+class RuncBench(RuncPair):
     """Two RuncMigrators ("hosts" A and B) with their own state directories. With
     ``tmpfs`` their state (bundles, so the CRIU images) and work directories (the
     extracted archive) are in a tmpfs, as the floor's images are."""
@@ -392,29 +429,13 @@ class RuncBench:
         from ctrmig.engines.runc import RuncMigrator
 
         self.work = work
-        self.mount: Path | None = None
-        base = work
-        if tmpfs:
-            base = self.mount = work / "runc-tmpfs"
-            base.mkdir(parents=True, exist_ok=True)
-            # A limit, not an allocation: big enough for preflight's room check (the
-            # memory and its spool, ~2.6x the size) at the largest size measured.
-            size = max(8, 3 * max_mib // 1024 + 1)
-            proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}g,mode=0700", "tmpfs",
-                      str(base)],
-                     timeout=30)
-        self.a = RuncMigrator(state_dir=base / "runc-a", workdir=base)
-        self.b = RuncMigrator(state_dir=base / "runc-b", workdir=base)
+        base = runc_tmpfs(work / "runc-tmpfs", max_mib) if tmpfs else work
+        super().__init__(RuncMigrator(state_dir=base / "runc-a", workdir=base),
+                         RuncMigrator(state_dir=base / "runc-b", workdir=base),
+                         base if tmpfs else None)
 
     def setup(self) -> None:
         workload.ensure_image(self.work)
-
-    def _start(self, mib: int) -> tuple[str, workload.Health]:
-        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
-        self.a.run(workload.IMAGE, name=name, command=workload.command(mib))
-        wait_until(lambda: workload.health(self.a.logs(name)).last_pass >= 1, 120,
-                   f"{name} filled")
-        return name, workload.health(self.a.logs(name))
 
     #: route name in the table -> (migrate's route, lazy pages)
     ROUTES: ClassVar[dict[str, tuple[str, bool]]] = {
@@ -427,27 +448,20 @@ class RuncBench:
 
         route = route or ("ctrmig-lazy" if lazy else "ctrmig")
         how, lazy = self.ROUTES[route]
-        row = Row(mib, "runc", route)
-        name, before = self._start(mib)
-        try:
+
+        def move(name: str) -> dict[str, Any]:
             rep = ctrmig.migrate(name, source=cast(ctrmig.Migrator, self.a),
                                  target=cast(ctrmig.Migrator, self.b), route=how,
                                  restore_options={"lazy_pages": True} if lazy else None)
-            record(row, vars(rep))
+            figures = dict(vars(rep))
             if rep.manifest is not None:
-                row.detail["dump_s"] = rep.manifest.extra.get("dump_seconds")
-            row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
-        finally:
-            remove_everywhere([self.a, self.b], name)
-        return row
+                figures["dump_s"] = rep.manifest.extra.get("dump_seconds")
+            return figures
 
-    def close(self) -> None:
-        remove_everywhere([self.a, self.b])
-        if self.mount is not None:
-            unmount(self.mount)
+        return self._measure(Row(mib, "runc", route), move)
 
 
-class RuncSshBench:
+class RuncSshBench(RuncPair):
     """runc on host A -> ``runc+ssh://`` host B (tests/hosts.py: two network namespaces
     joined by a veth, sshd on B): ``ctrmig migrate`` runs in A's namespace and crosses
     the veth through ssh, ctrmig on B restores, as between two real hosts. Both hosts'
@@ -462,15 +476,11 @@ class RuncSshBench:
         from ctrmig.engines.runc import RuncMigrator
 
         self.hosts = hosts
-        self.fs = hosts.a.root.parent / "runc-ssh-tmpfs"  # shared: one machine
-        self.fs.mkdir(parents=True, exist_ok=True)
-        size = max(8, 3 * max_mib // 1024 + 1)
-        proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}g,mode=0700", "tmpfs",
-                  str(self.fs)], timeout=30)
+        fs = runc_tmpfs(hosts.a.root.parent / "runc-ssh-tmpfs", max_mib)  # one machine
         for side in ("a", "b"):
-            (self.fs / f"tmp-{side}").mkdir(mode=0o700)
-        self.a = RuncMigrator(state_dir=self.fs / "runc-a", workdir=self.fs / "tmp-a")
-        self.b = RuncMigrator(state_dir=self.fs / "runc-b", workdir=self.fs / "tmp-b")
+            (fs / f"tmp-{side}").mkdir(mode=0o700)
+        super().__init__(RuncMigrator(state_dir=fs / "runc-a", workdir=fs / "tmp-a"),
+                         RuncMigrator(state_dir=fs / "runc-b", workdir=fs / "tmp-b"), fs)
         self.ssh_options = ["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3"]
 
     def setup(self) -> None:
@@ -478,36 +488,28 @@ class RuncSshBench:
         self.ssh_options = [*self.hosts.b.start_sshd(), *self.ssh_options]
 
     def ctrmig(self, mib: int, route: str) -> Row:
-        row = Row(mib, "runc-ssh", route)
-        name = f"memhog-{mib}-{uuid.uuid4().hex[:6]}"
-        self.a.run(workload.IMAGE, name=name, command=workload.command(mib))
+        assert self.mount is not None
+        fs = self.mount
         ctrmig_cli = str(Path(sys.executable).with_name("ctrmig"))
         env = {
-            "CTRMIG_RUNC_STATE_DIR": str(self.a.state_dir), "TMPDIR": str(self.fs / "tmp-a"),
-            "CTRMIG_JOURNAL_DIR": str(self.fs / "journal"),
+            "CTRMIG_RUNC_STATE_DIR": str(self.a.state_dir), "TMPDIR": str(fs / "tmp-a"),
+            "CTRMIG_JOURNAL_DIR": str(fs / "journal"),
             "CTRMIG_SSH_OPTIONS": " ".join(self.ssh_options),
             "CTRMIG_REMOTE_COMMAND": f"env CTRMIG_RUNC_STATE_DIR={self.b.state_dir} "
-                                     f"TMPDIR={self.fs / 'tmp-b'} {ctrmig_cli}",
+                                     f"TMPDIR={fs / 'tmp-b'} {ctrmig_cli}",
         }
-        try:
-            wait_until(lambda: workload.health(self.a.logs(name)).last_pass >= 1, 120,
-                       f"{name} filled")
-            before = workload.health(self.a.logs(name))
+
+        def move(name: str) -> dict[str, Any]:
             res = self.hosts.a.run(
                 [ctrmig_cli, "migrate", name, "--from", "runc", "--to",
                  f"runc+ssh://root@{self.hosts.b.address}:2222", "--json",
                  *self.ROUTES[route]], env=env)
             if res.returncode != 0:
                 raise RuntimeError(proc.tail(res.stderr.decode(errors="replace"), 5))
-            record(row, json.loads(res.stdout))
-            row.memory_ok, row.app_freeze_s = check_after(lambda: self.b.logs(name), before)
-        finally:
-            remove_everywhere([self.a, self.b], name)
-        return row
+            figures: dict[str, Any] = json.loads(res.stdout)
+            return figures
 
-    def close(self) -> None:
-        remove_everywhere([self.a, self.b])
-        unmount(self.fs)
+        return self._measure(Row(mib, "runc-ssh", route), move)
 
 
 # --- docker ------------------------------------------------------------------------------------
