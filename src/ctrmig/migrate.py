@@ -16,10 +16,10 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, ParamSpec
 
 from ctrmig import endpoints, images, settings
 from ctrmig.archive import Compression, Manifest
@@ -33,6 +33,7 @@ from ctrmig.protocol import Migrator
 from ctrmig.recovery import SETTLE_TIMEOUT, Journal, connected
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 #: How long a migration waits for a target that signals readiness (RestoreOptions
 #: on_ready) before it freezes the source anyway.
@@ -295,7 +296,7 @@ def _migrate(
     ready, target_failed = threading.Event(), threading.Event()
     if getattr(target, "signals_ready", False):
         restore_options = dataclasses.replace(
-            restore_options, on_ready=_then(ready.set, restore_options.on_ready))
+            restore_options, on_ready=_chained(ready.set, restore_options.on_ready))
     else:
         ready.set()
 
@@ -440,20 +441,12 @@ def _migrate_via(container: str, source: Migrator, target: Migrator, ref: str,
     return report
 
 
-def _then(first: Callable[[], None], then: Callable[[], None] | None) -> Callable[[], None]:
-    def both() -> None:
-        first()
+def _chained(first: Callable[P, None], then: Callable[P, None] | None) -> Callable[P, None]:
+    """A callback calling ``first``, then the caller's own ``then`` (if any)."""
+    def both(*args: P.args, **kwargs: P.kwargs) -> None:
+        first(*args, **kwargs)
         if then is not None:
-            then()
-    return both
-
-
-def _chained(first: Callable[[Sequence[int]], None],
-             then: Callable[[Sequence[int]], None] | None) -> Callable[[Sequence[int]], None]:
-    def both(helpers: Sequence[int]) -> None:
-        first(helpers)
-        if then is not None:
-            then(helpers)
+            then(*args, **kwargs)
     return both
 
 
