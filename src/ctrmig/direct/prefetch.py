@@ -246,7 +246,6 @@ class Prefetcher:
                 # lazy-pages is done, and so is the source once it sees our end. Nothing
                 # more comes from it: waiting for its EOF was 10 s (LAZY_IDLE) over ssh,
                 # whose client signals the end of its stdout only when it exits.
-                self._closing = True
                 self._settle()
                 self.wire.close_write()
                 self.daemon.close_write()
@@ -255,12 +254,10 @@ class Prefetcher:
             if cmd & CMD_MASK == PS_IOV_GET and nr_pages > 0:
                 self._get(cmd, nr_pages, vaddr, dst_id)
             elif cmd & CMD_MASK in CLOSING:
-                self._closing = True
                 self._settle()
                 self.wire.write(request)
                 self.daemon.write(self._from_wire(4))
             else:
-                self._closing = True
                 self._settle()
                 self.wire.write(request)
                 self._plain()
@@ -329,7 +326,9 @@ class Prefetcher:
             self._announced.release(of, at + got * PAGE, wanted.pages - got)
 
     def _settle(self) -> None:
-        """Read every answer still on its way (before a request that is not a GET)."""
+        """Fetch nothing more, and read every answer still on its way (before a request
+        that is not a GET, or the end)."""
+        self._closing = True
         while self._wanted:
             self._take()
 
