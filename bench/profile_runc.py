@@ -27,8 +27,9 @@ from typing import Any, cast
 from bench import migrate_bench, workload
 
 T0 = [0.0]
-#: Post-copy: the target's lazy-pages log (-v4, timestamped) is copied here.
-KEPT_LAZY_LOG = Path(tempfile.gettempdir()) / "ctrmig-profile-lazy-pages.log"
+#: Post-copy: CRIU's logs (-v4, timestamped) are copied here: the source's dump.log and
+#: the target's restore.log and lazy-pages.log, each as ctrmig-profile-NAME.
+KEPT_LOGS = Path(tempfile.gettempdir())
 MARKS: list[tuple[float, str]] = []
 _LOCK = threading.Lock()
 
@@ -92,14 +93,28 @@ def instrument() -> None:
     relay.Relay._copy = copy  # type: ignore[method-assign]
     finish = lazy._finish
 
-    def keep_log(daemon: Any, work: Path, *args: Any) -> None:
+    def keep_logs(daemon: Any, work: Path, *args: Any) -> None:
         try:
             finish(daemon, work, *args)
         finally:
-            with contextlib.suppress(OSError):
-                shutil.copy(work / lazy.LAZY_LOG, KEPT_LAZY_LOG)
+            for log in (lazy.LAZY_LOG, "restore.log"):
+                keep(work / log)
 
-    lazy._finish = keep_log  # type: ignore[assignment]
+    lazy._finish = keep_logs  # type: ignore[assignment]
+    end_dump = lazy.end_dump
+
+    def keep_dump_log(child: Any, *, log_file: Path, **kwargs: Any) -> None:
+        try:
+            end_dump(child, log_file=log_file, **kwargs)
+        finally:
+            keep(log_file)
+
+    lazy.end_dump = keep_dump_log  # type: ignore[assignment]
+
+
+def keep(log: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.copy(log, KEPT_LOGS / f"ctrmig-profile-{log.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
