@@ -161,6 +161,8 @@ class SignatureError(ArchiveError):
 ERROR_LINE = "ctrmig-error-json: "
 #: The stderr line such a ctrmig prints once it is ready for the archive on its stdin.
 READY_LINE = "ctrmig-ready"
+#: ... and once a lazy-pages restore runs (its tasks resumed, their pages still coming).
+RUNNING_LINE = "ctrmig-running"
 
 
 def named(name: str) -> type[CtrmigError]:

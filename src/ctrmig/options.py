@@ -170,6 +170,12 @@ class RestoreOptions:
     on_ready: Callable[[], None] | None = field(
         default=None, metadata=_spec(Spec("", handled="ctrmig", internal=True)),
         compare=False, repr=False)
+    #: Called once a lazy-pages restore runs (CRIU resumed its tasks, their pages still
+    #: coming): the end of :func:`ctrmig.migrate`'s downtime there. runc and process call
+    #: it, and ctrmig over ssh (an older one does not).
+    on_running: Callable[[], None] | None = field(
+        default=None, metadata=_spec(Spec("", handled="ctrmig", internal=True)),
+        compare=False, repr=False)
 
     def set_options(self) -> set[str]:
         """Names of the options switched on (publish_ports counts when given)."""

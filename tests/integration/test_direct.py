@@ -109,6 +109,8 @@ def migrate(pair: Pair, name: str, *extra: str) -> dict[str, object]:
     assert res.returncode == 0, err
     # post-copy: the target's relay ended cleanly, so the pages' sha256 were compared
     assert "the target's relay reported" not in err, err
+    # post-copy: ctrmig there said when the restored container ran (the downtime's end)
+    assert "did not say when its restore ran" not in err, err
     report: dict[str, object] = json.loads(res.stdout)
     return report
 

@@ -63,9 +63,13 @@ def test_post_copy_over_ssh(pair: Pair) -> None:
     assert not pair.source.exists(name)
 
 
-def test_post_copy_on_one_host(tmp_path: Path, memhog_image: str) -> None:
+def test_post_copy_on_one_host(tmp_path: Path, memhog_image: str,
+                               caplog: pytest.LogCaptureFixture) -> None:
     report = on_one_host(tmp_path, memhog_image, restore_options={"lazy_pages": True})
     assert report.route == "post-copy"
+    # runc said when the restored container ran: the downtime ends there
+    assert "did not say when its restore ran" not in caplog.text
+    assert 0 < report.downtime_s < report.total_s
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["post-copy", "pre-copy"])

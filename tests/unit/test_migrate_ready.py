@@ -5,13 +5,15 @@ real route over ssh is in tests/integration/test_postcopy.py and test_failures.p
 from __future__ import annotations
 
 import importlib
+import io
 import time
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 import pytest
 
-from ctrmig.errors import RestoreError
+from ctrmig.engines.remote import RemoteMigrator
+from ctrmig.errors import READY_LINE, RUNNING_LINE, RestoreError
 from ctrmig.options import CheckpointOptions, RestoreOptions
 
 # ctrmig.migrate the module (the package exports the function of that name)
@@ -101,3 +103,45 @@ def test_other_targets_are_not_waited_for() -> None:
     target.restore = restore  # type: ignore[method-assign]
     migrate(source, target)
     assert seen == [None]
+
+
+# --- post-copy: the downtime ends when the target says its restore runs --------------
+
+
+class LazyTarget(Target):
+    """A lazy-pages restore: it runs (on_running), then returns only once its pages came."""
+
+    def restore(self, archive: BinaryIO, options: RestoreOptions) -> str:
+        assert options.on_ready is not None and options.on_running is not None
+        options.on_ready()
+        assert archive.read() == b"an archive"
+        options.on_running()
+        self.ready_at = time.monotonic()  # here: when it said it runs
+        time.sleep(self.delay)  # its pages arriving
+        return "restored"
+
+
+def test_post_copy_downtime_ends_when_the_target_runs_not_when_its_pages_came() -> None:
+    source, target = Source(), LazyTarget(delay=0.2)
+    before = time.monotonic()
+    report = migrate_module._migrate("web", source, target, False,  # type: ignore[arg-type]
+                                     CheckpointOptions(), RestoreOptions(lazy_pages=True))
+    assert target.ready_at is not None
+    # ordering only: the downtime ends at on_running, before the restore returned
+    assert report.downtime_s <= target.ready_at - before
+    assert report.downtime_s + report.restore_s <= report.total_s
+
+
+def test_the_remote_ctrmig_s_running_line_reaches_on_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RemoteMigrator reads the remote restore's stderr lines: ready, running, errors."""
+    remote = RemoteMigrator("runc", "ssh://nowhere.invalid", remote_command="ctrmig")
+    said = (f"echo {READY_LINE} >&2; cat >/dev/null; echo other >&2; "
+            f"echo {RUNNING_LINE} >&2; echo '{{\"name\": \"x\"}}'")
+    # the remote side, run here: a shell saying what ctrmig there says
+    monkeypatch.setattr(remote, "_argv", lambda *args, **kw: ["sh", "-c", said])
+    seen: list[str] = []
+    opts = RestoreOptions(lazy_pages=True, on_ready=lambda: seen.append("ready"),
+                          on_running=lambda: seen.append("running"))
+    assert remote.restore(io.BytesIO(b"an archive"), opts) == "x"
+    assert seen == ["ready", "running"]

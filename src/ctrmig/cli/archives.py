@@ -37,7 +37,7 @@ from ctrmig.cli.app import (
     spec_option,
     url_option,
 )
-from ctrmig.errors import READY_LINE, CtrmigError
+from ctrmig.errors import READY_LINE, RUNNING_LINE, CtrmigError
 from ctrmig.host.files import open_private
 from ctrmig.options import CheckpointOptions, RestoreOptions
 
@@ -148,9 +148,13 @@ def _restore(archive: str, engine: str | None, url: str | None, as_json: bool,
     source = sys.stdin.buffer if archive == "-" else archive
     with contextlib.closing(connect(engine, url)) as m, \
             progress_bar(f"restore {Path(archive).name}", total) as progress:
+        opts = built(RestoreOptions, flags)
         if archive == "-" and (click.get_current_context().obj or {}).get("json_errors"):
-            click.echo(READY_LINE, err=True)  # to the ctrmig that streams it (migrate)
-        restored = m.restore(source, built(RestoreOptions, flags), progress=progress)
+            # To the ctrmig that streams it (migrate): when to freeze, when it runs.
+            click.echo(READY_LINE, err=True)
+            opts = dataclasses.replace(
+                opts, on_running=lambda: click.echo(RUNNING_LINE, err=True))
+        restored = m.restore(source, opts, progress=progress)
     if as_json:
         click.echo(json.dumps({"engine": engine, "name": restored} |
                               ({"foreign": note} if note else {})))

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ctrmig.errors import CheckpointError, RestoreError
@@ -42,12 +42,13 @@ def _read(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def serving(images: Path, work: Path, timeout: float,
-            page_server: str | None = None) -> Iterator[None]:
+def serving(images: Path, work: Path, timeout: float, page_server: str | None = None,
+            on_running: Callable[[], None] | None = None) -> Iterator[None]:
     """``criu lazy-pages`` serving ``images`` (or fetching from ``page_server``,
     "ADDR:PORT") for the block (a restore ``--lazy-pages`` with work dir ``work``); after
-    it, wait until every page was handed over. A daemon that fails raises RestoreError:
-    the caller must then kill what it restored (its memory is incomplete)."""
+    it (the restored tasks run: ``on_running`` is told), wait until every page was
+    handed over. A daemon that fails raises RestoreError: the caller must then kill what
+    it restored (its memory is incomplete)."""
     daemon = _start(images, work, page_server)
     restoring = threading.Event()
     restoring.set()
@@ -60,6 +61,8 @@ def serving(images: Path, work: Path, timeout: float,
         raise
     finally:
         restoring.clear()
+    if on_running is not None:
+        on_running()
     _finish(daemon, work, timeout, page_server is not None)
 
 

@@ -29,6 +29,7 @@ from ctrmig.archive.writer import atomic_output
 from ctrmig.errors import (
     ERROR_LINE,
     READY_LINE,
+    RUNNING_LINE,
     CommandError,
     CtrmigError,
     EngineError,
@@ -47,7 +48,8 @@ SSH_TIMEOUT = 60.0
 class RemoteMigrator:
     """The Migrator protocol for engine ``engine`` on the host at ``address`` (ssh://)."""
 
-    #: A restore calls ``on_ready`` once ctrmig there reads the archive (RestoreOptions).
+    #: A restore calls ``on_ready`` once ctrmig there reads the archive (and a lazy-pages
+    #: one ``on_running`` once it runs: RestoreOptions).
     signals_ready = True
 
     def __init__(
@@ -183,10 +185,12 @@ class RemoteMigrator:
         if isinstance(archive, (str, os.PathLike)):
             with open(archive, "rb") as f:
                 out = self._stream(args, stdin=f, stdout=None, progress=progress,
-                                   before_last=on_commit, on_ready=opts.on_ready)
+                                   before_last=on_commit, on_ready=opts.on_ready,
+                                   on_running=opts.on_running)
         else:
             out = self._stream(args, stdin=archive, stdout=None, progress=progress,
-                               before_last=on_commit, on_ready=opts.on_ready)
+                               before_last=on_commit, on_ready=opts.on_ready,
+                               on_running=opts.on_running)
         try:
             return str(json.loads(out)["name"])
         except (ValueError, KeyError):
@@ -221,11 +225,13 @@ class RemoteMigrator:
     def _stream(self, args: builtins.list[str], *, stdin: BinaryIO | None, stdout: BinaryIO | None,
                 progress: Progress | None,
                 before_last: Callable[[Sequence[int]], None] | None = None,
-                on_ready: Callable[[], None] | None = None) -> str:
+                on_ready: Callable[[], None] | None = None,
+                on_running: Callable[[], None] | None = None) -> str:
         """Run a remote ctrmig with an archive flowing through stdin or stdout;
         ``before_last`` gets the ssh PID before the last piece of stdin is written (with
-        no stdin, at once: the remote side goes on alone from its start); ``on_ready`` is
-        called when the remote ctrmig says it is ready for stdin."""
+        no stdin, at once: the remote side goes on alone from its start); ``on_ready`` and
+        ``on_running`` are called when the remote ctrmig says it is ready for stdin, and
+        that its lazy-pages restore runs."""
         argv = self._argv(*args)
         child = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            stdin=subprocess.PIPE if stdin is not None else None)
@@ -235,12 +241,15 @@ class RemoteMigrator:
         assert child.stderr is not None
         err_pipe = child.stderr
 
+        signals = {READY_LINE.encode(): on_ready, RUNNING_LINE.encode(): on_running}
+
         def read_errors() -> None:
             for line in err_pipe:
-                if line.rstrip(b"\n") != READY_LINE.encode():
+                said = line.rstrip(b"\n")
+                if said not in signals:
                     errors.append(line)
-                elif on_ready is not None:
-                    on_ready()
+                elif (callback := signals[said]) is not None:
+                    callback()
 
         reader = threading.Thread(target=read_errors, daemon=True)
         reader.start()

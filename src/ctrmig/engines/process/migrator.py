@@ -298,7 +298,7 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
         if opts.lazy_pages:
             def lazy_pages(work: Path) -> contextlib.AbstractContextManager[None]:
                 return lazy.serving(source / CHECKPOINT_DIR, work, self.timeout,
-                                    opts.lazy_page_server)
+                                    opts.lazy_page_server, opts.on_running)
         return self._criu_restore(source, records.read_config(source), opts.tcp_established,
                                   lazy_pages)
 

@@ -392,7 +392,8 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
                 pages.merge(Path(opts.page_images), manifest.extra.get(pages.PAGE_STREAM),
                             images)
             with self.paths.workdir("restore") as work, (
-                    lazy.serving(images, work, self.timeout, opts.lazy_page_server)
+                    lazy.serving(images, work, self.timeout, opts.lazy_page_server,
+                                 opts.on_running)
                     if opts.lazy_pages else contextlib.nullcontext()):
                 opts.commit()  # runc restore runs on in its own session if we die
                 self._start(name, self.runc.restore_args(name, images, work, bundle, opts),
