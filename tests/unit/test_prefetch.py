@@ -265,3 +265,58 @@ def test_lazy_ranges_reads_the_dump_s_pagemaps(tmp_path: Path) -> None:
     (tmp_path / "pagemap-8.img").write_bytes(b"not an image")
     assert lazy_ranges(tmp_path) == []  # unreadable: nothing is fetched ahead
     assert lazy_ranges(None) == []
+
+
+def test_small_ranges_come_before_lazy_pages_connects() -> None:
+    """While the target restores, the relay fetches the small announced ranges (stack,
+    TLS, heap): the restorer's first faults are answered here, without the link."""
+    from ctrmig.direct.relay import listener
+
+    wire_ours, wire_theirs = socket.socketpair()
+    big = (0x7F0000000000, 4096)  # a data region: not fetched before the restore runs
+    source = Source(wire_theirs, ranges=[*RANGES, big], hold=True)
+    relay = Prefetcher(SocketEnd(wire_ours), idle=5.0,
+                       ranges=[(ID, start, pages) for start, pages in [*RANGES, big]])
+    sock = listener()
+    result: list[Tally] = []
+
+    def relay_all() -> None:
+        relay.connected(sock, 10.0)
+        result.append(relay.run())
+
+    threads = [threading.Thread(target=source.serve, daemon=True),
+               threading.Thread(target=relay_all, daemon=True)]
+    for t in threads:
+        t.start()
+    small = sum(n for _, n in RANGES)
+    for _ in range(200):  # every small range asked, smallest first, before any fault
+        if sum(n for _, n in source.asked) >= small:
+            break
+        threading.Event().wait(0.01)
+    assert source.asked[0][0] == RANGES[1][0]  # 40 pages before 100
+    assert sum(n for _, n in source.asked) == small
+    daemon = socket.create_connection(sock.getsockname())
+    rig = Rig(source, daemon, relay, result)
+    asked = len(source.asked)
+    got, _, data = rig.ask(RANGES[0][0] + 7 * PAGE, 1)
+    assert (got, data) == (1, page(RANGES[0][0] + 7 * PAGE))
+    assert relay.answered_here == 1
+    assert all(start >= big[0] for start, _ in source.asked[asked:])  # only read-ahead
+    daemon.close()
+    for t in threads:
+        t.join(10)
+    wire_theirs.close()
+
+
+@pytest.mark.parametrize("ranges", [[], [(ID, 0x10000, 4)]], ids=["quiet", "fetching"])
+def test_a_wire_that_ends_before_lazy_pages_connects_ends_the_wait(
+        ranges: list[tuple[int, int, int]]) -> None:
+    """Not a wait for the timeout: lazy_relay reports it (a migration killed before the
+    restore), whether the relay was fetching then or not."""
+    from ctrmig.direct.relay import listener
+
+    wire_ours, wire_theirs = socket.socketpair()
+    wire_theirs.close()
+    relay = Prefetcher(SocketEnd(wire_ours), idle=5.0, ranges=ranges)
+    with pytest.raises((Broken, OSError)):
+        relay.connected(listener(), 30.0)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrmig.direct.prefetch import Broken, Prefetcher, read_preamble
-from ctrmig.direct.relay import End, Relay, SocketEnd, Tally, accept, listener
+from ctrmig.direct.relay import End, Relay, SocketEnd, Tally, listener
 from ctrmig.errors import ChecksumError, RestoreError
 from ctrmig.host import proc, scratch
 
@@ -146,14 +146,13 @@ def lazy_relay(wire: End, announce: Callable[[int], None], *, timeout: float,
     announce(int(sock.getsockname()[1]))
     try:
         ranges = read_preamble(wire, timeout)  # sent once the source's dump serves
-        # The source sends nothing more before lazy-pages asks: a wire that speaks now has
-        # ended (a migration killed before the restore): do not wait out the timeout.
-        conn = accept(sock, timeout, quiet=wire)
+        relay = Prefetcher(wire, idle=idle, ranges=ranges)
+        # A wire that ends now (a migration killed before the restore) ends the wait.
+        relay.connected(sock, timeout)
     except (TimeoutError, OSError, Broken) as e:
         sock.close()
         wire.close()
         return Tally(error=f"criu lazy-pages never connected: {e}")
-    relay = Prefetcher(wire, SocketEnd(conn), idle=idle, ranges=ranges)
     tally = relay.run()
     log.debug("post-copy: %d pages fetched ahead of %d announced; %d of the target's "
               "requests answered from them", relay.fetched_ahead,

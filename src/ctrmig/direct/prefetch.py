@@ -34,6 +34,7 @@ import hashlib
 import logging
 import resource
 import select
+import socket
 import struct
 import threading
 import time
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctrmig.archive.criu_images import PAGEMAP_NAME, read_lazy_ranges
-from ctrmig.direct.relay import CHUNK, STAMPS, End, Tally
+from ctrmig.direct.relay import CHUNK, STAMPS, End, SocketEnd, Tally
 from ctrmig.errors import CriuImageError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ AHEAD = 32
 FETCH_PAGES = 64
 WINDOW_PAGES = 256
 HELD_PAGES = 16384  # 64 MiB
+#: Before lazy-pages connects (CRIU restores meanwhile: 0.2-0.5 s here), the announced
+#: ranges of at most SMALL_PAGES pages are fetched, smallest first, up to PREFILL_PAGES:
+#: a process's stack, TLS and heap, which CRIU's restorer touches before the tasks
+#: resume (its rseq area, its stack: each such fault waited 1-45 ms for its page) and
+#: they touch first, rather than a big data region.
+SMALL_PAGES = 256
+PREFILL_PAGES = 1024
 
 #: The announcement before the first request: magic, count, then (dst_id, vaddr, pages).
 PREAMBLE = struct.Struct("=8sI")
@@ -167,6 +175,21 @@ class Announced:
             self.left += self._asked[i].count(1, at, end)
             self._asked[i][at:end] = bytes(end - at)
 
+    def small(self, largest: int, budget: int, most: int) -> list[tuple[int, int, int]]:
+        """The ranges of at most ``largest`` pages, smallest first, up to ``budget``
+        pages in all, as requests of at most ``most`` pages, now asked."""
+        found: list[tuple[int, int, int]] = []
+        for i in sorted(range(len(self._ranges)), key=lambda i: self._ranges[i][2]):
+            d, start, pages = self._ranges[i]
+            if pages > largest or pages > budget:
+                break
+            budget -= pages
+            for at in range(0, pages, most):
+                n = self._take(i, at, most)
+                if n:
+                    found.append((d, start + at * PAGE, n))
+        return found
+
     def next(self, most: int) -> tuple[int, int, int] | None:
         """The next pages to fetch ahead, (dst_id, vaddr, pages), from the cursor on
         (wrapping), now asked; None when every page was asked."""
@@ -213,8 +236,10 @@ class Prefetcher:
     :meth:`run` returns what came over the wire (bytes, sha256, how it ended).
     ``ranges``: what the source announced (:func:`read_preamble`), fetched ahead."""
 
-    def __init__(self, wire: End, daemon: End, *, idle: float | None, ranges: Ranges = ()):
-        self.wire, self.daemon, self.idle = wire, daemon, idle
+    def __init__(self, wire: End, daemon: End | None = None, *, idle: float | None,
+                 ranges: Ranges = ()):
+        self.wire, self.idle = wire, idle
+        self.daemon: End = daemon or End()  # none until connected
         self.tally = Tally()
         self.answered_here = 0  # requests answered from pages fetched ahead
         self.fetched_ahead = 0  # pages fetched unasked
@@ -225,6 +250,32 @@ class Prefetcher:
         self._wanted: collections.deque[Wanted] = collections.deque()
         self._fetching = 0  # pages on the way, fetched ahead
         self._closing = False
+
+    def connected(self, sock: socket.socket, timeout: float) -> None:
+        """Wait (up to ``timeout``) for lazy-pages to connect to ``sock``, the end to
+        relay to; meanwhile fetch the small announced ranges (:data:`SMALL_PAGES`).
+        TimeoutError, or Broken if the wire ends first (the migration failed)."""
+        try:
+            for got in self._announced.small(SMALL_PAGES, PREFILL_PAGES, FETCH_PAGES):
+                self._fetching += got[2]
+                self._ask(PS_IOV_GET, Wanted(*got, give=0))
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                ready = select.select([sock.fileno(), self.wire.fileno()], [], [],
+                                      max(0.0, left))[0]
+                if sock.fileno() in ready:
+                    conn, _ = sock.accept()
+                    break
+                if not ready:
+                    raise TimeoutError(f"nothing connected within {timeout:g} s")
+                if not self._wanted:  # the source sends nothing unasked: its end
+                    raise Broken("the link ended first")
+                self._take()
+        finally:
+            sock.close()
+        conn.settimeout(None)
+        self.daemon = SocketEnd(conn)
 
     def run(self) -> Tally:
         try:
