@@ -374,8 +374,10 @@ class BaseMigrator(ABC):
         """Write the whole archive; the engine's dump goes into ``taken`` once it exists."""
         with crypto.encrypting(out, opts.encrypt_to) as sink:  # as is, without recipients
             writer = ArchiveWriter(sink, opts.compression, progress, crypto.signer(opts.sign))
-            # The image goes first, while the container still runs: it adds no downtime.
+            # The image goes first, and the versions are asked, while the container still
+            # runs: they add no downtime (`runc --version` was 10-19 ms of it here).
             image = self._add_image(record, writer) if opts.include_image else None
+            versions = self.version(), self.criu_version()
             dump = self._dump(record, opts)
             taken.append(dump)
             extra = dump.write(writer)
@@ -384,8 +386,8 @@ class BaseMigrator(ABC):
             return writer.finish(Manifest(
                 engine=self.engine,
                 container=record,
-                engine_version=self.version(),
-                criu_version=self.criu_version(),
+                engine_version=versions[0],
+                criu_version=versions[1],
                 options=dataclasses.asdict(opts),
                 extra=extra,
             ))

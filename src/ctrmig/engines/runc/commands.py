@@ -83,6 +83,11 @@ class Runc:
         text = proc.output(["runc", "--version"], timeout=TOOL_TIMEOUT)
         return text.splitlines()[0] if text else ""
 
+    def knows(self, name: str) -> bool:
+        """Whether runc has a container ``name`` (its state file: what ``runc state``
+        reads, without its 6-14 ms of process start, which a restore paid in downtime)."""
+        return (self.root / name / "state.json").exists()
+
     def state(self, name: str) -> dict[str, Any] | None:
         """``runc state NAME``, or None if runc has no such container."""
         res = proc.run(self.argv("state", name), timeout=TOOL_TIMEOUT, check=False)

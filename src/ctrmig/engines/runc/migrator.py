@@ -168,7 +168,7 @@ class RuncMigrator(pages.SendsPages, BaseMigrator):
     def exists(self, container: str) -> bool:
         if not NAME_RE.fullmatch(container):
             return False
-        return self.bundles.path(container).exists() or self.runc.state(container) is not None
+        return self.bundles.path(container).exists() or self.runc.knows(container)
 
     def remove(self, container: str) -> None:
         if not NAME_RE.fullmatch(container):
