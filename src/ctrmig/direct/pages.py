@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 RECEIVED = "received.json"
 PAGE_SERVER_LOG = "page-server.log"
+#: Its CRIU log level (see lazy.LAZY_LOG_LEVEL: 4 logs every chunk received).
+PAGE_SERVER_LOG_LEVEL = 2
 #: The archive's manifest extra key: what the source's relay sent.
 PAGE_STREAM = "page_stream"
 #: Seconds without a byte after which a link carrying pages counts as broken. Pre-copy:
@@ -106,7 +108,8 @@ class Receiver:
         try:
             self.daemon = proc.spawn(
                 ["criu", "page-server", "--images-dir", str(directory),
-                 "--ps-socket", str(theirs.fileno()), "--log-file", PAGE_SERVER_LOG, "-v4"],
+                 "--ps-socket", str(theirs.fileno()), "--log-file", PAGE_SERVER_LOG,
+                 f"-v{PAGE_SERVER_LOG_LEVEL}"],
                 pass_fds=[theirs.fileno()])
         except BaseException:
             ours.close()
