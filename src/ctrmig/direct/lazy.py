@@ -21,15 +21,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ctrmig.errors import CheckpointError, RestoreError
-from ctrmig.host import proc
+from ctrmig.host import criu, proc
 
 log = logging.getLogger(__name__)
 
 LAZY_SOCKET = "lazy-pages.socket"
 LAZY_LOG = "lazy-pages.log"
-#: CRIU's log level for lazy-pages: 2, errors and warnings (what a failure quotes). At 4
-#: (bench.profile_runc's) it logs three lines per fault: 4 MB for a 4 GiB post-copy.
-LAZY_LOG_LEVEL = 2
 START_TIMEOUT = 30.0
 #: What a failed post-copy means, for the error a restore raises when its pages stop.
 SPLIT = ("the target was killed: until the last page arrived the source held the only "
@@ -93,7 +90,7 @@ def _watch(daemon: subprocess.Popen[bytes], work: Path, restoring: threading.Eve
 def _start(images: Path, work: Path, page_server: str | None) -> subprocess.Popen[bytes]:
     """Start ``criu lazy-pages``; wait until its socket listens."""
     argv = ["criu", "lazy-pages", "--images-dir", str(images), "--work-dir", str(work),
-            "--log-file", LAZY_LOG, f"-v{LAZY_LOG_LEVEL}"]
+            "--log-file", LAZY_LOG, criu.log_flag()]
     if page_server is not None:
         address, _, port = page_server.rpartition(":")
         argv += ["--page-server", "--address", address, "--port", port]

@@ -30,14 +30,12 @@ from typing import Any
 from ctrmig.direct.prefetch import Broken, Prefetcher, read_preamble
 from ctrmig.direct.relay import End, Relay, SocketEnd, Tally, listener
 from ctrmig.errors import ChecksumError, RestoreError
-from ctrmig.host import proc, scratch
+from ctrmig.host import criu, proc, scratch
 
 log = logging.getLogger(__name__)
 
 RECEIVED = "received.json"
 PAGE_SERVER_LOG = "page-server.log"
-#: Its CRIU log level (see lazy.LAZY_LOG_LEVEL: 4 logs every chunk received).
-PAGE_SERVER_LOG_LEVEL = 2
 #: The archive's manifest extra key: what the source's relay sent.
 PAGE_STREAM = "page_stream"
 #: Seconds without a byte after which a link carrying pages counts as broken. Pre-copy:
@@ -109,7 +107,7 @@ class Receiver:
             self.daemon = proc.spawn(
                 ["criu", "page-server", "--images-dir", str(directory),
                  "--ps-socket", str(theirs.fileno()), "--log-file", PAGE_SERVER_LOG,
-                 f"-v{PAGE_SERVER_LOG_LEVEL}"],
+                 criu.log_flag()],
                 pass_fds=[theirs.fileno()])
         except BaseException:
             ours.close()

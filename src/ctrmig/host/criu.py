@@ -11,6 +11,16 @@ from ctrmig.errors import CommandError, CtrmigError, FeatureUnavailableError
 from ctrmig.host import proc
 
 TIMEOUT = 30.0
+#: The log level of the CRIU calls ctrmig makes itself: 2, errors and warnings (what a
+#: failure quotes). At 4 lazy-pages logs three lines per fault and the page server one
+#: per chunk, which slowed post-copy's faults and pre-copy (bench.profile_runc's notes in
+#: docs/benchmarks.md). runc runs its own CRIU at 4, hard-coded (runc 1.1).
+LOG_LEVEL = 2
+
+
+def log_flag() -> str:
+    """``-vN`` for :data:`LOG_LEVEL` (read at each call: bench.profile_runc raises it)."""
+    return f"-v{LOG_LEVEL}"
 #: CRIU prints this on every run on hosts without CAP_SYS_RESOURCE: never the cause.
 NOISE = "Can't setup RLIMIT_NOFILE for self"
 

@@ -55,7 +55,7 @@ def dump_argv(pid: int, images: Path, work: Path, config: dict[str, Any], *,
     pages go to (pre-copy), or with ``lazy`` the port the dump serves them on until the
     last one was fetched (post-copy; CRIU then ends the tree)."""
     argv = ["criu", "dump", "-t", str(pid), "-D", str(images), "-W", str(work),
-            "-o", "dump.log", "-v4"]
+            "-o", "dump.log", criu.log_flag()]
     if not lazy:
         argv.append("--leave-running" if leave_running else "--leave-stopped")
     argv += criu_option_args(config, tcp_established, dump=True)
@@ -113,7 +113,7 @@ def _restore(pid: int, images: Path, config: dict[str, Any], tcp_established: bo
     with tempfile.TemporaryDirectory(prefix="ctrmig-process-", dir=workdir) as work, \
             (lazy_pages(Path(work)) if lazy_pages else contextlib.nullcontext()):
         argv = ["criu", "restore", "-d", "-D", str(images), "-W", work,
-                "-o", "restore.log", "-v4", "--pidfile", str(Path(work, "pidfile"))]
+                "-o", "restore.log", criu.log_flag(), "--pidfile", str(Path(work, "pidfile"))]
         if lazy_pages is not None:
             argv.append("--lazy-pages")
         argv += criu_option_args(config, tcp_established or config["tcp_established"],
