@@ -179,12 +179,16 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
     rest = dataclasses.replace(_options(RestoreOptions, restore_options), name=target_name)
     # every check, before the source is touched
     require_preflight(container, src, dst, ckpt, rest, "archive" if via else route)
-    if journal:
-        # docker: the named volumes that go along, for recover to remove once finished.
-        carried = getattr(src, "carried_volumes", None)
-        journal.phase("migrating", volumes=carried(container, ckpt) if carried else [])
-        rest = dataclasses.replace(rest, on_commit=_chained(journal.committed, rest.on_commit))
+    # docker: the named volumes that go along, for recover to remove once finished.
+    carried = getattr(src, "carried_volumes", None) if journal else None
+    volumes = carried(container, ckpt) if carried else []
     try:
+        # From the journal's first write on, every way out closes it: a Ctrl-C right
+        # after that write left it behind (test_ctrl_c[docker-started], once, under load).
+        if journal:
+            journal.phase("migrating", volumes=volumes)
+            rest = dataclasses.replace(rest, on_commit=_chained(journal.committed,
+                                                                 rest.on_commit))
         if via is not None:
             report = _migrate_via(container, src, dst, via, keep_source, ckpt, rest)
         elif direct_route.choose(route, src, dst):
