@@ -127,3 +127,19 @@ def test_a_relay_waiting_for_lazy_pages_ends_when_the_link_ends_first() -> None:
     with pytest.raises(ConnectionAbortedError):  # not TimeoutError, 120 s later
         relay.accept(relay.listener(), 120.0, quiet=SocketEnd(ours))
     ours.close()
+
+
+def test_a_receiver_whose_announcement_fails_leaves_no_pages_dir(tmp_path: Path) -> None:
+    """``ctrmig _pages receive`` whose migrate was killed at its start: the announcement
+    meets a closed ssh (BrokenPipeError), and no journal names the dir: it goes at once
+    (a CI run once kept one, after test_killed_then_recover[runc-started])."""
+    ours, theirs = socket.socketpair()
+
+    def announce(info: dict[str, object]) -> None:
+        assert Path(str(info["dir"])).is_dir()  # made, with criu page-server on it
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        route.serve_receive(SocketEnd(ours), announce, 10.0, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ctrmig-pages-")]
+    theirs.close()

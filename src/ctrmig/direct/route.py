@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,8 +87,20 @@ def serve_receive(wire: End, announce: Announce, timeout: float,
     """Pre-copy, on the target: a page server fed from ``wire``, writing into a new dir
     under ``parent`` (the target's workdir, where it extracts archives); announces it."""
     directory = pages.new_directory(parent)
-    receiver = pages.Receiver(directory, wire)
-    announce({"dir": str(directory)})
+    try:
+        receiver = pages.Receiver(directory, wire)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    try:
+        announce({"dir": str(directory)})
+    except BaseException:
+        # Whoever asked is gone (a migrate killed at its start: the announcement met a
+        # closed ssh, BrokenPipeError) and no journal names the dir: drop it here.
+        proc.kill_group(receiver.daemon)
+        wire.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     return receiver.finish(timeout)
 
 
