@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, ParamSpec
@@ -177,6 +177,7 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
                                include_image=_carry_image(container, src, dst, ckpt))
     target_name = name or container
     rest = dataclasses.replace(_options(RestoreOptions, restore_options), name=target_name)
+    rest, resumed = _told_running(rest)
     # every check, before the source is touched
     require_preflight(container, src, dst, ckpt, rest, "archive" if via else route)
     # docker: the named volumes that go along, for recover to remove once finished.
@@ -193,9 +194,10 @@ def _migrate_between(container: str, src: Migrator, dst: Migrator, name: str | N
             report = _migrate_via(container, src, dst, via, keep_source, ckpt, rest)
         elif direct_route.choose(route, src, dst):
             report = _migrate_direct(container, src, dst, keep_source, ckpt, rest, progress,
-                                     journal)
+                                     journal, resumed)
         else:
-            report = _migrate(container, src, dst, keep_source, ckpt, rest, progress)
+            report = _migrate(container, src, dst, keep_source, ckpt, rest, progress,
+                              resumed)
     except BaseException:
         if journal:
             journal.close()  # rolled back (or the source never stopped)
@@ -216,13 +218,13 @@ def _api_url(m: Migrator) -> str:
 
 def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_source: bool,
                     ckpt: CheckpointOptions, rest: RestoreOptions,
-                    progress: Progress | None, journal: Journal | None) -> MigrationReport:
+                    progress: Progress | None, journal: Journal | None,
+                    resumed: Sequence[float]) -> MigrationReport:
     """The migration with CRIU's pages going straight to the target (pre-copy), or
     fetched by it after it runs (post-copy, ``rest.lazy_pages``)."""
     lazy = rest.lazy_pages
     timeout = float(getattr(source, "timeout", SETTLE_TIMEOUT))
     report: MigrationReport | None = None
-    rest, resumed = _told_running(rest)
     try:
         with direct_route.planned(source, target, rest, lazy=lazy, timeout=timeout) as plan:
             if journal and plan.restore.page_images:  # for recover, should we die
@@ -231,7 +233,7 @@ def _migrate_direct(container: str, source: Migrator, target: Migrator, keep_sou
                                                  plan.target_ran)
             source = direct_route.WatchedSource(source, plan)
             report = _migrate(container, source, watched, keep_source,
-                              ckpt, plan.restore, progress)
+                              ckpt, plan.restore, progress, resumed)
             marks = dict(plan.sink.marks)
             first_ask = plan.feeder.first_request_after(marks.get("written", 0.0))
             page_bytes = plan.feeder.sent_bytes
@@ -293,7 +295,9 @@ def _migrate(
     checkpoint_options: CheckpointOptions,
     restore_options: RestoreOptions,
     progress: Progress | None = None,
+    resumed: Sequence[float] = (),
 ) -> MigrationReport:
+    """``resumed``: where :func:`_told_running` notes a lazy-pages restore's resume."""
     report = MigrationReport(container, source.engine, target.engine,
                              compression=checkpoint_options.compression)
     read_fd, write_fd = os.pipe()
@@ -304,7 +308,6 @@ def _migrate(
     pipe_out = _CountingPipeWriter(write_fd)
     result: dict[str, Any] = {}
     started = time.monotonic()
-    restore_options, resumed = _told_running(restore_options)
     # A target that says when it is ready (ctrmig over ssh: its start, ~0.5 s here, was
     # half of post-copy's downtime over ssh) gets that time before the source freezes.
     ready, target_failed = threading.Event(), threading.Event()
@@ -458,7 +461,7 @@ def _migrate_via(container: str, source: Migrator, target: Migrator, ref: str,
 
 def _told_running(rest: RestoreOptions) -> tuple[RestoreOptions, list[float]]:
     """``rest`` noting (into the list) when a lazy-pages restore runs, as the target
-    tells ``on_running``."""
+    tells ``on_running``: the end of the downtime, on either route."""
     resumed: list[float] = []
     if not rest.lazy_pages:
         return rest, resumed

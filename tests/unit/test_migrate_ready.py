@@ -123,9 +123,10 @@ class LazyTarget(Target):
 
 def test_post_copy_downtime_ends_when_the_target_runs_not_when_its_pages_came() -> None:
     source, target = Source(), LazyTarget(delay=0.2)
+    options, resumed = migrate_module._told_running(RestoreOptions(lazy_pages=True))
     before = time.monotonic()
     report = migrate_module._migrate("web", source, target, False,  # type: ignore[arg-type]
-                                     CheckpointOptions(), RestoreOptions(lazy_pages=True))
+                                     CheckpointOptions(), options, resumed=resumed)
     assert target.ready_at is not None
     # ordering only: the downtime ends at on_running, before the restore returned
     assert report.downtime_s <= target.ready_at - before
