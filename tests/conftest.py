@@ -198,12 +198,11 @@ def processes_naming(marker: str) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            if marker.encode() in cmdline and os.readlink(entry / "ns" / "pid") != ours:
+            if marker.encode() not in cmdline or os.readlink(entry / "ns" / "pid") != ours:
                 continue
         except OSError:
             continue
-        if marker.encode() in cmdline:
-            pids.append(int(entry.name))
+        pids.append(int(entry.name))
     return pids
 
 

@@ -101,7 +101,7 @@ def _start(images: Path, work: Path, page_server: str | None) -> subprocess.Pope
             proc.stop(daemon)
             raise RestoreError("criu lazy-pages did not start",
                                stderr=proc.tail(_read(work / LAZY_LOG)))
-        time.sleep(0.005)  # it takes 20-60 ms here, in post-copy's downtime
+        time.sleep(0.005)  # 15-60 ms here, in post-copy's downtime
     log.debug("criu lazy-pages %d serving %s", daemon.pid, page_server or images)
     return daemon
 
