@@ -69,14 +69,19 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
         return host_criu.version()
 
     def list(self) -> list[ContainerInfo]:
-        """The processes this engine restored here that still run, and those it
-        checkpointed here whose images it keeps (state "checkpointed")."""
+        """The processes this engine restored here that still run, those it checkpointed
+        here whose images it keeps (state "checkpointed"), and those a ctrmig killed
+        during their migration left ("stopped", or "running" once: see orphans)."""
         found: dict[int, ContainerInfo] = {}
         for config in self.state.kept_configs():
             with contextlib.suppress(ValueError):
                 pid = int(config["pid"])
                 found[pid] = ContainerInfo(engine=self.engine, name=str(pid), id=str(pid),
                                            image=str(config["exe"]), state="checkpointed")
+        for orphan in self.state.orphans():
+            found[orphan.pid] = ContainerInfo(engine=self.engine, name=str(orphan.pid),
+                                              id=str(orphan.pid), image="",
+                                              state=orphan.state)
         for data in self.state.records():
             pid = int(data["pid"])
             found[pid] = ContainerInfo(engine=self.engine, name=str(pid), id=str(pid),
@@ -102,6 +107,11 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
             raise OptionError(f"refusing to stop PID {pid}", hint="it is init or ctrmig itself")
         if pid in self._held:
             _signal(self._held.pop(pid), signal.SIGKILL)
+            self.state.drop_dumps(pid)
+        for orphan in self.state.orphans():
+            if orphan.pid == pid:  # a killed migration's, its target runs (ctrmig recover)
+                _signal(orphan.pids, signal.SIGKILL)
+                shutil.rmtree(orphan.path, ignore_errors=True)
         ended = self._ended.pop(pid, -1)
         if alive(pid) and (ended == -1 or proc.start_time(pid) == ended):
             proc.stop_pid(pid)
@@ -142,7 +152,7 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
         :meth:`resume`), and let run on if anything fails before that."""
         pid = pid_of(record.name)
         config = tree.facts(pid, opts)
-        dump = self.state.new_dump(pid)
+        dump = self.state.new_dump(pid, config["tree"]["pids"])
         if self.page_sink is not None:  # the direct route (ctrmig.direct)
             return self._direct_dump(pid, config, dump, opts, self.page_sink)
         try:
@@ -241,7 +251,9 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
                 sink.served = served
                 return
             self._held[pid] = pids
-            shutil.rmtree(dump, ignore_errors=True)
+            # its images went to the target; its owner.json stays while the tree is held
+            # stopped, for a ctrmig recover should this ctrmig be killed (orphans)
+            shutil.rmtree(dump / CHECKPOINT_DIR, ignore_errors=True)
 
         def rollback() -> None:
             if serving is not None:
@@ -258,7 +270,14 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
         pid = pid_of(container)
         if pid in self._held:  # stopped by the direct route: its memory is still there
             _signal(self._held.pop(pid), signal.SIGCONT)
+            self.state.drop_dumps(pid)
             return
+        for orphan in self.state.orphans():
+            if orphan.pid == pid and orphan.state == "stopped":
+                # left stopped by a migration whose ctrmig was killed (ctrmig recover)
+                _signal(orphan.pids, signal.SIGCONT)
+                shutil.rmtree(orphan.path, ignore_errors=True)
+                return
         if not self.state.has_kept(pid):
             raise CheckpointError(f"no checkpoint of PID {pid} is kept here",
                                   hint="restore it from its archive instead")

@@ -3,17 +3,22 @@
 ``PID.json``: a record of a process this engine restored (for ``list()`` and ``logs()``),
 valid while that very process (same PID and start time) runs. ``PID.log``: the output of
 one whose stdout/stderr had to be replaced. ``checkpoints/PID/``: the images and
-``config.dump`` of a checkpoint kept for ``resume()``.
+``config.dump`` of a checkpoint kept for ``resume()``. ``checkpoints/.PID-*/``: a dump
+under way, its ``owner.json`` naming the ctrmig making it and the tree it stops; one whose
+ctrmig was killed is an :class:`Orphan` (``ctrmig recover`` resumes its tree).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,20 @@ from ctrmig.host import proc
 from ctrmig.host.files import private_dir, write_private
 
 log = logging.getLogger(__name__)
+
+OWNER = "owner.json"
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A dump whose ctrmig died before the migration ended, and the tree it dumped:
+    "checkpointing" (a CRIU still holds it), "stopped" (left stopped by CRIU, its memory
+    whole there) or "running" (its CRIU let go of it)."""
+
+    path: Path
+    pid: int
+    pids: list[int]
+    state: str
 
 
 def read_config(source: Path) -> dict[str, Any]:
@@ -60,18 +79,53 @@ class StateDir:
     def kept_configs(self) -> Iterator[dict[str, Any]]:
         """The config of every kept checkpoint (unreadable ones left out)."""
         for path in self.kept_dir.glob("*/" + CONFIG_DUMP):
+            if path.parent.name.startswith("."):  # a dump under way, not kept
+                continue
             try:
                 yield read_config(path.parent)
             except ArchiveError:
                 continue
 
-    def new_dump(self, pid: int) -> Path:
+    def new_dump(self, pid: int, tree: Sequence[int]) -> Path:
         """A fresh private directory for a dump of ``pid`` (with its images directory):
-        on the same filesystem as the kept ones, so that keeping it is a rename."""
+        on the same filesystem as the kept ones, so that keeping it is a rename. It names
+        this ctrmig and the ``tree`` its dump stops, for :meth:`orphans`."""
         private_dir(self.kept_dir)
         dump = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=self.kept_dir))  # made 0700
         (dump / CHECKPOINT_DIR).mkdir(0o700)
+        write_private(dump / OWNER, json.dumps({
+            "owner": os.getpid(), "owner_start": proc.start_time(os.getpid()),
+            "pid": pid, "start": proc.start_time(pid), "tree": list(tree)}))
         return dump
+
+    def orphans(self) -> list[Orphan]:
+        """The dumps whose ctrmig is gone, with the state of the tree they dumped; a dump
+        whose tree no longer needs it (gone, or running on) is removed."""
+        found: list[Orphan] = []
+        for path in self.kept_dir.glob(f".*/{OWNER}"):
+            try:
+                data = json.loads(path.read_text())
+                if proc.running(int(data["owner"]), data["owner_start"]):
+                    continue
+                pid, pids = int(data["pid"]), [int(p) for p in data["tree"]]
+                same = proc.running(pid, data["start"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being written, or not ours
+            state = {"t": "checkpointing", "T": "stopped"}.get(proc.state(pid) or "")
+            if same and state:  # t: in a ptrace stop, T: in a signal stop (proc(5))
+                found.append(Orphan(path.parent, pid, pids, state))
+                continue
+            shutil.rmtree(path.parent, ignore_errors=True)
+            if same:
+                found.append(Orphan(path.parent, pid, pids, "running"))
+        return found
+
+    def drop_dumps(self, pid: int) -> None:
+        """Remove this ctrmig's dumps of ``pid`` (what :meth:`new_dump` made)."""
+        for path in self.kept_dir.glob(f".{pid}-*/{OWNER}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if json.loads(path.read_text())["owner"] == os.getpid():
+                    shutil.rmtree(path.parent, ignore_errors=True)
 
     def keep(self, dump: Path, pid: int) -> None:
         """Keep the images in ``dump`` (from :meth:`new_dump`) as the checkpoint of ``pid``."""
