@@ -91,8 +91,13 @@ class Host:
         self.docker_socket = sock
         return sock
 
-    def start_sshd(self, port: int = 2222) -> list[str]:
+    def start_sshd(self, port: int = 2222, *, own_pids: bool = False) -> list[str]:
         """sshd on this host's veth address, root login by a throwaway key only.
+
+        ``own_pids``: sshd (and all that ssh runs through it) in a PID namespace of its
+        own, with its own /proc (a new mount namespace): this host's PIDs are then apart
+        from the machine's, as another machine's are, and a plain process restored there
+        can keep its PIDs. Stopping sshd, that namespace's init, ends every process in it.
 
         Returns the ssh options a client needs (identity, no host-key prompts).
         """
@@ -103,10 +108,11 @@ class Host:
                 proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
                          timeout=30)
         (self.root / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-        config = self.root / "sshd_config"
+        name = "sshd-own-pids" if own_pids else "sshd"  # both may run on one host
+        config = self.root / f"{name}_config"
         config.write_text(
             f"Port {port}\nListenAddress {self.address}\nHostKey {host_key}\n"
-            f"PidFile {self.root / 'sshd.pid'}\n"
+            f"PidFile {self.root / f'{name}.pid'}\n"
             f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "StrictModes no\nUsePAM no\n"
@@ -115,14 +121,25 @@ class Host:
             + (f"SetEnv TMPDIR={os.environ['TMPDIR']}\n" if os.environ.get("TMPDIR") else "")
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        # --kill-child: should unshare be stopped first, its child (the namespace's init)
+        # is killed with it.
+        pids = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] if own_pids else []
         sshd = services.Service(
-            "sshd", self.root / "sshd.sock", ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-            self.root / "sshd.log", self.root / "sshd.ctrmig-pid", netns=self.netns)
+            name, self.root / f"{name}.sock",
+            [*pids, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+            self.root / f"{name}.log", self.root / f"{name}.ctrmig-pid", netns=self.netns)
         sshd.start(wait=False)
         self.started.append(sshd)
         wait_tcp(self.netns, self.address, port)
         return ["-i", str(key), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+
+    def own_pids_prefix(self) -> list[str]:
+        """Run a command as if logged in on this host through ``start_sshd(own_pids=True)``:
+        in its PID, mount and network namespaces (those of that sshd, their init)."""
+        unshare = next(s for s in self.started if s.name == "sshd-own-pids").pid()
+        init = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()[0]
+        return ["nsenter", f"--target={init}", "--pid", "--mount", "--net"]
 
     def stop(self) -> None:
         if self.podman_socket is not None:
