@@ -116,6 +116,9 @@ class Host:
             f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "StrictModes no\nUsePAM no\n"
+            # Stopping this sshd ends its sessions with it: let a session whose client is
+            # gone (a cut link) end first, as its ctrmig then cleans up after itself.
+            + ("ClientAliveInterval 1\nClientAliveCountMax 3\n" if own_pids else "")
             # The session's own TMPDIR (tests/conftest.py), where ctrmig on this host is
             # checked for leftovers too.
             + (f"SetEnv TMPDIR={os.environ['TMPDIR']}\n" if os.environ.get("TMPDIR") else "")
@@ -137,9 +140,17 @@ class Host:
     def own_pids_prefix(self) -> list[str]:
         """Run a command as if logged in on this host through ``start_sshd(own_pids=True)``:
         in its PID, mount and network namespaces (those of that sshd, their init)."""
-        unshare = next(s for s in self.started if s.name == "sshd-own-pids").pid()
-        init = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()[0]
+        init = self._own_pids_init()
+        assert init is not None, "no sshd with its own PIDs runs here"
         return ["nsenter", f"--target={init}", "--pid", "--mount", "--net"]
+
+    def _own_pids_init(self) -> int | None:
+        """The PID (in ours) of the sshd that ``start_sshd(own_pids=True)`` started."""
+        unshare = next((s.pid() for s in self.started if s.name == "sshd-own-pids"), None)
+        try:
+            return int(Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self) -> None:
         if self.podman_socket is not None:
@@ -148,6 +159,10 @@ class Host:
             flags = services.podman_root_args(self.podman_root, self.podman_runroot)
             proc.run(["podman", *flags, "rm", "--all", "--force", "--time", "0"],
                      timeout=120, check=False)
+        if (init := self._own_pids_init()) is not None:
+            # unshare ignores SIGTERM while it waits for its child: stop that child (sshd,
+            # the namespace's init; the kernel then ends the rest of the namespace)
+            proc.stop_pid(init)
         for svc in reversed(self.started):
             svc.stop()
         self.started.clear()

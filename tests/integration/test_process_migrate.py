@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -228,7 +229,7 @@ def test_link_breaks_mid_post_copy(move: Move) -> None:
 def test_page_stream_breaks_mid_dump(move: Move) -> None:
     """The link goes down while the pages stream (pre-copy, the dump itself): the dump
     fails, and memhog, stopped for it, runs on at A."""
-    name = move.start(256)
+    name = move.start(128)
     base = tx_bytes(move.apart.hosts)
     code, err = interrupted(move, move.migrate(name, "--allow-privileged", "--route", "direct"),
                             lambda: tx_bytes(move.apart.hosts) - base > 8 << 20,
@@ -253,7 +254,7 @@ def test_killed_mid_post_copy_then_recover(move: Move) -> None:
 def test_killed_while_stopped_then_recover(move: Move) -> None:
     """SIGKILL of ``ctrmig migrate`` while memhog is held stopped for the direct route
     (its pages sent, its memory still whole on A): ``ctrmig recover`` continues it."""
-    name = move.start(128)
+    name = move.start(32)  # its pages take ~7 s at 40 Mbit/s
     interrupted(move, move.migrate(name, "--allow-privileged", "--route", "direct"),
                 lambda: proc.state(int(name)) == "T", "memhog held stopped", cut=False)
     code, out, err = finished(move.ctrmig("recover"))
@@ -262,17 +263,35 @@ def test_killed_while_stopped_then_recover(move: Move) -> None:
     runs_on_a_only(move)
 
 
+@pytest.mark.parametrize("lazy", [True, False], ids=["post-copy", "pre-copy"])
+def test_ctrl_c_while_the_pages_stream(move: Move, lazy: bool) -> None:
+    """SIGINT (Ctrl-C) to ``ctrmig migrate`` while the pages cross: it rolls back (B's
+    copy, if it ran, ends) and exits non-zero; memhog runs on at A."""
+    if lazy:
+        criu.require_post_copy()
+    name = move.start(64)
+    base = tx_bytes(move.apart.hosts)
+    code, err = interrupted(
+        move, move.migrate(name, "--allow-privileged",
+                           *(["--lazy-pages"] if lazy else ["--route", "direct"])),
+        lambda: tx_bytes(move.apart.hosts) - base > 8 << 20, "pages on the wire",
+        cut=False, sig=signal.SIGINT)
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    runs_on_a_only(move)
+
+
 def interrupted(move: Move, child: subprocess.Popen[bytes], ready: Callable[[], object],
-                what: str, *, cut: bool) -> tuple[int, str]:
+                what: str, *, cut: bool, sig: int = signal.SIGKILL) -> tuple[int, str]:
     """Let ``child`` run over the slowed link until ``ready``, then take the link down
-    (``cut``) or SIGKILL the child; its exit code and stderr."""
+    (``cut``) or send the child ``sig``; its exit code and stderr."""
     with slow_link(move.apart.hosts, "40mbit"):
         try:
             assert wait_until(child, ready, what), f"the move ended before {what}"
             if cut:
                 set_link(move.apart.hosts, up=False)
             else:
-                child.send_signal(signal.SIGKILL)
+                child.send_signal(sig)
             return wait_exit(child)
         finally:
             if child.poll() is None:
@@ -282,6 +301,12 @@ def interrupted(move: Move, child: subprocess.Popen[bytes], ready: Callable[[], 
 
 
 def runs_on_a_only(move: Move) -> None:
+    """memhog runs on A only; B's ctrmig dropped whatever pages it had received."""
     wait_for(lambda: move.names_on_b() == [], timeout=90, what="B's cut-off copy ended")
     assert move.running_on_a()
     assert move.names_on_b() == []
+    # B's sshd ends a session whose client is gone within seconds (ClientAlive*); B's
+    # ctrmig has the session's TMPDIR (tests/conftest.py, tests/hosts.py)
+    b_tmp = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+    wait_for(lambda: not list(b_tmp.glob("ctrmig-pages-*")),
+             timeout=60, what="B's page receiver dropping its pages")
