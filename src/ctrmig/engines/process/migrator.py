@@ -108,10 +108,9 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
         if pid in self._held:
             _signal(self._held.pop(pid), signal.SIGKILL)
             self.state.drop_dumps(pid)
-        for orphan in self.state.orphans():
-            if orphan.pid == pid:  # a killed migration's, its target runs (ctrmig recover)
-                _signal(orphan.pids, signal.SIGKILL)
-                shutil.rmtree(orphan.path, ignore_errors=True)
+        for orphan in self.state.orphans(pid):  # a killed migration's (ctrmig recover)
+            _signal(orphan.pids, signal.SIGKILL)
+            shutil.rmtree(orphan.path, ignore_errors=True)
         ended = self._ended.pop(pid, -1)
         if alive(pid) and (ended == -1 or proc.start_time(pid) == ended):
             proc.stop_pid(pid)
@@ -272,8 +271,8 @@ class ProcessMigrator(pages.SendsPages, BaseMigrator):
             _signal(self._held.pop(pid), signal.SIGCONT)
             self.state.drop_dumps(pid)
             return
-        for orphan in self.state.orphans():
-            if orphan.pid == pid and orphan.state == "stopped":
+        for orphan in self.state.orphans(pid):
+            if orphan.state == "stopped":
                 # left stopped by a migration whose ctrmig was killed (ctrmig recover)
                 _signal(orphan.pids, signal.SIGCONT)
                 shutil.rmtree(orphan.path, ignore_errors=True)

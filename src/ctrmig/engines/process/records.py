@@ -10,7 +10,6 @@ ctrmig was killed is an :class:`Orphan` (``ctrmig recover`` resumes its tree).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -98,34 +97,42 @@ class StateDir:
             "pid": pid, "start": proc.start_time(pid), "tree": list(tree)}))
         return dump
 
-    def orphans(self) -> list[Orphan]:
-        """The dumps whose ctrmig is gone, with the state of the tree they dumped; a dump
-        whose tree no longer needs it (gone, or running on) is removed."""
-        found: list[Orphan] = []
-        for path in self.kept_dir.glob(f".*/{OWNER}"):
+    def _dumps(self, pid: int | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """The dumps under way (of ``pid``, or all) and their ``owner.json``; one being
+        written, or not made by :meth:`new_dump`, is left out."""
+        for path in self.kept_dir.glob(f".{'*' if pid is None else pid}-*/{OWNER}"):
             try:
                 data = json.loads(path.read_text())
-                if proc.running(int(data["owner"]), data["owner_start"]):
-                    continue
-                pid, pids = int(data["pid"]), [int(p) for p in data["tree"]]
-                same = proc.running(pid, data["start"])
+                yield path.parent, {"owner": int(data["owner"]), "pid": int(data["pid"]),
+                                    "tree": [int(p) for p in data["tree"]],
+                                    "owner_start": data["owner_start"],
+                                    "start": data["start"]}
             except (OSError, ValueError, KeyError, TypeError):
-                continue  # being written, or not ours
-            state = {"t": "checkpointing", "T": "stopped"}.get(proc.state(pid) or "")
-            if same and state:  # t: in a ptrace stop, T: in a signal stop (proc(5))
-                found.append(Orphan(path.parent, pid, pids, state))
                 continue
-            shutil.rmtree(path.parent, ignore_errors=True)
+
+    def orphans(self, pid: int | None = None) -> list[Orphan]:
+        """The dumps (of ``pid``, or all) whose ctrmig is gone, with the state of the tree
+        they dumped; a dump whose tree no longer needs it (gone, or running on) is
+        removed."""
+        found: list[Orphan] = []
+        for path, data in self._dumps(pid):
+            if proc.running(data["owner"], data["owner_start"]):
+                continue
+            same = proc.running(data["pid"], data["start"])
+            state = {"t": "checkpointing", "T": "stopped"}.get(proc.state(data["pid"]) or "")
+            if same and state:  # t: in a ptrace stop, T: in a signal stop (proc(5))
+                found.append(Orphan(path, data["pid"], data["tree"], state))
+                continue
+            shutil.rmtree(path, ignore_errors=True)
             if same:
-                found.append(Orphan(path.parent, pid, pids, "running"))
+                found.append(Orphan(path, data["pid"], data["tree"], "running"))
         return found
 
     def drop_dumps(self, pid: int) -> None:
         """Remove this ctrmig's dumps of ``pid`` (what :meth:`new_dump` made)."""
-        for path in self.kept_dir.glob(f".{pid}-*/{OWNER}"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                if json.loads(path.read_text())["owner"] == os.getpid():
-                    shutil.rmtree(path.parent, ignore_errors=True)
+        for path, data in self._dumps(pid):
+            if data["owner"] == os.getpid():
+                shutil.rmtree(path, ignore_errors=True)
 
     def keep(self, dump: Path, pid: int) -> None:
         """Keep the images in ``dump`` (from :meth:`new_dump`) as the checkpoint of ``pid``."""
